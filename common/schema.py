@@ -1,0 +1,73 @@
+"""The data contracts between the jobs (../shared/DESIGN.md), defined once and imported everywhere.
+
+Column names, Arrow types and manifest keys live here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import platform
+from importlib import metadata
+
+import pyarrow as pa
+
+# --- Ingested dataset: <out>/{train,val}/*.parquet ---------------------------------------------
+IMAGE_ID = "image_id"  # file stem, e.g. ILSVRC2012_val_00000001
+LABEL = "label"  # int16 index of the WNID in sorted order
+WNID = "wnid"
+IMAGE = "image"  # exactly H*W*3 bytes, RGB uint8, row-major HWC
+SOURCE = "source"  # path of the input file relative to the source root
+ORIG_WIDTH = "orig_width"
+ORIG_HEIGHT = "orig_height"
+
+IMAGES_SCHEMA = pa.schema(
+    [
+        pa.field(IMAGE_ID, pa.string(), nullable=False),
+        pa.field(LABEL, pa.int16(), nullable=False),
+        pa.field(WNID, pa.string(), nullable=False),
+        pa.field(IMAGE, pa.binary(), nullable=False),
+        pa.field(SOURCE, pa.string(), nullable=False),
+        pa.field(ORIG_WIDTH, pa.int32(), nullable=False),
+        pa.field(ORIG_HEIGHT, pa.int32(), nullable=False),
+    ]
+)
+
+# --- Quarantine: <out>/quarantine/*.parquet --------------------------------------------------------
+SPLIT = "split"
+REASON = "reason"
+QUARANTINE_SCHEMA = pa.schema(
+    [
+        pa.field(SOURCE, pa.string(), nullable=False),
+        pa.field(SPLIT, pa.string(), nullable=False),
+        pa.field(REASON, pa.string(), nullable=False),
+    ]
+)
+
+SPLITS = ("train", "val")
+QUARANTINE_DIR = "quarantine"
+
+# --- Manifest keys (<out>/manifest.json) -----------------------------------------------------------
+M_KIND = "kind"  # which job wrote it: "ingest", "train", "attack"
+M_CLASSES = "classes"  # WNIDs in label order
+M_CLASS_NAMES = "class_names"
+M_IMAGE_SHAPE = "image_shape"  # [H, W, 3]
+M_COUNTS = "counts"  # {split: {seen, written, quarantined}}
+M_PIXEL_MEAN = "pixel_mean"  # per channel, training split, pixels in 0..255
+M_PIXEL_STD = "pixel_std"
+M_RESIZE = "resize"
+M_CONFIG = "config"
+M_VERSIONS = "versions"
+M_TIMINGS = "timings"
+M_FILES = "files"  # [{path, rows, bytes}] relative to the output
+M_SOURCE = "source"
+M_CREATED = "created"
+
+
+def versions() -> dict:
+    """Versions of the interpreter and the libraries whose behaviour the outputs depend on."""
+    out = {"python": platform.python_version()}
+    for dist in ("ray", "pyarrow", "pillow", "numpy", "torch"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out

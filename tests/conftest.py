@@ -1,0 +1,64 @@
+"""Shared fixtures: one local S3 server, one local Ray and one small sample for the whole run.
+
+The S3 environment is set before Ray starts, so that Ray's workers inherit it as a cluster's would.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from infra import local_s3
+from pipelines import ingest, sample
+
+TEST_BUCKET = "test-bucket"
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    server = local_s3.start(str(tmp_path_factory.mktemp("local-s3")))
+    saved = {k: os.environ.get(k) for k in server.env()}
+    os.environ.update(server.env())
+    local_s3.create_bucket(server, TEST_BUCKET)
+    yield server
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def bucket(s3_server) -> str:
+    """``s3://test-bucket`` on the local server; tests write under prefixes of their own."""
+    return f"s3://{TEST_BUCKET}"
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_server):
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def sample_dir(tmp_path_factory) -> Path:
+    """A small ImageNet look-alike with every planted oddity and hostile file."""
+    out = tmp_path_factory.mktemp("sample")
+    sample.generate(sample.Settings(out=str(out), classes=4, train_per_class=12, val_per_class=4,
+                                    workers=2))
+    return out
+
+
+@pytest.fixture(scope="session")
+def ingested(sample_dir, ray_local, tmp_path_factory) -> str:
+    """The sample ingested to a local folder with default settings (read-only for tests)."""
+    out = str(tmp_path_factory.mktemp("ingested"))
+    ingest.run(ingest.Settings(source=str(sample_dir), output=out))
+    return out
