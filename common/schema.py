@@ -71,3 +71,46 @@ def versions() -> dict:
         except metadata.PackageNotFoundError:
             pass
     return out
+
+
+# --- Model: <out>/weights.npz, metrics.json, templates.png, manifest.json --------------------------
+# scores = x @ W.T + b, x the flattened HWC image as float32 in 0..255 (preprocessing folded in)
+WEIGHTS_FILE = "weights.npz"
+W_KEY, B_KEY, CLASSES_KEY = "W", "b", "classes"  # float32 (C, D), float32 (C,), str (C,)
+METRICS_FILE = "metrics.json"  # {"history": [{epoch, train_loss, val_loss, val_top1, val_top5}]}
+TEMPLATES_FILE = "templates.png"
+
+# --- Fooling results: <out>/pairs/ (Hive-partitioned), summary/, figures/, manifest.json ---------
+ORIGIN = "origin"  # "val" or "noise"
+PRED = "pred"  # the model's class for the original image
+TARGET = "target"
+METHOD = "method"
+STRENGTH = "strength"  # the method's step size that was used, pixel units
+LINF = "linf"  # distance of the stored uint8 image from the original, pixel units
+L2 = "l2"
+FOOLED_PRED = "fooled_pred"  # the model's class for the stored uint8 image
+SUCCESS = "success"  # fooled_pred == target
+P_TARGET = "p_target"  # softmax probability of the target on the stored image
+BOUND_LINF = "bound_linf"  # certified lower bounds on the distance to the target's region
+BOUND_L2 = "bound_l2"
+PAIRS_DIR, SUMMARY_DIR, FIGURES_DIR = "pairs", "summary", "figures"
+
+PAIRS_SCHEMA = pa.schema(
+    [
+        pa.field(IMAGE_ID, pa.string(), nullable=False),
+        pa.field(ORIGIN, pa.string(), nullable=False),
+        pa.field(LABEL, pa.int16(), nullable=False),  # -1 for noise
+        pa.field(PRED, pa.int16(), nullable=False),
+        pa.field(TARGET, pa.int16(), nullable=False),
+        pa.field(METHOD, pa.string(), nullable=False),
+        pa.field(STRENGTH, pa.float32(), nullable=False),
+        pa.field(LINF, pa.float32(), nullable=False),
+        pa.field(L2, pa.float32(), nullable=False),
+        pa.field(FOOLED_PRED, pa.int16(), nullable=False),
+        pa.field(SUCCESS, pa.bool_(), nullable=False),
+        pa.field(P_TARGET, pa.float32(), nullable=False),
+        pa.field(BOUND_LINF, pa.float32(), nullable=False),
+        pa.field(BOUND_L2, pa.float32(), nullable=False),
+        pa.field(IMAGE, pa.binary(), nullable=True),  # null when images are not kept
+    ]
+)
