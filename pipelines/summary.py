@@ -16,8 +16,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
-from common import cli, schema, storage
-from common.errors import ConfigError
+from common import cli, dataset, schema, storage
 
 SHOW_QUARANTINED = 20  # rows listed one by one; the rest are counted by reason
 
@@ -38,9 +37,7 @@ def read_table(data: str, rel: str, columns: list[str] | None = None):
 
 def describe(data: str) -> str:
     """A few lines on an ingest output: counts, quarantine reasons, files, pixel statistics."""
-    m = storage.read_manifest(data, "ingest output")
-    if m.get(schema.M_KIND) != "ingest":
-        raise ConfigError(f"{data} is not an ingest output (kind: {m.get(schema.M_KIND)})")
+    m = dataset.open_ingest(data)
     lines = [f"{data}: {len(m[schema.M_CLASSES])} classes, images {m[schema.M_IMAGE_SHAPE]}"]
     for split, c in m[schema.M_COUNTS].items():
         lines.append(f"  {split:5s}: seen {c['seen']}, written {c['written']}, "
@@ -66,7 +63,7 @@ def describe(data: str) -> str:
 
 def preview(data: str, out: str, per_class: int = 8) -> None:
     """Save a grid of the first ``per_class`` training (else validation) images of each class."""
-    m = storage.read_manifest(data, "ingest output")
+    m = dataset.open_ingest(data)
     h, w, _ = m[schema.M_IMAGE_SHAPE]
     rels = [f["path"] for f in m[schema.M_FILES] if f["path"].startswith(("train/", "val/"))]
     table = read_table(data, rels[0], [schema.LABEL, schema.IMAGE])
