@@ -49,7 +49,8 @@ def ingest_rate(src: str, out: str, n: int, limit: int | None = None) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--per-class", type=int, default=300, help="training images per class (10 classes)")
+    p.add_argument("--per-class", type=int, default=300,
+                   help="training images per class, 10 classes")
     p.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs for local Ray")
     p.add_argument("--data", default=None, help="reuse a sample folder made without oddities")
     args = p.parse_args()
@@ -73,7 +74,8 @@ def main() -> None:
         ray.shutdown()
     ideal = floor * args.cpus
     print(f"images: {n} JPEGs ({n // 10} per class), Ray CPUs: {args.cpus}")
-    print(f"floor (1 process, decode+resize): {floor:8.1f} images/s; x{args.cpus} CPUs = {ideal:.1f}")
+    print(f"floor (1 process, decode+resize): {floor:8.1f} images/s; "
+          f"x{args.cpus} CPUs = {ideal:.1f}")
     print(f"stock read_images+write_parquet : {stock:8.1f} images/s")
     print(f"pipelines.ingest                : {ours:8.1f} images/s")
     print(f"ingest / stock          = {ours / stock:5.2f}x  (goal >= 4x)")

@@ -31,7 +31,7 @@ IMAGES_SCHEMA = pa.schema(
     ]
 )
 
-# --- Quarantine: <out>/quarantine/*.parquet --------------------------------------------------------
+# --- Quarantine: <out>/quarantine/*.parquet ---
 SPLIT = "split"
 REASON = "reason"
 QUARANTINE_SCHEMA = pa.schema(
@@ -45,7 +45,7 @@ QUARANTINE_SCHEMA = pa.schema(
 SPLITS = ("train", "val")
 QUARANTINE_DIR = "quarantine"
 
-# --- Manifest keys (<out>/manifest.json) -----------------------------------------------------------
+# --- Manifest keys (<out>/manifest.json) ---
 M_KIND = "kind"  # which job wrote it: "ingest", "train", "attack"
 M_CLASSES = "classes"  # WNIDs in label order
 M_CLASS_NAMES = "class_names"
@@ -73,7 +73,7 @@ def versions() -> dict:
     return out
 
 
-# --- Model: <out>/weights.npz, metrics.json, templates.png, manifest.json --------------------------
+# --- Model: <out>/weights.npz, metrics.json, templates.png, manifest.json ---
 # scores = x @ W.T + b, x the flattened HWC image as float32 in 0..255 (preprocessing folded in)
 WEIGHTS_FILE = "weights.npz"
 W_KEY, B_KEY, CLASSES_KEY = "W", "b", "classes"  # float32 (C, D), float32 (C,), str (C,)

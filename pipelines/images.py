@@ -52,7 +52,7 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     if w <= 0 or h <= 0:
         raise BadImage(f"invalid declared size {w}x{h}")
     if w * h > max_pixels:
-        raise BadImage(f"decompression bomb: declared {w}x{h} = {w * h} pixels > limit {max_pixels}")
+        raise BadImage(f"decompression bomb: declared {w}x{h} pixels, over the limit {max_pixels}")
     return img
 
 
@@ -79,7 +79,7 @@ def to_pixels(
     draft: bool = True,
     max_pixels: int = MAX_PIXELS,
 ) -> tuple[np.ndarray, tuple[int, int]]:
-    """Decode ``data`` and resize it: returns ((size, size, 3) uint8 HWC, (orig_width, orig_height))."""
+    """Decode and resize: returns ((size, size, 3) uint8 HWC, (orig_width, orig_height))."""
     if resize not in RESIZE_MODES:
         raise ValueError(f"unknown resize mode {resize!r}; choose from {RESIZE_MODES}")
     img = _open(data, max_pixels)

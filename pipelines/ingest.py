@@ -9,7 +9,7 @@ in common/schema.py), ``<output>/quarantine/`` (one row per unusable input, with
 last, ``<output>/manifest.json``. Every file listed is accounted for: seen = written + quarantined.
 
 The work: the driver lists the files (pipelines/sources.py); Ray Data tasks fetch and decode them
-in batches (pipelines/images.py); write tasks (ImagesDatasink) gather about one file's worth of rows,
+in batches (pipelines/images.py); write tasks (ImagesDatasink) gather about a file's worth of rows,
 write it, and send back only small things: counts, pixel sums, and the quarantine rows.
 """
 
@@ -87,7 +87,7 @@ def decode_batch(batch: pa.Table, root: str, size: int, resize: str, draft: bool
         blobs = list(pool.map(fetch, rels))
     pixels, widths, heights, reasons = [], [], [], []
     sums, squares = np.zeros((len(rels), 3), np.int64), np.zeros((len(rels), 3), np.int64)
-    for i, (rel, data) in enumerate(zip(rels, blobs)):
+    for i, data in enumerate(blobs):
         try:
             if isinstance(data, Exception):
                 raise images.BadImage(f"cannot read: {data}")
@@ -261,9 +261,10 @@ def run(cfg: Settings) -> dict:
                 files.append({"path": r["file"], "rows": r["rows"], "bytes": r["bytes"]})
         written = sum(r["rows"] for r in results[split])
         bad = sum(q[schema.SPLIT] == split for q in quarantine)
-        seen = listing.files[split].num_rows + sum(q[schema.SPLIT] == split for q in listing.quarantine)
+        seen = listing.files[split].num_rows + sum(
+            q[schema.SPLIT] == split for q in listing.quarantine)
         if written + bad != seen:  # a lost or doubled row is a bug, never an output
-            raise RuntimeError(f"{split}: {seen} files listed but {written} written + {bad} quarantined")
+            raise RuntimeError(f"{split}: {seen} listed, {written} written + {bad} quarantined")
         counts[split] = {"seen": seen, "written": written, "quarantined": bad}
         log.info("%s: %d written, %d quarantined in %.1f s (%.0f images/s)", split, written, bad,
                  timings[f"{split}_s"], seen / max(timings[f"{split}_s"], 1e-9))

@@ -74,7 +74,8 @@ def _style(seed: int, k: int) -> dict:
     """The look of class k: what a linear model can learn."""
     rng = np.random.default_rng([seed, 7919, k])
     hue = (k * 0.618034) % 1.0  # golden-ratio hues spread the background colours apart
-    bg = np.array(Image.new("HSV", (1, 1), (int(hue * 255), 110, 170)).convert("RGB").getpixel((0, 0)))
+    hsv = Image.new("HSV", (1, 1), (int(hue * 255), 110, 170))
+    bg = np.array(hsv.convert("RGB").getpixel((0, 0)))
     fg = 255 - bg if k % 2 else rng.integers(0, 256, 3)
     return {
         "bg": bg.astype(float),

@@ -3,7 +3,8 @@
 Layouts read (local or s3://, through pyarrow.fs):
 - ``<root>/train/<wnid>/*``: class folders.
 - ``<root>/val/<wnid>/*`` (class folders) or ``<root>/val/*`` (flat) labelled by
-  ``LOC_val_solution.csv`` (Kaggle: ``ImageId,PredictionString``, the WNID first) at the root or in val/.
+  ``LOC_val_solution.csv`` (Kaggle: ``ImageId,PredictionString``, WNID first) at the root or in
+  val/.
 - Kaggle's ``<root>/ILSVRC/Data/CLS-LOC/{train,val}`` is found by itself.
 - ``LOC_synset_mapping.txt`` (``<wnid> <names>``) gives the class list and names when present;
   otherwise the class list is the training class folders (or the validation labels).
@@ -145,7 +146,8 @@ def scan(source: str, splits: tuple[str, ...], limit_per_class: int | None = Non
                 wnid, why = folder, f"class folder {folder!r} is not a known class"
             elif split == "val" and val_labels is not None:
                 wnid = val_labels.get(_stem(rel))
-                why = f"no label in {VAL_CSV}" if wnid is None else f"label {wnid!r} is not a known class"
+                why = (f"no label in {VAL_CSV}" if wnid is None
+                       else f"label {wnid!r} is not a known class")
             else:
                 wnid, why = None, "not inside a class folder"
             if wnid not in index:

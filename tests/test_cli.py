@@ -1,0 +1,53 @@
+"""The settings-dataclass -> flags helper (common/cli.py)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass, field, fields
+
+import pytest
+
+from common import cli
+
+
+@dataclass(frozen=True)
+class Example:
+    source: str = field(metadata={"help": "where from"})
+    size: int = field(default=64, metadata={"help": "side in pixels"})
+    rate: float = field(default=0.5, metadata={"help": "a rate"})
+    splits: tuple[str, ...] = field(default=("train", "val"), metadata={"help": "which"})
+    limit: int | None = field(default=None, metadata={"help": "at most"})
+    mode: str = field(default="squash", metadata={"help": "how", "choices": ("squash", "crop")})
+    overwrite: bool = field(default=False, metadata={"help": "replace"})
+
+
+def test_defaults_and_types():
+    cfg = cli.parse(Example, ["--source", "s3://b/x"])
+    assert cfg == Example(source="s3://b/x")
+    cfg = cli.parse(Example, ["--source", "x", "--size", "32", "--rate", "1e-3", "--splits", "val",
+                              "--limit", "5", "--mode", "crop", "--overwrite"])
+    assert cfg == Example("x", 32, 1e-3, ("val",), 5, "crop", True)
+
+
+def test_bad_flags_exit_with_usage(capsys):
+    for argv in ([], ["--source", "x", "--mode", "stretch"], ["--source", "x", "--size", "big"]):
+        with pytest.raises(SystemExit) as e:
+            cli.parse(Example, argv)
+        assert e.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_help_explains_every_flag():
+    text = cli.build_parser(Example, "doc").format_help()
+    for f in fields(Example):
+        assert "--" + f.name.replace("_", "-") in text
+        assert f.metadata["help"] in text
+    assert "(default: train,val)" in text and "--no-overwrite" in text
+
+
+@pytest.mark.parametrize("module", ["pipelines.ingest", "pipelines.sample", "pipelines.summary"])
+def test_job_help_runs(module):
+    out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    assert "usage:" in out and "--" in out

@@ -1,0 +1,172 @@
+"""The ingest job end to end (pipelines/ingest.py): real files, local Ray, the real local S3."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+
+import numpy as np
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+
+from common import schema, storage
+from common.errors import ConfigError
+from pipelines import images, ingest, sample, sources
+
+pytestmark = pytest.mark.slow
+
+
+def read_split(out: str, split: str):
+    """All rows of one split, with pyarrow alone, sorted by image id."""
+    fs, path = storage.filesystem(storage.join(out, split))
+    return pads.dataset(path, filesystem=fs, format="parquet").to_table().sort_by(schema.IMAGE_ID)
+
+
+def manifest_of(out: str) -> dict:
+    return storage.read_manifest(out)
+
+
+def test_schema_and_manifest_follow_the_contract(ingested, sample_dir):
+    m = manifest_of(ingested)
+    for key in (schema.M_CLASSES, schema.M_CLASS_NAMES, schema.M_IMAGE_SHAPE, schema.M_COUNTS,
+                schema.M_PIXEL_MEAN, schema.M_PIXEL_STD, schema.M_RESIZE, schema.M_VERSIONS,
+                schema.M_TIMINGS, schema.M_FILES, schema.M_CONFIG):
+        assert key in m, key
+    assert m[schema.M_IMAGE_SHAPE] == [64, 64, 3]
+    assert m[schema.M_CLASSES] == sorted(json.loads((sample_dir / "sample.json").read_text())
+                                         ["classes"])
+    for split in schema.SPLITS:
+        table = read_split(ingested, split)
+        assert table.schema.equals(schema.IMAGES_SCHEMA, check_metadata=False)
+        assert all(len(v) == 64 * 64 * 3 for v in table.column(schema.IMAGE).to_pylist())
+    for f in m[schema.M_FILES]:  # sizes in the manifest are the real ones
+        assert os.path.getsize(os.path.join(ingested, f["path"])) == f["bytes"]
+
+
+def test_every_input_is_accounted_for(ingested, sample_dir):
+    m = manifest_of(ingested)
+    quarantine = pq.read_table(os.path.join(ingested, schema.QUARANTINE_DIR)).to_pylist()
+    for split in schema.SPLITS:
+        c = m[schema.M_COUNTS][split]
+        on_disk = sum(len(f) for _, _, f in os.walk(sample_dir / split))
+        assert c["seen"] == on_disk == c["written"] + c["quarantined"]
+        assert c["written"] == read_split(ingested, split).num_rows
+        assert c["quarantined"] == sum(q[schema.SPLIT] == split for q in quarantine)
+
+
+def test_hostile_files_are_quarantined_with_their_reason(ingested, sample_dir):
+    info = json.loads((sample_dir / "sample.json").read_text())
+    quarantine = {q[schema.SOURCE]: q[schema.REASON]
+                  for q in pq.read_table(os.path.join(ingested, "quarantine")).to_pylist()}
+    expected = {"empty": "empty file", "truncated": "truncated", "random bytes": "not an image",
+                "text": "not an image", "decompression bomb": "decompression bomb",
+                "unlabelled": "no label"}
+    assert set(quarantine) == {h["path"] for h in info["hostile"]}
+    for h in info["hostile"]:
+        assert expected[h["why"]] in quarantine[h["path"]], (h, quarantine[h["path"]])
+
+
+def test_odd_formats_become_rows_equal_to_an_independent_decode(ingested, sample_dir):
+    info = json.loads((sample_dir / "sample.json").read_text())
+    rows = {r[schema.SOURCE]: r for split in schema.SPLITS
+            for r in read_split(ingested, split).to_pylist()}
+    assert {o["kind"] for o in info["odd"]} == {"cmyk", "gray", "png", "rgba_png"}
+    for odd in info["odd"]:
+        row = rows[odd["path"]]
+        data = (sample_dir / odd["path"]).read_bytes()
+        full, (w, h) = images.to_pixels(data, 64, draft=False)
+        got = np.frombuffer(row[schema.IMAGE], np.uint8).reshape(64, 64, 3)
+        assert (row[schema.ORIG_WIDTH], row[schema.ORIG_HEIGHT]) == (w, h)
+        assert np.abs(got.astype(int) - full).mean() <= 4.0, odd  # the draft-decoding bound
+
+
+def test_labels_match_folders_and_val_csv(ingested, sample_dir):
+    classes = manifest_of(ingested)[schema.M_CLASSES]
+    for row in read_split(ingested, "train").to_pylist():
+        assert row[schema.SOURCE].split("/")[1] == row[schema.WNID]
+        assert classes[row[schema.LABEL]] == row[schema.WNID]
+    csv_rows = (sample_dir / sources.VAL_CSV).read_text().splitlines()[1:]
+    truth = {line.split(",")[0]: line.split(",")[1].split()[0] for line in csv_rows}
+    for row in read_split(ingested, "val").to_pylist():
+        assert row[schema.WNID] == truth[row[schema.IMAGE_ID]]
+        assert classes[row[schema.LABEL]] == row[schema.WNID]
+
+
+def test_pixel_statistics_match_numpy(ingested):
+    train = read_split(ingested, "train")
+    px = np.frombuffer(b"".join(train.column(schema.IMAGE).to_pylist()), np.uint8).reshape(-1, 3)
+    m = manifest_of(ingested)
+    np.testing.assert_allclose(m[schema.M_PIXEL_MEAN], px.mean(0), atol=1e-3)
+    np.testing.assert_allclose(m[schema.M_PIXEL_STD], px.std(0), atol=1e-3)
+
+
+def test_rerun_refuses_and_overwrite_replaces(ingested, sample_dir, tmp_path):
+    with pytest.raises(ConfigError, match="already holds a complete ingest.*--overwrite"):
+        ingest.run(ingest.Settings(source=str(sample_dir), output=ingested))
+    out = str(tmp_path / "partial")
+    os.makedirs(os.path.join(out, "train"))  # what a killed run leaves: data, no manifest
+    with pytest.raises(ConfigError, match="unfinished earlier ingest"):
+        ingest.run(ingest.Settings(source=str(sample_dir), output=out))
+    m = ingest.run(ingest.Settings(source=str(sample_dir), output=out, overwrite=True,
+                                   splits=("val",), resize="crop", size=32))
+    assert m[schema.M_IMAGE_SHAPE] == [32, 32, 3] and set(m[schema.M_COUNTS]) == {"val"}
+    assert sorted(os.listdir(out)) == ["manifest.json", "quarantine", "val"]
+
+
+def test_file_size_option_splits_files(sample_dir, ray_local, tmp_path):
+    """At 16x16 (768 bytes a row) and 1 MiB files the split needs several files."""
+    big = tmp_path / "big"
+    sample.generate(sample.Settings(out=str(big), classes=2, train_per_class=1500,
+                                    val_per_class=0, oddities=False, workers=2))
+    out = str(tmp_path / "out")
+    m = ingest.run(ingest.Settings(source=str(big), output=out, splits=("train",), size=16,
+                                   file_size_mb=1, batch_size=256))
+    files = [f for f in m[schema.M_FILES] if f["path"].startswith("train/")]
+    assert len(files) >= 2
+    assert all(f["rows"] <= 1365 + 256 for f in files)  # 1 MiB / 768 B, plus at most one batch
+    assert sum(f["rows"] for f in files) == m[schema.M_COUNTS]["train"]["written"] == 3000
+    assert len(set(read_split(out, "train").column(schema.IMAGE_ID).to_pylist())) == 3000
+
+
+def test_local_and_s3_give_identical_rows(ingested, sample_dir, bucket):
+    prefix = f"{bucket}/ingest-{uuid.uuid4().hex[:8]}"
+    fs, path = storage.filesystem(prefix)
+    pafs.copy_files(str(sample_dir), f"{path}/src", destination_filesystem=fs)
+    ingest.run(ingest.Settings(source=f"{prefix}/src", output=f"{prefix}/out"))
+    local, remote = manifest_of(ingested), manifest_of(f"{prefix}/out")
+    assert remote[schema.M_COUNTS] == local[schema.M_COUNTS]
+    assert remote[schema.M_PIXEL_MEAN] == local[schema.M_PIXEL_MEAN]
+    for split in schema.SPLITS:
+        assert read_split(f"{prefix}/out", split).equals(read_split(ingested, split))
+    q = [pq.read_table(f"{path}/out/quarantine", filesystem=fs), pq.read_table(
+        os.path.join(ingested, "quarantine"))]
+    assert q[0].sort_by(schema.SOURCE).equals(q[1].sort_by(schema.SOURCE))
+
+
+def test_fails_fast_before_any_work(sample_dir, tmp_path):
+    empty = tmp_path / "empty"
+    (empty / "train").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="no images found"):
+        ingest.run(ingest.Settings(source=str(empty), output=str(tmp_path / "o1")))
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(ConfigError, match="cannot write to"):
+        ingest.run(ingest.Settings(source=str(sample_dir), output=str(tmp_path / "a-file" / "o")))
+    with pytest.raises(ConfigError, match="--splits"):
+        ingest.run(ingest.Settings(source=str(sample_dir), output=str(tmp_path / "o2"),
+                                   splits=("test",)))
+
+
+def test_command_line_error_is_one_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipelines.ingest", "--source", str(tmp_path / "none"),
+         "--output", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
