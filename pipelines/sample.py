@@ -1,6 +1,6 @@
 """Generate a small ImageNet look-alike in the real ILSVRC2012 layout, deterministically.
 
-    python -m pipelines.sample --out data/sample
+    python -m pipelines.sample --out data/sample          # or --out s3://bucket/sample
 
 writes
     train/<wnid>/<wnid>_<n>.JPEG          class folders, ImageNet-sized JPEGs (quality ~90)
@@ -18,19 +18,22 @@ a text file, an image declaring an enormous size, and a validation image without
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
 import os
 import struct
+import tempfile
 import zlib
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow.fs as pafs
 from PIL import Image, ImageDraw
 
-from common import cli
+from common import cli, storage
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +59,7 @@ PLANTED = {(0, 0): "cmyk", (0, 1): "cmyk", (1, 0): "gray", (1, 1): "gray", (2, 0
 
 @dataclass(frozen=True)
 class Settings:
-    out: str = field(metadata={"help": "folder to write the sample into (local path)"})
+    out: str = field(metadata={"help": "folder to write the sample into: local path or s3://"})
     classes: int = field(default=10, metadata={"help": "number of classes"})
     train_per_class: int = field(default=300, metadata={"help": "training images per class"})
     val_per_class: int = field(default=50, metadata={"help": "validation images per class"})
@@ -236,7 +239,14 @@ def generate(cfg: Settings) -> dict:
 def main(argv=None) -> None:
     cfg = cli.parse(Settings, argv, __doc__)
     cli.setup_logging()
-    info = generate(cfg)
+    if storage.is_s3(cfg.out):  # draw locally, then upload the tree
+        with tempfile.TemporaryDirectory() as tmp:
+            info = generate(dataclasses.replace(cfg, out=tmp))
+            storage.check_writable(cfg.out)
+            fs, path = storage.filesystem(cfg.out)
+            pafs.copy_files(tmp, path, destination_filesystem=fs, use_threads=True)
+    else:
+        info = generate(cfg)
     log.info(
         "wrote %d training and %d validation images of %d classes to %s "
         "(%d odd formats, %d hostile files)",
