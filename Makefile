@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO := demo-out
 
-.PHONY: install test lint demo bench-ingest s3-start s3-stop clean
+.PHONY: install test lint demo bench-ingest s3-start s3-stop clean cluster-demo
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,3 +41,8 @@ s3-stop: $(STAMP)
 
 clean:
 	rm -rf $(DEMO) .pytest_cache
+
+# The three jobs submitted with `ray job submit` to a local two-node Ray cluster, all data on a
+# local S3 server; checks the outputs and stops everything it started.
+cluster-demo: $(STAMP)
+	$(PY) -m infra.cluster_demo

@@ -1,0 +1,140 @@
+"""A real multi-node Ray cluster on 127.0.0.1, and job submission to it as a cluster user does.
+
+    with LocalCluster(env=s3_env) as cluster:          # `ray start --head` + `ray start --address`
+        rc, log, seconds = cluster.submit(["python", "-m", "pipelines.ingest", "--source", ...])
+
+Each node is a `ray start --block` process in a session of its own, on free ports, with its own
+temp dir, so it neither meets nor stops any other Ray on the machine (unlike `ray stop`, which
+stops them all). Jobs go through the Ray Jobs API with `ray job submit --working-dir .`: the
+working directory is uploaded (minus .gitignore and .rayignore) exactly as on a real cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+
+log = logging.getLogger(__name__)
+
+HOST = "127.0.0.1"
+OBJECT_STORE_BYTES = 512 * 2**20  # per node: the test jobs are small, the machine is shared
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def _ray_bin() -> str:
+    local = os.path.join(os.path.dirname(sys.executable), "ray")
+    return local if os.path.exists(local) else (shutil.which("ray") or "ray")
+
+
+class LocalCluster:
+    """A head node and ``workers`` worker nodes, each with ``cpus`` CPUs, on this machine."""
+
+    def __init__(self, workers: int = 1, cpus: int = 1, env: Mapping[str, str] | None = None):
+        self.workers, self.cpus = workers, cpus
+        self.env = {**os.environ, **(env or {})}
+        # the jobs' `python` is this interpreter, as a cluster's image provides its own
+        self.env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + self.env.get("PATH", "")
+        self.env["RAY_USAGE_STATS_ENABLED"] = "0"
+        self.env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"  # nothing to drain on stop
+        # token authentication, as a real cluster should have: nodes and clients share the token
+        self.env["RAY_AUTH_MODE"] = "token"
+        self.env["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+        self.gcs_port, self.dashboard_port = free_port(), free_port()
+        self.temp_dir = os.path.join(tempfile.gettempdir(), f"rc-{uuid.uuid4().hex[:6]}")
+        self.procs: list[subprocess.Popen] = []
+
+    @property
+    def address(self) -> str:
+        """The Jobs API address that `ray job submit --address` takes."""
+        return f"http://{HOST}:{self.dashboard_port}"
+
+    def _start_node(self, head: bool) -> None:
+        args = [_ray_bin(), "start", "--block", f"--num-cpus={self.cpus}",
+                f"--node-ip-address={HOST}", f"--object-store-memory={OBJECT_STORE_BYTES}",
+                f"--dashboard-agent-listen-port={free_port()}",
+                f"--dashboard-agent-grpc-port={free_port()}",
+                f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+                "--disable-usage-stats"]
+        if head:
+            args += ["--head", f"--port={self.gcs_port}", f"--temp-dir={self.temp_dir}",
+                     "--include-dashboard=true", f"--dashboard-host={HOST}",
+                     f"--dashboard-port={self.dashboard_port}",
+                     ]
+        else:
+            args += [f"--address={HOST}:{self.gcs_port}"]
+        out = open(os.path.join(tempfile.gettempdir(), f"{os.path.basename(self.temp_dir)}-"
+                                f"{len(self.procs)}.log"), "wb")
+        self.procs.append(subprocess.Popen(args, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                                           stdin=subprocess.DEVNULL, start_new_session=True))
+
+    def _wait_nodes(self, count: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(p.poll() is not None for p in self.procs):
+                raise RuntimeError("a Ray node exited while starting; see its log in "
+                                   f"{tempfile.gettempdir()}/{os.path.basename(self.temp_dir)}-*.log")
+            status = subprocess.run([_ray_bin(), "status", f"--address={HOST}:{self.gcs_port}"],
+                                    env=self.env, capture_output=True, text=True, check=False)
+            if status.returncode == 0 and status.stdout.count("node_") >= count:
+                return
+            time.sleep(1)
+        raise TimeoutError(f"the local cluster did not reach {count} nodes in {timeout:.0f} s")
+
+    def start(self, timeout: float = 120) -> LocalCluster:
+        t = time.monotonic()
+        self._start_node(head=True)
+        self._wait_nodes(1, timeout)
+        for _ in range(self.workers):
+            self._start_node(head=False)
+        self._wait_nodes(1 + self.workers, timeout)
+        log.info("local Ray cluster: %d nodes, jobs API at %s (%.1f s)", 1 + self.workers,
+                 self.address, time.monotonic() - t)
+        return self
+
+    def submit(self, entrypoint: Sequence[str], working_dir: str = ".",
+               timeout: float = 600) -> tuple[int, str, float]:
+        """`ray job submit --working-dir DIR -- ENTRYPOINT`: (exit status, its output, seconds)."""
+        args = [_ray_bin(), "job", "submit", f"--address={self.address}",
+                f"--working-dir={working_dir}", "--", *entrypoint]
+        t = time.monotonic()
+        proc = subprocess.run(args, env=self.env, capture_output=True, text=True,
+                              timeout=timeout, check=False)
+        return proc.returncode, proc.stdout + proc.stderr, time.monotonic() - t
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):  # workers first, then the head
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        self.procs.clear()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def __enter__(self) -> LocalCluster:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,50 @@
+"""`ray job submit` on a real two-node local cluster, everything on the real local S3 server."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from common import schema
+from infra import cluster_demo, local_s3
+from infra.local_cluster import LocalCluster
+
+pytestmark = pytest.mark.slow
+
+SETTINGS = cluster_demo.Settings(classes=3, train_per_class=20, val_per_class=3)
+
+
+@pytest.fixture(scope="module")
+def cluster(s3_server):
+    with LocalCluster(workers=1, cpus=1, env=s3_server.env()) as c:
+        yield c
+
+
+def test_three_jobs_submitted_to_a_cluster_write_everything_to_s3(cluster, bucket, s3_server):
+    root = f"{bucket}/cluster"
+    cluster_demo.upload_sample(root, SETTINGS)
+    seconds = cluster_demo.submit_all(cluster, root)
+    assert list(seconds) == ["ingest", "train", "attack"]
+    client = local_s3.client(s3_server)
+    m = cluster_demo.read_manifests(client, bucket.removeprefix("s3://"), "cluster/")
+    counts = m["ingest"][schema.M_COUNTS]
+    assert counts["train"]["written"] == 3 * 20 and counts["val"]["written"] == 3 * 3
+    for split in ("train", "val"):
+        assert counts[split]["seen"] == counts[split]["written"] + counts[split]["quarantined"]
+    keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(
+        Bucket=bucket.removeprefix("s3://"), Prefix="cluster/") for o in page.get("Contents", [])]
+    assert "cluster/model/weights.npz" in keys
+    assert any(k.startswith("cluster/fooling/pairs/") and k.endswith(".parquet") for k in keys)
+    assert all("AWS_SECRET" not in json.dumps(v) for v in m.values())  # no secrets in manifests
+
+
+def test_a_bad_argument_fails_the_submission_with_the_jobs_one_line_error(cluster, bucket):
+    rc, output, _ = cluster.submit(["python", "-m", "pipelines.ingest", "--source",
+                                    f"{bucket}/no-such-prefix", "--output", f"{bucket}/x"])
+    assert rc != 0
+    lines = output.splitlines()
+    started = next(i for i, line in enumerate(lines) if line.startswith("Running entrypoint"))
+    failed = next(i for i, line in enumerate(lines) if "ERR cli.py" in line and i > started)
+    job_log = [line for line in lines[started + 1:failed] if line.strip()]
+    assert job_log[-1] == f"error: {bucket}/no-such-prefix does not exist"

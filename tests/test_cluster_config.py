@@ -1,0 +1,128 @@
+"""cluster.yaml, infra/aws and infra/k8s: valid for the tools that consume them, and in step with
+pyproject.toml and the README."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import jsonschema
+import pytest
+import ray
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_yaml(rel: str):
+    return list(yaml.safe_load_all((ROOT / rel).read_text()))
+
+
+def pins() -> dict[str, str]:
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    out = {}
+    for dep in deps:
+        m = re.match(r"([a-zA-Z0-9_-]+)(\[[^\]]*\])?==([0-9.]+)", dep)
+        if m:
+            out[m.group(1)] = m.group(3)
+    return out
+
+
+def test_cluster_yaml_validates_against_rays_own_schema():
+    path = os.path.join(os.path.dirname(ray.__file__), "autoscaler", "ray-schema.json")
+    schema = json.load(open(path))
+    config = load_yaml("cluster.yaml")[0]
+    jsonschema.validate(config, schema)
+    with pytest.raises(jsonschema.ValidationError):  # the schema does bite
+        jsonschema.validate({**config, "max_workers": "many"}, schema)
+
+
+def test_cluster_yaml_matches_the_project_versions():
+    config = load_yaml("cluster.yaml")[0]
+    python = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
+    py_tag = "py" + python.removeprefix(">=").replace(".", "")
+    assert pins()["ray"] == ray.__version__ == "2.60.0"
+    images = [config["docker"]["image"], config["docker"]["head_image"],
+              config["docker"]["worker_image"]]
+    images += [t["docker"]["worker_image"] for t in config["available_node_types"].values()
+               if "docker" in t]
+    for image in images:
+        assert image.startswith(f"rayproject/ray:{pins()['ray']}-{py_tag}"), image
+    setup = " ".join(config["setup_commands"])
+    assert f"torch=={pins()['torch']}" in setup and "pip install -q -e /home/ray/" in setup
+    assert config["file_mounts"]["/home/ray/fooling-linear"] == "."
+
+
+def test_cluster_yaml_is_safe_and_scales():
+    config = load_yaml("cluster.yaml")[0]
+    text = (ROOT / "cluster.yaml").read_text()
+    assert "aws_access_key" not in text.lower() and "AKIA" not in text  # roles, never keys
+    head = config["available_node_types"][config["head_node_type"]]
+    assert "IamInstanceProfile" in head["node_config"]
+    starts = " ".join(config["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in starts  # reachable only through `ray dashboard`
+    workers = {k: v for k, v in config["available_node_types"].items()
+               if k != config["head_node_type"]}
+    assert any("g5" in v["node_config"]["InstanceType"] for v in workers.values())  # GPU type
+    for node in workers.values():
+        assert 0 <= node["min_workers"] <= node["max_workers"] <= config["max_workers"]
+        assert "IamInstanceProfile" in node["node_config"]
+
+
+def test_cloudformation_template_passes_cfn_lint():
+    lint = shutil.which("cfn-lint", path=os.path.dirname(sys.executable)) or shutil.which(
+        "cfn-lint")
+    assert lint, "cfn-lint is a dev dependency (pyproject.toml)"
+    proc = subprocess.run([lint, str(ROOT / "infra/aws/storage.yaml")], capture_output=True,
+                          text=True, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_cloudformation_bucket_is_private_encrypted_and_tls_only():
+    class Loader(yaml.SafeLoader):  # CloudFormation's short tags (!Ref, !Sub, !GetAtt)
+        pass
+
+    def short_tag(loader, suffix, node):
+        if isinstance(node, yaml.ScalarNode):
+            return f"!{suffix} {loader.construct_scalar(node)}"
+        if isinstance(node, yaml.SequenceNode):
+            return [f"!{suffix}", *loader.construct_sequence(node, deep=True)]
+        return {f"!{suffix}": loader.construct_mapping(node, deep=True)}
+
+    Loader.add_multi_constructor("!", short_tag)
+    template = yaml.load((ROOT / "infra/aws/storage.yaml").read_text(), Loader=Loader)
+    res = template["Resources"]
+    bucket = res["ResultsBucket"]["Properties"]
+    assert all(bucket["PublicAccessBlockConfiguration"].values())
+    assert bucket["BucketEncryption"]["ServerSideEncryptionConfiguration"]
+    assert bucket["LifecycleConfiguration"]["Rules"]
+    deny = res["ResultsBucketPolicy"]["Properties"]["PolicyDocument"]["Statement"][0]
+    assert deny["Effect"] == "Deny" and deny["Condition"]["Bool"]["aws:SecureTransport"] == "false"
+    statements = res["BucketAccessPolicy"]["Properties"]["PolicyDocument"]["Statement"]
+    for s in statements:  # S3 rights on this bucket only, never s3:*
+        assert all(a.startswith("s3:") and a != "s3:*" for a in s["Action"])
+        assert "ResultsBucket" in str(s["Resource"]) and s["Resource"] != "*"
+
+
+def test_kuberay_manifest_runs_the_documented_commands():
+    docs = {d["kind"]: d for d in load_yaml("infra/k8s/rayjob.yaml")}
+    job = docs["RayJob"]
+    assert job["apiVersion"] == "ray.io/v1"
+    assert job["spec"]["rayClusterSpec"]["rayVersion"] == pins()["ray"]
+    groups = {g["groupName"] for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]}
+    assert groups == {"cpu", "gpu"}
+    script = shlex.split(job["spec"]["entrypoint"])[-1]
+    commands = [c.strip() for c in script.split(";") if c.strip().startswith("python -m")]
+    assert [c.split()[2] for c in commands] == ["pipelines.ingest", "training.train",
+                                                "attacks.fool"]
+    readme = (ROOT / "README.md").read_text()
+    for command in commands:
+        assert command in readme, command
+    assert docs["ServiceAccount"]["metadata"]["annotations"]["eks.amazonaws.com/role-arn"]
