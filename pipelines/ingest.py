@@ -75,12 +75,14 @@ def decode_batch(batch: pa.Table, root: str, size: int, resize: str, draft: bool
     """Fetch and decode a batch of listed files; failures become rows with a reason and no image."""
     fs, base = storage.filesystem(root)
 
-    def fetch(rel: str) -> bytes | Exception:
+    def fetch(rel: str) -> bytes:
+        # Transient S3 errors are retried inside pyarrow (common/storage.py); what still fails is
+        # a storage problem, not a bad image: it stops the job with the URI and the reason.
         try:
             with fs.open_input_stream(f"{base}/{rel}") as f:
                 return f.read()
         except OSError as e:
-            return e
+            raise OSError(f"cannot read {storage.join(root, rel)}: {e}") from e
 
     rels = batch.column(schema.SOURCE).to_pylist()
     with ThreadPoolExecutor(min(FETCH_THREADS, max(1, len(rels)))) as pool:
@@ -89,8 +91,6 @@ def decode_batch(batch: pa.Table, root: str, size: int, resize: str, draft: bool
     sums, squares = np.zeros((len(rels), 3), np.int64), np.zeros((len(rels), 3), np.int64)
     for i, data in enumerate(blobs):
         try:
-            if isinstance(data, Exception):
-                raise images.BadImage(f"cannot read: {data}")
             arr, (w, h) = images.to_pixels(data, size, resize, draft)
             pixels.append(arr.tobytes())
             px = arr.reshape(-1, 3).astype(np.int64)

@@ -9,6 +9,7 @@ import sys
 import uuid
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -170,3 +171,13 @@ def test_command_line_error_is_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_unreadable_file_stops_the_job_with_its_uri(sample_dir):
+    """A listed file that storage cannot deliver is a storage error, not a bad image."""
+    batch = sources.scan(str(sample_dir), ("val",)).files["val"].slice(0, 2)
+    rows = ingest.decode_batch(batch, str(sample_dir), 64, "squash", True)
+    assert rows.num_rows == 2 and rows.column(schema.REASON).null_count == 2
+    missing = batch.set_column(0, schema.SOURCE, pa.array(["val/gone.JPEG", "val/x.JPEG"]))
+    with pytest.raises(OSError, match=f"cannot read {sample_dir}/val/gone.JPEG"):
+        ingest.decode_batch(missing, str(sample_dir), 64, "squash", True)
