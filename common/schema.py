@@ -79,6 +79,12 @@ WEIGHTS_FILE = "weights.npz"
 W_KEY, B_KEY, CLASSES_KEY = "W", "b", "classes"  # float32 (C, D), float32 (C,), str (C,)
 METRICS_FILE = "metrics.json"  # {"history": [{epoch, train_loss, val_loss, val_top1, val_top5}]}
 TEMPLATES_FILE = "templates.png"
+CHECKPOINTS_DIR = "checkpoints"  # the Ray Train run folder: <out>/checkpoints/epoch-NNNN/
+CHECKPOINT_FILE = "model.pt"  # torch.save of plain data; load with weights_only=True
+M_DATA = "data"  # manifest: the ingest output the model was trained on
+M_FINAL = "final"  # manifest: the last epoch's metrics (as in metrics.json's history)
+M_INITIAL_LOSS = "initial_loss"  # manifest: loss of the first batch, near ln(C)
+M_WEIGHT_NORMS = "weight_norms"  # manifest: {"W": ||W|| as trained, "W_pixels": of weights.npz}
 
 # --- Fooling results: <out>/pairs/ (Hive-partitioned), summary/, figures/, manifest.json ---------
 ORIGIN = "origin"  # "val" or "noise"
@@ -114,3 +120,18 @@ PAIRS_SCHEMA = pa.schema(
         pa.field(IMAGE, pa.binary(), nullable=True),  # null when images are not kept
     ]
 )
+# The folders pairs/method=<m>/target=<t>/ carry METHOD and TARGET; the files hold the other
+# columns (a column in both places makes pyarrow's and pandas' Hive readers refuse the dataset).
+# Read them back typed with ds.partitioning(PAIRS_PARTITION_SCHEMA, flavor="hive").
+PAIRS_PARTITION_SCHEMA = pa.schema(
+    [pa.field(METHOD, pa.string(), nullable=False), pa.field(TARGET, pa.int16(), nullable=False)]
+)
+PAIRS_FILE_SCHEMA = pa.schema(
+    [f for f in PAIRS_SCHEMA if f.name not in PAIRS_PARTITION_SCHEMA.names]
+)
+METHODS = ("template", "sign", "iterative")
+ORIGINS = ("val", "noise")
+# summary/ tables: per (origin, method, target); per (origin, method); success vs L-inf budget
+SUMMARY_TARGETS = "targets.parquet"
+SUMMARY_METHODS = "methods.parquet"
+SUMMARY_BUDGET = "budget.parquet"

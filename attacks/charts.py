@@ -1,0 +1,109 @@
+"""The report's charts, drawn from the summary tables (pandas DataFrames) with matplotlib.
+
+Every function returns PNG bytes; matplotlib runs with the Agg backend (no display needed).
+
+    >>> png = budget_curves(budget)    # success rate vs L-inf budget, certified bound beside it
+"""
+
+from __future__ import annotations
+
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from attacks.figures import short  # noqa: E402
+
+DPI = 110
+COLORS = {"template": "tab:blue", "sign": "tab:orange", "iterative": "tab:green"}
+
+
+def to_png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def budget_curves(budget: pd.DataFrame) -> bytes:
+    """Fraction of pairs fooled within each L-inf budget, per method and origin; the dashed line
+    is the certified bound: no attack can fool a larger fraction within that budget."""
+    origins = sorted(budget["origin"].unique(), key=lambda o: o != "val")
+    fig, axes = plt.subplots(1, len(origins), figsize=(6.2 * len(origins), 4), squeeze=False)
+    for ax, origin in zip(axes[0], origins):
+        rows = budget[budget["origin"] == origin]
+        for method, curve in rows.groupby("method", sort=False):
+            color = COLORS.get(method)
+            ax.plot(curve["budget"], curve["fooled_fraction"], label=method, color=color)
+        bound = rows.groupby("budget")["bound_fraction"].first()
+        ax.plot(bound.index, bound.values, "k--", lw=1, label="certified bound (any attack)")
+        top = rows.loc[rows["fooled_fraction"] < 0.999, "budget"].max()
+        ax.set_xlim(0, max(8, min(255, 1.2 * (top if np.isfinite(top) else 255))))
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("L-inf budget (pixel levels of 255)")
+        ax.set_ylabel("fraction of pairs fooled")
+        ax.set_title(f"success vs budget: {origin} images")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
+    return to_png(fig)
+
+
+def strength_histograms(hist: pd.DataFrame) -> bytes:
+    """The distribution of the strength each method needed (fooled pairs), one panel a method."""
+    hist = hist[hist["origin"] == "val"] if (hist["origin"] == "val").any() else hist
+    methods = list(dict.fromkeys(hist["method"]))
+    fig, axes = plt.subplots(1, len(methods), figsize=(4.2 * len(methods), 3.2), squeeze=False)
+    for ax, method in zip(axes[0], methods):
+        rows = hist[hist["method"] == method]
+        ax.bar(rows["strength"], rows["count"], width=1.0, color=COLORS.get(method, "gray"))
+        nonzero = rows.loc[rows["count"] > 0, "strength"]
+        if len(nonzero):
+            ax.set_xlim(-0.5, nonzero.max() + 1.5)
+        ax.set_title(f"{method}: strength needed")
+        ax.set_xlabel("strength (pixel units)")
+        ax.set_ylabel("pairs")
+    return to_png(fig)
+
+
+def ranked_bars(frame: pd.DataFrame, key: str, names: list[str], title: str, top: int) -> bytes:
+    """The ``top`` easiest and hardest classes by median L-inf needed, per method, side by side."""
+    methods = list(dict.fromkeys(frame["method"]))
+    fig, axes = plt.subplots(2, len(methods), figsize=(4.4 * len(methods), 6.4), squeeze=False)
+    for col, method in enumerate(methods):
+        rows = frame[frame["method"] == method].sort_values("linf_q50")
+        for row, (part, label) in enumerate(((rows.head(top), "easiest"),
+                                             (rows.tail(top)[::-1], "hardest"))):
+            ax = axes[row][col]
+            ax.barh([short(names[i]) for i in part[key]], part["linf_q50"],
+                    color=COLORS.get(method, "gray"))
+            ax.invert_yaxis()
+            ax.set_title(f"{method}: {label}", fontsize=10)
+            ax.set_xlabel("median L-inf needed")
+            ax.tick_params(axis="y", labelsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return to_png(fig)
+
+
+def tradeoff(sweep: pd.DataFrame) -> bytes:
+    """Regularization against validation accuracy and the median strength needed to fool."""
+    fig, ax = plt.subplots(figsize=(6.2, 4))
+    ax.semilogx(sweep["reg"], 100 * sweep["val_top1"], "o-", color="tab:blue", label="val top-1")
+    ax.semilogx(sweep["reg"], 100 * sweep["val_top5"], "s--", color="tab:blue", alpha=0.5,
+                label="val top-5")
+    ax.set_xlabel("L2 regularization strength (reg)")
+    ax.set_ylabel("validation accuracy (%)", color="tab:blue")
+    other = ax.twinx()
+    other.semilogx(sweep["reg"], sweep["median_eps"], "^-", color="tab:red",
+                   label="median eps to fool (sign)")
+    other.set_ylabel("median sign-step eps to fool (pixel levels)", color="tab:red")
+    lines = ax.get_legend_handles_labels()
+    more = other.get_legend_handles_labels()
+    ax.legend(lines[0] + more[0], lines[1] + more[1], loc="center left", fontsize=8)
+    ax.set_title("the regularization trade-off")
+    ax.grid(alpha=0.3)
+    return to_png(fig)

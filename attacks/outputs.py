@@ -1,0 +1,115 @@
+"""Beside the pairs: the summary tables and the contact sheets, written after every part is done.
+
+    >>> files = write_summary(out, ["sign"], targets)            # summary/*.parquet
+    >>> files += write_figures(out, job, manifest, ["sign"], confidence=None, noise=4, seed=0)
+
+Both read the stored pairs back, so they show what analysts will read. Where images were not kept,
+the few pairs of the contact sheets are recomputed with the same attacks (deterministic).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from attacks import figures, parts, summary
+from attacks.linear import LinearModel
+from attacks.noise import noise_ids, noise_images
+from attacks.worker import ATTACKS, NOISE_CONFIDENCE, pixels
+from common import schema, storage
+
+log = logging.getLogger(__name__)
+
+FIG_IMAGES, FIG_TARGETS = 3, 3  # a contact sheet shows a few images x a few targets
+
+
+def _write_table(output: str, rel: str, table: pa.Table) -> dict:
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf)
+    data = buf.getvalue().to_pybytes()
+    storage.write_bytes(storage.join(output, rel), data)
+    return {"path": rel, "rows": table.num_rows, "bytes": len(data)}
+
+
+def write_summary(output: str, methods, targets) -> list[dict]:
+    """Write summary/{targets,methods,budget}.parquet; log each method's success rate."""
+    tables = summary.summarize(output, methods, targets)
+    names = {"targets": schema.SUMMARY_TARGETS, "methods": schema.SUMMARY_METHODS,
+             "budget": schema.SUMMARY_BUDGET}
+    for r in tables["methods"].to_pylist():
+        log.info("%-5s %-9s fooled %d of %d pairs (%.1f%%), median linf %.1f", r["origin"],
+                 r["method"], r["fooled"], r["pairs"], 100 * r["success_rate"], r["linf_q50"])
+    return [_write_table(output, f"{schema.SUMMARY_DIR}/{names[k]}", t) for k, t in tables.items()]
+
+
+def _pick(targets: list[int], classes) -> list[int]:
+    """A few targets spread over the run's, preferring ones the model does not give the images."""
+    others = [t for t in targets if t not in {int(c) for c in classes}] or targets
+    idx = np.linspace(0, len(others) - 1, min(FIG_TARGETS, len(others))).round().astype(int)
+    return [others[i] for i in sorted(set(idx))]
+
+
+def _originals(job: dict, origin: str, seed: int, count: int):
+    """(ids, labels, X (n, D) uint8) of the first images of an origin."""
+    if origin == "noise":
+        n = min(FIG_IMAGES, count)
+        X = noise_images(n, seed, job["image_shape"])
+        return noise_ids(n), np.full(n, -1), X
+    table = next(parts.read_images(job["val_files"], job["val_counts"], 0,
+                                   min(FIG_IMAGES, job["n_val"]), FIG_IMAGES))
+    return (table.column(schema.IMAGE_ID).to_pylist(), table.column(schema.LABEL).to_numpy(),
+            pixels(table.column(schema.IMAGE)).numpy())
+
+
+def _stored(output: str, method: str, target: int, chunk: str, ids: list[str]) -> dict:
+    fs, path = storage.filesystem(storage.join(output, parts.pair_file(method, target, chunk)))
+    table = pq.read_table(path, filesystem=fs, filters=[(schema.IMAGE_ID, "in", ids)])
+    return {r[schema.IMAGE_ID]: r for r in table.to_pylist()}
+
+
+def _examples(output, job, method, origin, confidence, X, ids, targets) -> list[dict]:
+    """The contact sheet's rows, from the stored pairs (recomputed where images were not kept)."""
+    model = LinearModel(job["W"], job["b"])
+    S = model.scores(torch.from_numpy(X))
+    P = torch.softmax(S, 1).numpy()
+    chunk = "noise-00000" if origin == "noise" else "val-00000"
+    rows = {t: _stored(output, method, t, chunk, ids) for t in targets}
+    fresh = None
+    if any(r[schema.IMAGE] is None for rs in rows.values() for r in rs.values()):
+        fresh = ATTACKS[method](model, confidence)(torch.from_numpy(X), S, torch.tensor(targets))
+    out = []
+    for i, image_id in enumerate(ids):
+        for j, t in enumerate(targets):
+            r = rows[t][image_id]
+            stored = (np.frombuffer(r[schema.IMAGE], np.uint8) if r[schema.IMAGE] is not None
+                      else fresh.images[i * len(targets) + j].numpy())
+            out.append({"original": X[i], "stored": stored, "pred": int(S[i].argmax()),
+                        "p_pred": float(P[i].max()), "target": t, "p_target": r[schema.P_TARGET],
+                        "fooled_pred": r[schema.FOOLED_PRED], "linf": r[schema.LINF],
+                        "strength": r[schema.STRENGTH]})
+    return out
+
+
+def write_figures(output: str, job: dict, manifest: dict, methods, confidence: float | None,
+                  noise: int, seed: int) -> list[dict]:
+    """figures/<origin>-<method>.png for the validation images and, if any, the noise starts."""
+    names = manifest.get(schema.M_CLASS_NAMES) or manifest[schema.M_CLASSES]
+    names = [n or w for n, w in zip(names, manifest[schema.M_CLASSES])]
+    files = []
+    for origin in ("val", "noise") if noise else ("val",):
+        ids, _, X = _originals(job, origin, seed, noise)
+        conf = confidence if origin == "val" else (confidence or NOISE_CONFIDENCE)
+        preds = (X.astype(np.float64) @ job["W"].T.astype(np.float64) + job["b"]).argmax(1)
+        targets = _pick(job["targets"], preds)
+        for method in methods:
+            ex = _examples(output, job, method, origin, conf, X, ids, targets)
+            title = f"{method}: {'validation images' if origin == 'val' else 'noise starts'}"
+            png = figures.contact_sheet(ex, names, job["image_shape"], title)
+            rel = f"{schema.FIGURES_DIR}/{origin}-{method}.png"
+            storage.write_bytes(storage.join(output, rel), png)
+            files.append({"path": rel, "rows": len(ex), "bytes": len(png)})
+    return files

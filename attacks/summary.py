@@ -1,0 +1,170 @@
+"""Summary tables of the fooling results, read back from the stored pairs (pyarrow and numpy).
+
+    python -m attacks.summary --output out/fooling        # print a finished output's summary
+
+    >>> tables = summarize("s3://bucket/fooling", ["sign"], range(1000))
+    >>> tables["targets"].to_pandas()       # one row per (origin, method, target)
+
+Three tables, written by the job under ``summary/`` (file names in common/schema.py):
+- ``targets``: per origin, method and target: pairs, fooled, success rate, and over the fooled
+  pairs that had to move (the model did not already say the target) the mean and quantiles of
+  strength, linf and l2, the median certified L-inf bound and the median ratio linf / bound (how
+  far the attack is from the provable minimum).
+- ``methods``: per origin and method: the same counts, the quantiles of strength and linf (exact:
+  both live on a grid) and the mean l2 over the pairs that had to move.
+- ``budget``: per origin and method, for each L-inf budget 0..255 the fraction of all pairs fooled
+  within it: the "success vs budget" curve.
+
+Partitions are read one (method, target) folder at a time, so memory does not grow with the run.
+"""
+
+from __future__ import annotations
+
+import io
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from attacks.template import TEMPLATE_RES
+from common import cli, schema, storage
+
+QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
+LEVELS = 256  # linf of a stored uint8 image is an integer 0..255
+GRID = 255 * TEMPLATE_RES + 1  # strengths are multiples of 1 / TEMPLATE_RES in 0..255
+READ_THREADS = 16
+STATS = [schema.ORIGIN, schema.PRED, schema.SUCCESS, schema.STRENGTH, schema.LINF, schema.L2,
+         schema.BOUND_LINF]
+
+
+def read_partition(output: str, method: str, target: int) -> pa.Table:
+    """The statistics columns of one pairs/method=<m>/target=<t>/ folder (no images)."""
+    fs, path = storage.filesystem(storage.join(output, schema.PAIRS_DIR,
+                                               f"{schema.METHOD}={method}",
+                                               f"{schema.TARGET}={target}"))
+    return ds.dataset(path, filesystem=fs, format="parquet").to_table(columns=STATS)
+
+
+def _quantiles(name: str, values: np.ndarray) -> dict:
+    qs = np.quantile(values, QUANTILES) if len(values) else [np.nan] * len(QUANTILES)
+    return {f"{name}_q{int(q * 100):02d}": float(v) for q, v in zip(QUANTILES, qs)}
+
+
+def target_stats(table: pa.Table, method: str, target: int) -> list[dict]:
+    """Rows of the targets table for one partition, one per origin, plus histograms for merging."""
+    out = []
+    cols = {c: table.column(c).to_numpy(zero_copy_only=False) for c in STATS}
+    for origin in schema.ORIGINS:
+        rows = cols[schema.ORIGIN] == origin
+        if not rows.any():
+            continue
+        fooled = rows & cols[schema.SUCCESS]
+        ok = fooled & (cols[schema.PRED] != target)  # pairs that had to move
+        s, linf, l2 = (cols[c][ok].astype(np.float64)
+                       for c in (schema.STRENGTH, schema.LINF, schema.L2))
+        bound = cols[schema.BOUND_LINF][ok].astype(np.float64)
+        ratio = linf[bound > 0] / bound[bound > 0]
+        row = {schema.ORIGIN: origin, schema.METHOD: method, schema.TARGET: target,
+               "pairs": int(rows.sum()), "fooled": int(fooled.sum()), "moved": int(ok.sum()),
+               "success_rate": float(fooled.sum() / rows.sum()),
+               "strength_mean": float(s.mean()) if len(s) else np.nan,
+               **_quantiles("strength", s),
+               "linf_mean": float(linf.mean()) if len(linf) else np.nan, **_quantiles("linf", linf),
+               "l2_mean": float(l2.mean()) if len(l2) else np.nan, **_quantiles("l2", l2),
+               "bound_linf_median": float(np.median(bound)) if len(bound) else np.nan,
+               "linf_over_bound_median": float(np.median(ratio)) if len(ratio) else np.nan,
+               "_linf_hist": np.bincount(linf.astype(np.int64), minlength=LEVELS),
+               "_budget_hist": np.bincount(cols[schema.LINF][fooled].astype(np.int64),
+                                           minlength=LEVELS),
+               "_strength_hist": np.bincount(np.rint(s * TEMPLATE_RES).astype(np.int64),
+                                             minlength=GRID),
+               "_l2_sum": float(l2.sum())}
+        out.append(row)
+    return out
+
+
+def _hist_quantiles(name: str, hist: np.ndarray, scale: float) -> dict:
+    """Exact quantiles (numpy's default, linear) of values given as a histogram on a grid."""
+    total = hist.sum()
+    if total == 0:
+        return {f"{name}_q{int(q * 100):02d}": np.nan for q in QUANTILES}
+    cum = np.cumsum(hist)
+    out = {}
+    for q in QUANTILES:
+        pos = q * (total - 1)
+        lo = np.searchsorted(cum, np.floor(pos), "right")
+        hi = np.searchsorted(cum, np.ceil(pos), "right")
+        out[f"{name}_q{int(q * 100):02d}"] = float((lo + (hi - lo) * (pos - np.floor(pos))) / scale)
+    return out
+
+
+def method_tables(rows: list[dict]) -> tuple[pa.Table, pa.Table]:
+    """Merge per-target rows into the methods table and the success-vs-budget curves."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r[schema.ORIGIN], r[schema.METHOD]), []).append(r)
+    methods, budget = [], []
+    for (origin, method), rs in sorted(groups.items()):
+        pairs_, fooled = sum(r["pairs"] for r in rs), sum(r["fooled"] for r in rs)
+        moved = sum(r["moved"] for r in rs)
+        linf_h = np.sum([r["_linf_hist"] for r in rs], axis=0)
+        strength_h = np.sum([r["_strength_hist"] for r in rs], axis=0)
+        methods.append({schema.ORIGIN: origin, schema.METHOD: method, "pairs": pairs_,
+                        "fooled": fooled, "moved": moved, "success_rate": fooled / pairs_,
+                        **_hist_quantiles("strength", strength_h, TEMPLATE_RES),
+                        **_hist_quantiles("linf", linf_h, 1),
+                        "l2_mean": sum(r["_l2_sum"] for r in rs) / moved if moved else np.nan})
+        curve = np.cumsum(np.sum([r["_budget_hist"] for r in rs], axis=0)) / pairs_
+        budget += [{schema.ORIGIN: origin, schema.METHOD: method, "budget": b,
+                    "fooled_fraction": float(curve[b])} for b in range(LEVELS)]
+    return pa.Table.from_pylist(methods), pa.Table.from_pylist(budget)
+
+
+def summarize(output: str, methods, targets) -> dict[str, pa.Table]:
+    """Read every (method, target) partition's statistics and build the three tables."""
+    jobs = [(m, int(t)) for m in methods for t in targets]
+    with ThreadPoolExecutor(READ_THREADS) as pool:
+        parts = pool.map(lambda mt: target_stats(read_partition(output, *mt), *mt), jobs)
+        rows = [r for part in parts for r in part]
+    per_method, budget = method_tables(rows)
+    per_target = pa.Table.from_pylist([{k: v for k, v in r.items() if not k.startswith("_")}
+                                       for r in rows])
+    return {"targets": per_target, "methods": per_method, "budget": budget}
+
+
+@dataclass(frozen=True)
+class Settings:
+    output: str = field(metadata={"help": "a finished attack output: local path or s3://"})
+
+
+def describe(output: str) -> str:
+    """A few lines on a finished attack output: per method, success and perturbation sizes."""
+    m = storage.read_manifest(output, "attack output")
+    c = m[schema.M_COUNTS]
+    lines = [f"{output}: {c['pairs']} pairs = ({c['val_images']} validation + {c['noise_images']} "
+             f"noise images) x {c['targets']} targets x {len(c['methods'])} methods, "
+             f"{m[schema.M_TIMINGS]['total_s']:.0f} s"]
+    raw = storage.read_bytes(storage.join(output, schema.SUMMARY_DIR, schema.SUMMARY_METHODS))
+    for r in pq.read_table(io.BytesIO(raw)).to_pylist():
+        lines.append(f"  {r[schema.ORIGIN]:5s} {r[schema.METHOD]:9s} fooled "
+                     f"{r['success_rate']:6.1%} of {r['pairs']} pairs; L-inf median "
+                     f"{r['linf_q50']:.1f}, 90% {r['linf_q90']:.1f}; mean L2 {r['l2_mean']:.0f}")
+    pngs = [storage.join(output, f["path"]) for f in m[schema.M_FILES]
+            if f["path"].endswith(".png")]
+    lines.append("  pictures: " + ", ".join(pngs))
+    return "\n".join(lines)
+
+
+def run(cfg: Settings) -> None:
+    print(describe(cfg.output))
+
+
+def main(argv=None) -> None:
+    cli.main(Settings, run, argv, __doc__)
+
+
+if __name__ == "__main__":
+    main()

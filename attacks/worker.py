@@ -1,0 +1,112 @@
+"""An attack worker: runs parts (a chunk of images x one method x a group of targets) and writes
+their files. No Ray here: the job hands this class to Ray Data's ``map_batches``, which makes one
+per actor, so the model and its Gram matrix are set up once per worker, not once per part.
+
+    >>> worker = FoolWorker(W, b, facts, job)                 # job: see attacks/fool.py
+    >>> worker({"part": np.array([json.dumps(part)])})        # -> {"result": [json of the marker]}
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from attacks import parts
+from attacks.fooling import Attack, pairs
+from attacks.iterative import Iterative
+from attacks.linear import LinearModel, measure
+from attacks.noise import noise_ids, noise_images
+from attacks.rows import TargetFiles, pair_tables
+from attacks.sign import Sign
+from attacks.template import Template
+from common import schema
+
+log = logging.getLogger(__name__)
+
+ATTACKS: dict[str, type[Attack]] = {"template": Template, "sign": Sign, "iterative": Iterative}
+NOISE_CONFIDENCE = 0.99  # noise starts are pushed to this probability unless --confidence says
+
+
+class FoolWorker:
+    """Holds the model on its device and the attacks; ``__call__`` runs a batch of parts.
+
+    ``job`` (plain data, from attacks/fool.py): val_files, val_counts, image_shape, output,
+    keep_images, confidence, noise_seed, batch_size, device.
+    """
+
+    def __init__(self, W: np.ndarray, b: np.ndarray, facts: dict, job: dict):
+        self.job = job
+        self.model = LinearModel(W, b, job["device"], facts)
+        noise_conf = job["confidence"] if job["confidence"] is not None else NOISE_CONFIDENCE
+        self.attacks = {(m, origin): cls(self.model, conf) for m, cls in ATTACKS.items()
+                        for origin, conf in (("val", job["confidence"]), ("noise", noise_conf))}
+
+    def __call__(self, batch: dict) -> dict:
+        results = [self.run_part(json.loads(p)) for p in batch["part"]]
+        return {"result": np.array([json.dumps(r) for r in results], dtype=object)}
+
+    def run_part(self, part: dict) -> dict:
+        """Attack one chunk x method x targets, write one file per target, then the marker."""
+        t0 = time.perf_counter()
+        chunk, targets = part["chunk"], part["targets"]
+        attack = self.attacks[(part["method"], chunk["origin"])]
+        files = TargetFiles(self.job["output"], part["method"], targets, chunk["name"])
+        per_batch = max(1, self.job["batch_size"] // len(targets))
+        for ids, labels, X in self.images(chunk, per_batch):
+            cols = self.attack_batch(attack, chunk["origin"], ids, labels, X, targets)
+            files.add(pair_tables(cols, targets, self.job["keep_images"]))
+        listing = files.close()
+        result = {"key": part["key"], "files": listing, "rows": sum(f["rows"] for f in listing),
+                  "seconds": round(time.perf_counter() - t0, 3)}
+        parts.write_marker(self.job["output"], part["key"], result)
+        log.info("part %s: %d rows in %.1f s", part["key"], result["rows"], result["seconds"])
+        return result
+
+    def images(self, chunk: dict, rows: int):
+        """(image ids, labels, X (n, D) uint8 tensor) batches of a chunk."""
+        if chunk["origin"] == "noise":
+            X = noise_images(chunk["stop"], self.job["noise_seed"], self.job["image_shape"])
+            ids = noise_ids(chunk["stop"])
+            for i in range(chunk["start"], chunk["stop"], rows):
+                sl = slice(i, min(i + rows, chunk["stop"]))
+                yield ids[sl], np.full(sl.stop - sl.start, -1, np.int16), torch.from_numpy(X[sl])
+            return
+        for table in parts.read_images(self.job["val_files"], self.job["val_counts"],
+                                       chunk["start"], chunk["stop"], rows):
+            yield (table.column(schema.IMAGE_ID).to_pylist(),
+                   table.column(schema.LABEL).to_numpy(), pixels(table.column(schema.IMAGE)))
+
+    def attack_batch(self, attack: Attack, origin: str, ids, labels, X, targets) -> dict:
+        """Every (image, target) pair of a batch: the stored images and their measurements."""
+        X = X.to(self.model.device)
+        tt = torch.tensor(targets, dtype=torch.long, device=self.model.device)
+        S = self.model.scores(X)
+        fooled = attack(X, S, tt)
+        n, t = pairs(len(X), tt)
+        bound_linf, bound_l2 = self.model.bounds(S[n], t, attack.margin)
+        m = measure(X[n], fooled.images, fooled.scores, t)
+        n_np = n.cpu().numpy()
+        cpu = {k: v.cpu().numpy() for k, v in {
+            schema.PRED: S.argmax(1)[n], schema.STRENGTH: fooled.strength,
+            schema.LINF: m["linf"], schema.L2: m["l2"], schema.FOOLED_PRED: m["fooled_pred"],
+            schema.SUCCESS: m["fooled_pred"] == t, schema.P_TARGET: m["p_target"],
+            schema.BOUND_LINF: bound_linf, schema.BOUND_L2: bound_l2,
+            schema.IMAGE: fooled.images}.items()}
+        cpu[schema.IMAGE_ID] = np.asarray(ids, dtype=object)[n_np]
+        cpu[schema.ORIGIN] = np.full(len(n_np), origin, dtype=object)
+        cpu[schema.LABEL] = np.asarray(labels, np.int16)[n_np]
+        return cpu
+
+
+def pixels(column: pa.ChunkedArray) -> torch.Tensor:
+    """A binary column of equal-length images -> (n, D) uint8 tensor (one copy)."""
+    arr = column.combine_chunks()
+    n = len(arr)
+    offsets = np.frombuffer(arr.buffers()[1], np.int32, n + 1, offset=arr.offset * 4)
+    data = np.frombuffer(arr.buffers()[2], np.uint8)[offsets[0]:offsets[-1]]
+    return torch.from_numpy(data.reshape(n, -1).copy())

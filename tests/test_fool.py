@@ -1,0 +1,306 @@
+"""The attack job end to end (attacks/fool.py): ingest -> a fitted model -> fooling results, read
+back with pyarrow, pandas and DuckDB, checked against an independent numpy re-scoring, resumed
+after a killed part, and written to the local S3 server."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pyarrow.dataset as ds
+import pytest
+from PIL import Image
+
+from attacks import fool, parts
+from attacks.noise import noise_images
+from common import dataset, schema, storage
+from common.errors import ConfigError
+from tests.attack_models import fit_softmax, load_split, write_model
+
+pytestmark = pytest.mark.slow
+
+NOISE, TARGETS_PER_PART = 2, 2
+# six images per chunk: the 16 validation images make three chunks of files
+FILE_MB = 6 * (64 * 64 * 3 + fool.ROW_OVERHEAD) / 2**20
+KEYS = [schema.ORIGIN, schema.IMAGE_ID, schema.METHOD, schema.TARGET]
+
+
+@pytest.fixture(scope="module")
+def model_dir(ingested, tmp_path_factory) -> str:
+    X, y, _ = load_split(ingested, "train")
+    classes = dataset.open_ingest(ingested)[schema.M_CLASSES]
+    W, b = fit_softmax(X, y, len(classes), l2=1e-3)
+    return write_model(str(tmp_path_factory.mktemp("model")), W, b, classes)
+
+
+def settings(ingested, model_dir, output, **kw) -> fool.Settings:
+    base = dict(data=ingested, model=model_dir, output=output, noise_images=NOISE, batch_size=16,
+                targets_per_part=TARGETS_PER_PART, file_size_mb=FILE_MB)
+    return fool.Settings(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def local_run(ingested, model_dir, tmp_path_factory):
+    cfg = settings(ingested, model_dir, str(tmp_path_factory.mktemp("fooling")))
+    return cfg, fool.run(cfg)
+
+
+def read_pairs(output: str, columns=None) -> pd.DataFrame:
+    fs, path = storage.filesystem(storage.join(output, schema.PAIRS_DIR))
+    part = ds.partitioning(schema.PAIRS_PARTITION_SCHEMA, flavor="hive")
+    table = ds.dataset(path, filesystem=fs, format="parquet", partitioning=part).to_table(
+        columns=columns)
+    return table.to_pandas().sort_values(KEYS).reset_index(drop=True)
+
+
+def test_layout_counts_and_readers(local_run):
+    cfg, manifest = local_run
+    n_val = dataset.open_ingest(cfg.data)[schema.M_COUNTS]["val"]["written"]
+    C = len(manifest[schema.M_CLASSES])
+    want = (n_val + NOISE) * C * len(schema.METHODS)
+    df = read_pairs(cfg.output, columns=[c for c in schema.PAIRS_SCHEMA.names if c != "image"])
+    assert len(df) == want == manifest[schema.M_COUNTS]["pairs"]
+    assert not df.duplicated(KEYS).any()
+    assert df.groupby([schema.METHOD, schema.ORIGIN]).size().to_dict() == {
+        (m, o): n * C for m in schema.METHODS for o, n in (("val", n_val), ("noise", NOISE))}
+    chunks = {os.path.basename(f["path"]) for f in manifest[schema.M_FILES]
+              if f["path"].startswith("pairs/")}
+    assert chunks == {"val-00000.parquet", "val-00001.parquet", "val-00002.parquet",
+                      "noise-00000.parquet"}
+    # plain Hive readers: pyarrow infers the partitions, pandas reads one method by filter
+    pairs_dir = os.path.join(cfg.output, schema.PAIRS_DIR)
+    hive = ds.dataset(pairs_dir, format="parquet", partitioning="hive")
+    assert hive.count_rows() == want
+    assert hive.count_rows(filter=ds.field("target") == 1) == want // C
+    sign = pd.read_parquet(pairs_dir, filters=[("method", "=", "sign")], columns=["linf"])
+    assert len(sign) == want // 3
+    for f in manifest[schema.M_FILES]:
+        assert os.path.getsize(os.path.join(cfg.output, f["path"])) == f["bytes"]
+
+
+def test_duckdb_reads_the_partitions(local_run):
+    duckdb = pytest.importorskip("duckdb")
+    cfg, _ = local_run
+    glob = os.path.join(cfg.output, "pairs", "**", "*.parquet")
+    rows = duckdb.sql(f"""
+        SELECT method, count(*) AS pairs, avg(success::INT) AS rate, median(linf) AS linf
+        FROM read_parquet('{glob}', hive_partitioning = true)
+        WHERE origin = 'val' AND target = 2 GROUP BY method ORDER BY method""").fetchall()
+    df = read_pairs(cfg.output, columns=KEYS + [schema.SUCCESS])
+    df = df[(df.origin == "val") & (df.target == 2)]
+    assert [(m, n) for m, n, _, _ in rows] == sorted(df.groupby("method").size().items())
+
+
+def originals(cfg, rows: pd.DataFrame) -> np.ndarray:
+    """The original image of every row: validation images from the ingest, noise regenerated."""
+    X, _, ids = load_split(cfg.data, "val")
+    by_id = dict(zip(ids, X))
+    noise = noise_images(NOISE, cfg.seed, (64, 64, 3))
+    return np.stack([noise[int(i.split("-")[1])] if o == "noise" else by_id[i]
+                     for o, i in zip(rows[schema.ORIGIN], rows[schema.IMAGE_ID])])
+
+
+@pytest.fixture(scope="module")
+def oracle(local_run):
+    """Every stored image re-scored from the weights file with float64 numpy."""
+    cfg, _ = local_run
+    df = read_pairs(cfg.output)
+    with np.load(os.path.join(cfg.model, schema.WEIGHTS_FILE)) as z:
+        W, b = z["W"].astype(np.float64), z["b"].astype(np.float64)
+    X0 = originals(cfg, df).astype(np.float64)
+    Xs = np.stack([np.frombuffer(v, np.uint8) for v in df[schema.IMAGE]]).astype(np.float64)
+    return df, W, b, X0, Xs
+
+
+def softmax(S):
+    e = np.exp(S - S.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def test_every_column_agrees_with_numpy(oracle):
+    df, W, b, X0, Xs = oracle
+    t = df[schema.TARGET].to_numpy().astype(int)
+    S0, Ss = X0 @ W.T + b, Xs @ W.T + b
+    assert (df[schema.PRED] == S0.argmax(1)).all()
+    assert (df[schema.FOOLED_PRED] == Ss.argmax(1)).all()
+    assert (df[schema.SUCCESS] == (Ss.argmax(1) == t)).all()
+    assert np.allclose(df[schema.P_TARGET], softmax(Ss)[np.arange(len(t)), t], atol=1e-5)
+    assert (df[schema.LINF] == np.abs(Xs - X0).max(1)).all()
+    assert np.allclose(df[schema.L2], np.sqrt(((Xs - X0) ** 2).sum(1)), rtol=1e-6)
+    assert ((df[schema.ORIGIN] == "noise") == (df[schema.LABEL] == -1)).all()
+    assert df[schema.SUCCESS].mean() > 0.9
+
+
+def test_certified_bounds(oracle):
+    """The bounds are what DESIGN.md says (recomputed here) and never exceed what was achieved."""
+    df, W, b, X0, _ = oracle
+    t = df[schema.TARGET].to_numpy().astype(int)
+    S0 = X0 @ W.T + b
+    margin = np.where(df[schema.ORIGIN] == "noise", math.log(0.99 / 0.01), 0.0)
+    gap = np.maximum(S0 - S0[np.arange(len(t)), t][:, None] + margin[:, None], 0)
+    gap[np.arange(len(t)), t] = 0
+    for col, p in ((schema.BOUND_LINF, 1), (schema.BOUND_L2, 2)):
+        dist = np.linalg.norm(W[t][:, None, :] - W[None, :, :], ord=p, axis=2)
+        want = np.where(gap > 0, gap / np.where(dist > 0, dist, 1), 0).max(1)
+        assert np.allclose(df[col], want, rtol=1e-4)
+    ok = df[schema.SUCCESS].to_numpy()
+    assert (df[schema.BOUND_LINF][ok] <= df[schema.LINF][ok]).all()
+    assert (df[schema.BOUND_L2][ok] <= df[schema.L2][ok]).all()
+    assert (df[schema.BOUND_LINF][ok] > 0).mean() > 0.5
+
+
+def test_sign_eps_minus_one_does_not_succeed(oracle):
+    df, W, b, X0, Xs = oracle
+    rows = (df[schema.METHOD] == "sign") & df[schema.SUCCESS] & (df[schema.STRENGTH] >= 1)
+    rows = rows.to_numpy()
+    e1 = df[schema.STRENGTH].to_numpy()[rows, None] - 1
+    before = X0[rows] + np.clip(Xs[rows] - X0[rows], -e1, e1)
+    S = before @ W.T + b
+    t = df[schema.TARGET].to_numpy().astype(int)[rows]
+    noise = (df[schema.ORIGIN] == "noise").to_numpy()[rows]  # pushed to p >= 0.99
+    passes = (S.argmax(1) == t) & (~noise | (softmax(S)[np.arange(len(t)), t] >= 0.99))
+    assert rows.sum() > 50 and not passes.any()
+
+
+def test_summary_tables(local_run):
+    cfg, manifest = local_run
+    df = read_pairs(cfg.output, columns=KEYS + [schema.PRED, schema.SUCCESS, schema.LINF])
+    read = {k: pd.read_parquet(os.path.join(cfg.output, schema.SUMMARY_DIR, v)) for k, v in (
+        ("targets", schema.SUMMARY_TARGETS), ("methods", schema.SUMMARY_METHODS),
+        ("budget", schema.SUMMARY_BUDGET))}
+    rates = df.groupby(["origin", "method", "target"]).success.mean()
+    got = read["targets"].set_index(["origin", "method", "target"]).success_rate
+    assert np.allclose(got.sort_index(), rates.sort_index())
+    moved = df[df.success & (df.pred != df.target)]
+    for (origin, method), g in moved.groupby(["origin", "method"]):
+        row = read["methods"].query("origin == @origin and method == @method").iloc[0]
+        assert row.linf_q50 == pytest.approx(g.linf.median())
+        curve = read["budget"].query("origin == @origin and method == @method")
+        assert (np.diff(curve.fooled_fraction) >= 0).all()
+        assert curve.fooled_fraction.iloc[-1] == pytest.approx(row.success_rate)
+        b = int(g.linf.median())
+        all_pairs = df[(df.origin == origin) & (df.method == method)]
+        assert curve.fooled_fraction.iloc[b] == pytest.approx(
+            (all_pairs.success & (all_pairs.linf <= b)).mean())
+
+
+def test_contact_sheets(local_run):
+    cfg, manifest = local_run
+    pngs = [f["path"] for f in manifest[schema.M_FILES] if f["path"].endswith(".png")]
+    assert sorted(pngs) == sorted(f"figures/{o}-{m}.png" for o in schema.ORIGINS
+                                  for m in schema.METHODS)
+    for rel in pngs:
+        with Image.open(os.path.join(cfg.output, rel)) as im:
+            assert im.width == 600 and im.height > 600
+
+
+def test_resume_after_a_killed_part(local_run, tmp_path):
+    """A part killed half-way (its files half written, no marker) and the manifest missing: the
+    rerun redoes that part alone and ends with exactly the same rows."""
+    cfg, manifest = local_run
+    out = str(tmp_path / "resumed")
+    shutil.copytree(cfg.output, out)
+    os.remove(os.path.join(out, storage.MANIFEST))
+    killed = "iterative/val-00001-t0002"
+    marker = parts.read_markers(out, [killed])[0]
+    os.remove(os.path.join(out, parts.marker_file(killed)))
+    for f in marker["files"]:
+        path = os.path.join(out, f["path"])
+        with open(path, "r+b") as fh:
+            fh.truncate(f["bytes"] // 2)
+    others = {f["path"]: os.stat(os.path.join(out, f["path"])).st_mtime_ns
+              for f in manifest[schema.M_FILES] if f["path"].startswith("pairs/")
+              and f["path"] not in {g["path"] for g in marker["files"]}}
+    again = fool.run(dataclasses.replace(cfg, output=out))
+    assert again[schema.M_COUNTS]["pairs"] == manifest[schema.M_COUNTS]["pairs"]
+    for path, mtime in others.items():  # completed parts were skipped, not rewritten
+        assert os.stat(os.path.join(out, path)).st_mtime_ns == mtime
+    a, b = read_pairs(cfg.output), read_pairs(out)
+    assert not b.duplicated(KEYS).any()
+    pd.testing.assert_frame_equal(a, b)
+
+
+def test_reruns_refuse_to_mix(local_run, tmp_path):
+    cfg, _ = local_run
+    with pytest.raises(ConfigError, match="already holds a complete"):
+        fool.run(cfg)
+    out = str(tmp_path / "unfinished")
+    shutil.copytree(cfg.output, out)
+    os.remove(os.path.join(out, storage.MANIFEST))
+    with pytest.raises(ConfigError, match="other settings"):
+        fool.run(dataclasses.replace(cfg, output=out, methods=("sign",)))
+
+
+def test_s3_output_agrees_with_local(local_run, bucket):
+    cfg, manifest = local_run
+    out = f"{bucket}/fooling"
+    remote = fool.run(dataclasses.replace(cfg, output=out))
+    assert remote[schema.M_COUNTS] == manifest[schema.M_COUNTS]
+    pd.testing.assert_frame_equal(read_pairs(cfg.output), read_pairs(out))
+    for name in (schema.SUMMARY_TARGETS, schema.SUMMARY_METHODS, schema.SUMMARY_BUDGET):
+        local = pd.read_parquet(os.path.join(cfg.output, schema.SUMMARY_DIR, name))
+        raw = storage.read_bytes(storage.join(out, schema.SUMMARY_DIR, name))
+        pd.testing.assert_frame_equal(local, pd.read_parquet(io.BytesIO(raw)))
+
+
+def test_keep_images_none(local_run, tmp_path):
+    """Without images: the same measurements, null image bytes, and still the contact sheets."""
+    cfg, _ = local_run
+    small = dataclasses.replace(cfg, output=str(tmp_path / "lean"), methods=("sign",),
+                                targets=("0", cfg_wnid(cfg, 2)), limit_images=5, noise_images=0,
+                                keep_images="none")
+    manifest = fool.run(small)
+    lean = read_pairs(small.output)
+    assert len(lean) == 5 * 2 and lean[schema.IMAGE].isna().all()
+    full = read_pairs(cfg.output)
+    full = full[(full.method == "sign") & (full.origin == "val") & full.target.isin([0, 2])
+                & full.image_id.isin(lean.image_id)].reset_index(drop=True)
+    cols = [schema.STRENGTH, schema.LINF, schema.FOOLED_PRED, schema.P_TARGET]
+    pd.testing.assert_frame_equal(lean[cols], full[cols])
+    assert any(f["path"] == "figures/val-sign.png" for f in manifest[schema.M_FILES])
+
+
+def cfg_wnid(cfg, k: int) -> str:
+    return dataset.open_ingest(cfg.data)[schema.M_CLASSES][k]
+
+
+def test_bad_input_fails_before_work(ingested, model_dir, tmp_path):
+    out = str(tmp_path / "never")
+    bad = {"no manifest": dict(data=str(tmp_path)),
+           "unknown method": dict(methods=("sign", "deepfool")),
+           "unknown target": dict(targets=("n99999999",)),
+           "model without manifest": dict(model=str(tmp_path))}
+    for why, kw in bad.items():
+        with pytest.raises(ConfigError) as e:
+            fool.run(settings(ingested, model_dir, out, **kw))
+        assert "\n" not in str(e.value), why
+    with np.load(os.path.join(model_dir, schema.WEIGHTS_FILE)) as z:
+        W, b, classes = z["W"], z["b"], list(z["classes"])
+    wrong = write_model(str(tmp_path / "wrong"), W[:, :-3], b, classes)
+    with pytest.raises(ConfigError, match="do not match the data"):
+        fool.run(settings(ingested, wrong, out))
+    assert not os.path.exists(os.path.join(out, parts.PLAN_FILE))
+
+
+def test_cli_reports_one_sentence(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "attacks.fool", "--data", str(tmp_path),
+                        "--model", str(tmp_path), "--output", str(tmp_path / "o")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="no GPU")
+def test_gpu_actors_agree(local_run, tmp_path):
+    cfg, _ = local_run
+    gpu = dataclasses.replace(cfg, output=str(tmp_path / "gpu"), use_gpu=True)
+    fool.run(gpu)
+    a, b = read_pairs(cfg.output), read_pairs(gpu.output)
+    assert (a[schema.SUCCESS] == b[schema.SUCCESS]).mean() > 0.98

@@ -1,0 +1,58 @@
+"""The regularization sweep: one Ray Tune trial per strength, each a full training, one table."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from common import schema, storage
+from common.errors import ConfigError
+from training import sweep, weights
+
+
+def test_trial_settings_carry_the_sweep_flags(tmp_path):
+    cfg = sweep.Settings(data="data", output=str(tmp_path), reg=(0.5,), epochs=3, lr=0.1,
+                         num_workers=2, cpus_per_worker=0.5)
+    one = sweep.train_settings(cfg, 0.5)
+    assert one.reg == 0.5 and one.epochs == 3 and one.lr == 0.1 and one.num_workers == 2
+    assert one.output == os.path.join(str(tmp_path), "reg=0.5")
+    assert one.data == os.path.abspath("data")  # Tune runs trials in folders of their own
+
+
+def test_markdown_has_a_row_per_setting():
+    rows = [{"reg": r, "val_top1": 0.5, "val_top5": 1.0, "val_loss": 1.0, "train_loss": 0.9,
+             "w_norm": 2.0, "w_pixels_norm": 0.1} for r in (1e-4, 100.0)]
+    lines = sweep.markdown(rows).strip().splitlines()
+    assert len(lines) == 4 and lines[2].startswith("| 0.0001 |") and "50.0%" in lines[3]
+
+
+def test_bad_reg_lists_fail_before_ray(tmp_path):
+    with pytest.raises(ConfigError, match="distinct"):
+        sweep.run(sweep.Settings(data=str(tmp_path), output=str(tmp_path), reg=(1.0, 1.0)))
+    with pytest.raises(ConfigError, match=">= 0"):
+        sweep.run(sweep.Settings(data=str(tmp_path), output=str(tmp_path), reg=(-1.0,)))
+
+
+@pytest.mark.slow
+def test_sweep_writes_one_row_per_setting(ingested, tmp_path):
+    out = str(tmp_path / "sweep")
+    regs = (1e-4, 100.0)
+    # cached shards on CPU: the path a GPU takes by default, and quick for tiny data
+    sweep.run(sweep.Settings(data=ingested, output=out, reg=regs, epochs=2, batch_size=16,
+                             cpus_per_worker=0.5, cache=True))
+    table = pq.read_table(os.path.join(out, f"{sweep.TABLE}.parquet")).to_pylist()
+    assert [r["reg"] for r in table] == list(regs)
+    md = open(os.path.join(out, f"{sweep.TABLE}.md")).read().strip().splitlines()
+    assert len(md) == 2 + len(regs)
+    for row in table:  # each training has its own complete model
+        m = storage.read_manifest(row["model"], "model")
+        W, _, _ = weights.read_weights(row["model"])
+        assert m[schema.M_CONFIG]["reg"] == row["reg"]
+        assert row["w_pixels_norm"] == pytest.approx(float(np.linalg.norm(W)), rel=1e-5)
+        assert os.path.exists(os.path.join(row["model"], schema.TEMPLATES_FILE))
+    weak, strong = table
+    assert strong["w_norm"] < weak["w_norm"]  # L2 shrinks the weights: the blog's trade-off
+    assert storage.read_manifest(out, "sweep")[schema.M_KIND] == "sweep"

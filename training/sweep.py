@@ -1,0 +1,189 @@
+"""The regularization sweep of "Breaking Linear Classifiers on ImageNet", as Ray Tune trials.
+
+    python -m training.sweep --data out/imagenet64 --output out/sweep --reg 1e-4,1e-2,1,100
+
+Ray Tune runs one training (training/train.py, the same job and flags) per --reg value, as many
+at once as the cluster's CPUs or GPUs allow, each into ``<output>/reg=<value>/`` with its own
+checkpoints, weights.npz and templates.png. Then it writes ``sweep.parquet`` and ``sweep.md``:
+one row per value with the validation top-1 and top-5, the losses and the weight norms, and last
+``manifest.json``. Stronger regularization gives smoother templates and a less accurate model.
+Rerunning on the same --output keeps the finished trainings and resumes the unfinished ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from datetime import UTC, datetime
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+from ray import tune
+
+from common import cli, schema, storage
+from common.errors import ConfigError
+from training import train
+
+log = logging.getLogger(__name__)
+
+TABLE = "sweep"  # <output>/sweep.parquet and sweep.md
+TRIAL_MEMORY = 256 * 2**20  # bytes reserved for each trial's driver process
+COLUMNS = ["reg", "val_top1", "val_top5", "val_loss", "train_loss", "train_top1", "w_norm",
+           "w_pixels_norm", "epochs", "model"]
+
+
+@dataclass(frozen=True)
+class Settings:
+    data: str = field(metadata={"help": "ingest output to train on: local path or s3://"})
+    output: str = field(metadata={"help": "where to write the models and table: local or s3://"})
+    reg: tuple[float, ...] = field(default=(1e-4, 1e-2, 1.0, 100.0), metadata={
+        "help": "L2 strengths to train with, one training each"})
+    epochs: int = field(default=10, metadata={"help": "passes over the training split"})
+    batch_size: int = field(default=256, metadata={"help": "global batch of each training"})
+    lr: float | None = field(default=None, metadata={
+        "help": "peak learning rate (default: 3e-3 sgd, 3e-4 adam)"})
+    optimizer: str = field(default="sgd", metadata={"help": "sgd or adam",
+                                                     "choices": ("sgd", "adam")})
+    init_std: float = field(default=1e-3, metadata={"help": "std of the initial weights"})
+    seed: int = field(default=0, metadata={"help": "the same for every training"})
+    num_workers: int = field(default=1, metadata={"help": "Ray Train workers per training"})
+    use_gpu: bool = field(default=False, metadata={"help": "one GPU per worker"})
+    cpus_per_worker: float = field(default=1.0, metadata={"help": "CPUs each worker reserves"})
+    threads: int | None = field(default=None, metadata={"help": "torch threads per worker"})
+    cache: bool | None = field(default=None, metadata={
+        "help": "hold shards in memory when they fit (default: on GPU only)"})
+    max_concurrent: int | None = field(default=None, metadata={
+        "help": "trainings at once (default: as many as the CPUs or GPUs allow)"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing sweep"})
+
+
+def trial_output(output: str, reg: float) -> str:
+    """``<output>/reg=<value>``: where the training with that strength writes its model."""
+    return storage.join(output, f"reg={reg:g}")
+
+
+def _absolute(uri: str) -> str:
+    """Tune runs trials in folders of their own: local paths must not be relative."""
+    return uri if "://" in uri else os.path.abspath(uri)
+
+
+def train_settings(cfg: Settings, reg: float) -> train.Settings:
+    """The training job's settings for one trial."""
+    shared = {f.name for f in fields(train.Settings)} & {f.name for f in fields(Settings)}
+    values = {k: getattr(cfg, k) for k in shared - {"output", "overwrite", "reg", "data"}}
+    return train.Settings(**values, data=_absolute(cfg.data), reg=reg,
+                          output=_absolute(trial_output(cfg.output, reg)))
+
+
+def train_one(config: dict) -> None:
+    """A Tune trial: one training (or its finished model, when rerun), reported to Tune."""
+    cfg = train.Settings(**config["settings"])
+    try:
+        manifest = storage.read_manifest(cfg.output, "model")
+    except ConfigError:
+        manifest = train.run(cfg)  # resumes an unfinished training in the same folder
+    final = manifest[schema.M_FINAL]
+    tune.report({k: final[k] for k in ("val_top1", "val_top5", "val_loss", "train_loss")})
+
+
+def _row(cfg: Settings, reg: float) -> dict:
+    out = trial_output(cfg.output, reg)
+    m = storage.read_manifest(out, "model")
+    final, norms = m[schema.M_FINAL], m[schema.M_WEIGHT_NORMS]
+    return {"reg": reg, "val_top1": final["val_top1"], "val_top5": final["val_top5"],
+            "val_loss": final["val_loss"], "train_loss": final["train_loss"],
+            "train_top1": final["train_top1"], "w_norm": norms["W"],
+            "w_pixels_norm": norms["W_pixels"], "epochs": final["epoch"], "model": out}
+
+
+def markdown(rows: list[dict]) -> str:
+    """The table as Markdown: reg vs accuracy and weight norms."""
+    lines = ["| reg | val top-1 | val top-5 | val loss | train loss | ‖W‖ | ‖W‖ (pixels) |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['reg']:g} | {r['val_top1']:.1%} | {r['val_top5']:.1%} | "
+                     f"{r['val_loss']:.3f} | {r['train_loss']:.3f} | {r['w_norm']:.4g} | "
+                     f"{r['w_pixels_norm']:.4g} |")
+    return "\n".join(lines) + "\n"
+
+
+def _check(cfg: Settings) -> None:
+    if not cfg.reg or len(set(cfg.reg)) != len(cfg.reg):
+        raise ConfigError(f"--reg must list distinct values, got {cfg.reg}")
+    if cfg.max_concurrent is not None and cfg.max_concurrent < 1:
+        raise ConfigError(f"--max-concurrent must be positive, got {cfg.max_concurrent}")
+    if any(r < 0 or not math.isfinite(r) for r in cfg.reg):
+        raise ConfigError(f"--reg values must be >= 0, got {cfg.reg}")
+    for reg in cfg.reg:  # every training's settings, data and output, before Ray starts
+        train.check(train_settings(cfg, reg))
+    if storage.exists(storage.join(cfg.output, storage.MANIFEST)) and not cfg.overwrite:
+        raise ConfigError(f"{cfg.output} already holds a finished sweep; pass --overwrite to "
+                          "replace it")
+
+
+def _concurrency(cfg: Settings) -> int:
+    """Trainings at once: each needs its workers, and Ray Data a CPU to read with."""
+    if cfg.max_concurrent:
+        return cfg.max_concurrent
+    total = ray.cluster_resources()
+    if cfg.use_gpu:
+        return max(1, int(total.get("GPU", 0) // cfg.num_workers))
+    return max(1, int((total.get("CPU", 0) - 1) // (cfg.num_workers * cfg.cpus_per_worker)))
+
+
+def _tune(cfg: Settings) -> None:
+    fs, path = storage.filesystem(_absolute(cfg.output))
+    settings = [asdict(train_settings(cfg, reg)) for reg in cfg.reg]
+    tuner = tune.Tuner(
+        # the trial only drives its TorchTrainer: no CPU of its own (Tune needs some resource)
+        tune.with_resources(train_one, {"cpu": 0, "memory": TRIAL_MEMORY}),
+        param_space={"settings": tune.grid_search(settings)},
+        tune_config=tune.TuneConfig(max_concurrent_trials=_concurrency(cfg)),
+        run_config=tune.RunConfig(name="tune", storage_path=path,
+                                  storage_filesystem=fs if storage.is_s3(cfg.output) else None,
+                                  verbose=0))
+    results = tuner.fit()
+    failed = [r.error for r in results if r.error]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(cfg.reg)} trainings failed: {failed[0]}")
+
+
+def run(cfg: Settings) -> dict:
+    """Train once per --reg value, then write the table; returns the manifest."""
+    t0 = time.perf_counter()
+    _check(cfg)
+    if cfg.overwrite:  # the manifest goes first, so no reader trusts a half-replaced output
+        storage.delete_file(storage.join(cfg.output, storage.MANIFEST))
+        for reg in cfg.reg:
+            storage.delete_dir(trial_output(cfg.output, reg))
+        storage.delete_dir(storage.join(cfg.output, "tune"))
+    cli.connect_ray()
+    _tune(cfg)
+    rows = sorted((_row(cfg, reg) for reg in cfg.reg), key=lambda r: r["reg"])
+    table = pa.Table.from_pylist(rows).select(COLUMNS)
+    fs, path = storage.filesystem(storage.join(cfg.output, f"{TABLE}.parquet"))
+    pq.write_table(table, path, filesystem=fs)
+    storage.write_bytes(storage.join(cfg.output, f"{TABLE}.md"), markdown(rows).encode())
+    manifest = {
+        schema.M_KIND: "sweep", schema.M_DATA: cfg.data, "rows": rows,
+        schema.M_FILES: [{"path": f"{TABLE}.parquet", "rows": len(rows)},
+                         {"path": f"{TABLE}.md"}],
+        schema.M_CONFIG: asdict(cfg), schema.M_VERSIONS: schema.versions(),
+        schema.M_TIMINGS: {"total_s": round(time.perf_counter() - t0, 3)},
+        schema.M_CREATED: datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    storage.write_manifest(cfg.output, manifest)
+    log.info("sweep of %d trainings written to %s:\n%s", len(rows), cfg.output, markdown(rows))
+    return manifest
+
+
+def main(argv=None) -> None:
+    cli.main(Settings, run, argv, __doc__)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""The model output's files: ``weights.npz`` (DESIGN.md's convention), the checkpoints,
+``metrics.json``, ``templates.png`` and the manifest.
+
+    >>> W, b, classes = read_weights("s3://bucket/model")   # scores = x @ W.T + b, x in 0..255
+    >>> state = read_checkpoint(data)                       # torch.load(weights_only=True)
+    >>> manifest = write_model(out, ingest_manifest, state, config, timings)
+
+A checkpoint is data, never code: a dict of tensors, numbers, strings and lists, saved with
+``torch.save`` and loaded with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+from datetime import UTC, datetime
+
+import numpy as np
+import torch
+
+from common import dataset, schema, storage
+from common.errors import ConfigError
+from training import softmax, templates
+from training.epochs import significant
+
+
+def write_weights(out: str, W: np.ndarray, b: np.ndarray, classes: list[str]) -> dict:
+    """Write ``<out>/weights.npz``: W float32 (C, D), b float32 (C,), classes str (C,).
+
+    Returns the manifest's file entry ``{path, bytes, sha256}``.
+    """
+    C = len(classes)
+    if W.shape[0] != C or b.shape != (C,):
+        raise ValueError(f"W {W.shape} and b {b.shape} do not match {C} classes")
+    buf = io.BytesIO()
+    np.savez(buf, **{schema.W_KEY: W.astype(np.float32), schema.B_KEY: b.astype(np.float32),
+                     schema.CLASSES_KEY: np.array(classes, dtype=str)})
+    return write_file(out, schema.WEIGHTS_FILE, buf.getvalue())
+
+
+def read_weights(model: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """``(W, b, classes)`` of a complete model output (one with a manifest)."""
+    storage.read_manifest(model, "model")
+    try:
+        with np.load(io.BytesIO(storage.read_bytes(storage.join(model, schema.WEIGHTS_FILE))),
+                     allow_pickle=False) as z:
+            return z[schema.W_KEY], z[schema.B_KEY], [str(c) for c in z[schema.CLASSES_KEY]]
+    except (OSError, KeyError, ValueError) as e:
+        raise ConfigError(f"cannot read {schema.WEIGHTS_FILE} of {model}: {e}") from e
+
+
+def write_file(out: str, name: str, data: bytes) -> dict:
+    """Write ``<out>/<name>`` whole; returns ``{path, bytes, sha256}`` for the manifest."""
+    storage.write_bytes(storage.join(out, name), data)
+    return {"path": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def checkpoint_bytes(state: dict) -> bytes:
+    """Serialize a checkpoint state (tensors, numbers, strings, lists, dicts)."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
+def read_checkpoint(data: bytes) -> dict:
+    """Load a checkpoint state on the CPU without running any pickled code."""
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def write_model(out: str, data: dict, state: dict, config: dict, timings: dict) -> dict:
+    """Write a trained state's weights.npz, metrics.json, templates.png and, last, manifest.json.
+
+    ``data`` is the ingest manifest (classes, image shape, the normalization to fold in),
+    ``state`` the final checkpoint's, ``config`` the resolved settings. Returns the manifest.
+    """
+    shift, scale = softmax.channel_stats(data[schema.M_PIXEL_MEAN], data[schema.M_PIXEL_STD],
+                                         dataset.num_features(data))
+    W, b = softmax.fold(state["model"]["weight"], state["model"]["bias"], shift, scale)
+    classes, history = data[schema.M_CLASSES], state["history"]
+    final = history[-1]
+    files = [write_weights(out, W, b, classes)]
+    metrics = {"history": history, schema.M_INITIAL_LOSS: state["initial_loss"],
+               "ln_classes": significant(math.log(len(classes))),
+               "resumed_after": state.get("resumed_after", [])}  # epochs a run resumed from
+    files.append(write_file(out, schema.METRICS_FILE, json.dumps(metrics, indent=2).encode()))
+    title = (f"reg={config['reg']:g}: val top-1 {final['val_top1']:.1%}, "
+             f"top-5 {final['val_top5']:.1%} after {final['epoch']} epochs")
+    png = templates.render(W, tuple(data[schema.M_IMAGE_SHAPE]),
+                           data.get(schema.M_CLASS_NAMES) or classes, title)
+    files.append(write_file(out, schema.TEMPLATES_FILE, png))
+    manifest = {
+        schema.M_KIND: "train", schema.M_DATA: config["data"], schema.M_CLASSES: classes,
+        schema.M_CLASS_NAMES: data.get(schema.M_CLASS_NAMES),
+        schema.M_IMAGE_SHAPE: data[schema.M_IMAGE_SHAPE],
+        schema.M_PIXEL_MEAN: data[schema.M_PIXEL_MEAN],
+        schema.M_PIXEL_STD: data[schema.M_PIXEL_STD],
+        schema.M_COUNTS: {"train": final["train_rows"], "val": final["val_rows"]},
+        schema.M_FINAL: final, schema.M_INITIAL_LOSS: state["initial_loss"],
+        schema.M_WEIGHT_NORMS: {"W": significant(float(state["model"]["weight"].norm())),
+                                "W_pixels": significant(float(np.linalg.norm(W)))},
+        schema.M_FILES: files, schema.M_CONFIG: config, schema.M_VERSIONS: schema.versions(),
+        schema.M_TIMINGS: timings,
+        schema.M_CREATED: datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    storage.write_manifest(out, manifest)
+    return manifest
