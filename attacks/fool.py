@@ -226,7 +226,7 @@ def run(cfg: Settings) -> dict:
     log.info("%d parts (%d done before), %d pairs per method", len(all_parts),
              len(all_parts) - len(todo), (job["n_val"] + cfg.noise_images) * len(job["targets"]))
     t = time.perf_counter()
-    facts = LinearModel(job["W"], job["b"]).facts(job["targets"])
+    facts = job["facts"] = LinearModel(job["W"], job["b"]).facts(job["targets"])
     timings = {"check_s": round(t - t0, 3), "facts_s": round(time.perf_counter() - t, 3)}
     cli.connect_ray()
     job.update(image_shape=m[schema.M_IMAGE_SHAPE], output=cfg.output,

@@ -14,7 +14,8 @@ linear model in O(C) per pair (DESIGN.md: along d, ``s(x + a d) = s(x) + a W d``
 on the stored image; only where clipping or rounding break linearity does a search (galloping,
 then bisection) re-score more candidates. Where a pair passes at k, one cheap dot product usually
 proves that k - 1 fails (``s_t - s_k*`` for one competitor k* on the stored k - 1 image); a full
-re-score settles the rest. So the reported k passes and k - 1 does not.
+re-score settles the rest. So the reported k passes and k - 1 does not. ``Sign`` replaces this
+search with an exact one (attacks/sign.py): its eps is the smallest in 1..255, clipping included.
 
 Only numpy and torch here: no Ray, no storage.
 """

@@ -71,9 +71,8 @@ def _stored(output: str, method: str, target: int, chunk: str, ids: list[str]) -
     return {r[schema.IMAGE_ID]: r for r in table.to_pylist()}
 
 
-def _examples(output, job, method, origin, confidence, X, ids, targets) -> list[dict]:
+def _examples(output, model, method, origin, confidence, X, ids, targets) -> list[dict]:
     """The contact sheet's rows, from the stored pairs (recomputed where images were not kept)."""
-    model = LinearModel(job["W"], job["b"])
     S = model.scores(torch.from_numpy(X))
     P = torch.softmax(S, 1).numpy()
     chunk = "noise-00000" if origin == "noise" else "val-00000"
@@ -96,7 +95,11 @@ def _examples(output, job, method, origin, confidence, X, ids, targets) -> list[
 
 def write_figures(output: str, job: dict, manifest: dict, methods, confidence: float | None,
                   noise: int, seed: int) -> list[dict]:
-    """figures/<origin>-<method>.png for the validation images and, if any, the noise starts."""
+    """figures/<origin>-<method>.png for the validation images and, if any, the noise starts.
+
+    ``job``: W, b, facts (attacks/linear.py), targets, image_shape, val_files, val_counts, n_val.
+    """
+    model = LinearModel(job["W"], job["b"], facts=job["facts"])
     names = manifest.get(schema.M_CLASS_NAMES) or manifest[schema.M_CLASSES]
     names = [n or w for n, w in zip(names, manifest[schema.M_CLASSES])]
     files = []
@@ -106,7 +109,7 @@ def write_figures(output: str, job: dict, manifest: dict, methods, confidence: f
         preds = (X.astype(np.float64) @ job["W"].T.astype(np.float64) + job["b"]).argmax(1)
         targets = _pick(job["targets"], preds)
         for method in methods:
-            ex = _examples(output, job, method, origin, conf, X, ids, targets)
+            ex = _examples(output, model, method, origin, conf, X, ids, targets)
             title = f"{method}: {'validation images' if origin == 'val' else 'noise starts'}"
             png = figures.contact_sheet(ex, names, job["image_shape"], title)
             rel = f"{schema.FIGURES_DIR}/{origin}-{method}.png"

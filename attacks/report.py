@@ -108,16 +108,19 @@ def render(sections: list[tuple[str, str]], title: str) -> str:
             f"{body}</body></html>")
 
 
-def _model_parts(model: str, names: list[str]) -> tuple[list, dict]:
-    """The templates figure and the accuracy table of the model's training output."""
+def _model_parts(model: str, names: list[str], shape) -> tuple[list, dict]:
+    """The templates figure (drawn from weights.npz) and the model's final metrics."""
+    from training.templates import render as render_templates
+
     m = storage.read_manifest(model, "training output")
     final = m.get(schema.M_FINAL) or {}
     acc = pd.DataFrame([{"metric": k, "value": v} for k, v in final.items()])
-    png = storage.read_bytes(storage.join(model, schema.TEMPLATES_FILE))
+    with np.load(io.BytesIO(storage.read_bytes(storage.join(model, schema.WEIGHTS_FILE)))) as z:
+        png = render_templates(z[schema.W_KEY], tuple(shape), names)
     caption = (f"Every class's weights W[c] as an image, stretched to 0..255 ({len(names)} "
                "classes): the templates that the fooling steps add.")
-    return [("The classifier's templates", img("templates", png, caption) + table_html(acc))], \
-        {"templates.png": png}
+    return [("The classifier's templates", img("templates", png, caption)
+             + (table_html(acc) if len(acc) else ""))], {"templates.png": png}
 
 
 def _figure_files(results: str, manifest: dict) -> dict[str, bytes]:
@@ -137,7 +140,7 @@ def build(cfg: Settings) -> tuple[str, dict[str, bytes]]:
     figures: dict[str, bytes] = {}
     sections: list[tuple[str, str]] = []
     model = cfg.model or m[schema.M_SOURCE]["model"]
-    parts, files = _model_parts(model, names)
+    parts, files = _model_parts(model, names, m[schema.M_IMAGE_SHAPE])
     sections += parts
     figures.update(files)
     sheets = _figure_files(cfg.results, m)
@@ -153,12 +156,11 @@ def build(cfg: Settings) -> tuple[str, dict[str, bytes]]:
         "curve; no attack can fool more pairs within that budget.") + table_html(methods)))
     sections.append(("How much it takes", img("strength", figures["strength.png"],
                                              "Distribution of the strength each method needed.")))
-    val = [f for f in ("targets", "sources") if not frames[f].empty]
     for key, frame_name, title in (("target", "targets", "Targets: easiest and hardest to fool "
                                     "into"), ("label", "sources", "Source classes that resist")):
         frame = frames[frame_name]
         frame = frame[frame["origin"] == "val"]
-        if frame_name in val and not frame.empty:
+        if not frame.empty:
             name = f"{frame_name}.png"
             figures[name] = charts.ranked_bars(frame, key, names, title, cfg.top)
             sections.append((title, img(name, figures[name], "By the median L-inf of the "

@@ -18,7 +18,7 @@ import pyarrow.dataset as ds
 import pytest
 from PIL import Image
 
-from attacks import fool, parts
+from attacks import fool, parts, summary
 from attacks.noise import noise_images
 from common import dataset, schema, storage
 from common.errors import ConfigError
@@ -189,6 +189,16 @@ def test_summary_tables(local_run):
         all_pairs = df[(df.origin == origin) & (df.method == method)]
         assert curve.fooled_fraction.iloc[b] == pytest.approx(
             (all_pairs.success & (all_pairs.linf <= b)).mean())
+
+
+def test_summary_printout(local_run, capsys):
+    cfg, _ = local_run
+    summary.main(["--output", cfg.output])
+    out = capsys.readouterr().out
+    for origin in schema.ORIGINS:
+        for method in schema.METHODS:
+            assert f"{origin:5s} {method:9s} fooled" in out
+    assert out.count(".png") == 6
 
 
 def test_contact_sheets(local_run):

@@ -22,7 +22,6 @@ the same weights on CPU.
 from __future__ import annotations
 
 import logging
-import os
 import math
 import tempfile
 import time
@@ -73,8 +72,13 @@ class Settings:
         "help": "torch threads per worker on CPU (default: its reserved CPUs, at least 1)"})
     cache: bool | None = field(default=None, metadata={
         "help": "hold each worker's shard in memory when it fits (default: on GPU only)"})
+    shuffle: str = field(default="global", metadata={
+        "help": "global: Ray Data shuffles the whole split (seeded) before each epoch, as "
+                "ingest writes its files in class order; local: only each worker's buffer "
+                "(reading overlaps training: for pre-shuffled data)",
+        "choices": ("global", "local")})
     shuffle_buffer: int = field(default=4096, metadata={
-        "help": "rows in each worker's local shuffle buffer when streaming (0: none)"})
+        "help": "rows in each worker's shuffle buffer, reshuffled every epoch when streaming"})
     max_failures: int = field(default=3, metadata={
         "help": "worker failures to recover from, each from the latest checkpoint"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing model"})
@@ -244,8 +248,10 @@ def train_loop_per_worker(config: dict) -> None:
 
 def check(cfg: Settings) -> dict:
     """Fail fast, before Ray starts; returns the ingest manifest."""
-    if cfg.optimizer not in DEFAULT_LR or cfg.schedule not in ("cosine", "constant"):
-        raise ConfigError(f"unknown --optimizer {cfg.optimizer!r} or --schedule {cfg.schedule!r}")
+    if (cfg.optimizer not in DEFAULT_LR or cfg.schedule not in ("cosine", "constant")
+            or cfg.shuffle not in ("global", "local")):
+        raise ConfigError(f"unknown --optimizer {cfg.optimizer!r}, --schedule {cfg.schedule!r} "
+                          f"or --shuffle {cfg.shuffle!r}")
     positive = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "num_workers": cfg.num_workers,
                 "cpus_per_worker": cfg.cpus_per_worker, "lr": cfg.peak_lr,
                 "threads": cfg.threads or 1}
@@ -303,8 +309,9 @@ def _prepare_output(cfg: Settings) -> None:
 def _datasets(cfg: Settings, manifest: dict) -> dict[str, ray.data.Dataset]:
     """Lazy Ray Data reads of both splits (image and label columns only).
 
-    The training rows are shuffled globally by Ray Data with a fixed seed: ingest writes its
-    files in class order, and a local buffer alone would give batches of a few classes.
+    With --shuffle global the training rows are shuffled by Ray Data with a fixed seed: ingest
+    writes its files in class order, and a local buffer alone would give batches of a few
+    classes. The price: each epoch waits for the split to be read before its first batch.
     """
     fs, _ = storage.filesystem(cfg.data)
     out = {}
@@ -314,7 +321,7 @@ def _datasets(cfg: Settings, manifest: dict) -> dict[str, ray.data.Dataset]:
         ds = ds.select_columns([schema.IMAGE, schema.LABEL])
         ds.context.enable_progress_bars = False  # one line per epoch from rank 0 instead
         out[split] = ds
-    if os.environ.get("NOSHUF") != "1":
+    if cfg.shuffle == "global":
         out["train"] = out["train"].random_shuffle(seed=cfg.seed)
     return out
 

@@ -1,0 +1,113 @@
+"""The analysts' report (attacks/report.py) from a small real attack run; opened in Chromium."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from attacks import fool, report
+from common import schema, storage
+from common.errors import ConfigError
+from tests.attack_models import fit_softmax, load_split, write_model
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def run_dirs(ingested, tmp_path_factory):
+    """A model, a two-setting sweep in training.sweep's layout, and an attack run."""
+    root = tmp_path_factory.mktemp("report")
+    X, y, _ = load_split(ingested, "train")
+    classes = storage.read_manifest(ingested)[schema.M_CLASSES]
+    rows = []
+    for reg in (1e-4, 1.0):
+        W, b = fit_softmax(X, y, len(classes), reg, steps=60)
+        model = write_model(str(root / f"reg={reg:g}"), W, b, classes)
+        rows.append({"reg": reg, "val_top1": float(np.mean((X @ W.T + b).argmax(1) == y)),
+                     "val_top5": 1.0, "model": model})
+    pq.write_table(pa.Table.from_pylist(rows), str(root / "sweep.parquet"))
+    storage.write_manifest(str(root), {schema.M_KIND: "sweep"})
+    results = str(root / "fooling")
+    fool.run(fool.Settings(data=ingested, model=rows[0]["model"], output=results,
+                           noise_images=2))
+    return {"model": rows[0]["model"], "sweep": str(root), "results": results, "root": root}
+
+
+@pytest.fixture(scope="module")
+def built(run_dirs):
+    out = str(run_dirs["root"] / "report")
+    manifest = report.run(report.Settings(results=run_dirs["results"], output=out,
+                                          sweep=run_dirs["sweep"]))
+    return out, manifest
+
+
+def test_every_figure_exists_and_is_a_valid_image(built):
+    out, manifest = built
+    figures = [f for f in manifest[schema.M_FILES] if f.endswith(".png")]
+    names = {os.path.basename(f) for f in figures}
+    assert {"templates.png", "budget.png", "strength.png", "targets.png", "sources.png",
+            "tradeoff.png"} <= names
+    assert any(n.startswith("templates_reg=") for n in names)
+    assert any("noise" in n for n in names) and any("val" in n for n in names)  # contact sheets
+    for rel in figures:
+        img = Image.open(os.path.join(out, rel))
+        img.verify()
+        assert img.size[0] > 100 and img.size[1] > 100
+
+
+def test_page_is_self_contained(built):
+    out, manifest = built
+    page = open(os.path.join(out, "index.html")).read()
+    sources = re.findall(r'src="([^"]+)"', page)
+    assert sources and all(s.startswith("data:image/png;base64,") for s in sources)
+    assert "http://" not in page and "https://" not in page
+    assert manifest[schema.M_TIMINGS]["total_s"] > 0
+    for heading in ("templates", "budget", "trade-off", "Source classes"):
+        assert heading in page
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (make test installs it)")
+def test_page_opens_in_headless_chromium(built, tmp_path):
+    out, _ = built
+    shot = tmp_path / "shot.png"
+    proc = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+         "--no-first-run", "--disable-background-networking", "--disable-component-update",
+         "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr",
+         "--window-size=1280,2000", f"--screenshot={shot}",
+         f"file://{os.path.join(out, 'index.html')}"],
+        capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    page_errors = [line for line in proc.stderr.splitlines()
+                   if "CONSOLE" in line or "Failed to load resource" in line]
+    assert not page_errors, page_errors
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
+    assert pixels.std() > 10  # not blank: text, tables and figures drawn
+    assert (pixels < 128).mean() > 0.01
+
+
+def test_report_to_s3_matches_local(built, run_dirs, bucket):
+    out = f"{bucket}/report-test"
+    report.run(report.Settings(results=run_dirs["results"], output=out))
+    page = storage.read_bytes(f"{out}/index.html").decode()
+    assert "budget" in page and storage.exists(f"{out}/{schema.FIGURES_DIR}/budget.png")
+    png = storage.read_bytes(f"{out}/{schema.FIGURES_DIR}/budget.png")
+    assert Image.open(io.BytesIO(png)).format == "PNG"
+
+
+def test_results_without_manifest_is_one_clear_error(tmp_path):
+    (tmp_path / "results" / "pairs").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="no manifest.json: it is not a complete attack output"):
+        report.run(report.Settings(results=str(tmp_path / "results"),
+                                   output=str(tmp_path / "out")))
