@@ -69,20 +69,21 @@ def strength_histograms(hist: pd.DataFrame) -> bytes:
     return to_png(fig)
 
 
-def ranked_bars(frame: pd.DataFrame, key: str, names: list[str], title: str, top: int) -> bytes:
-    """The ``top`` easiest and hardest classes by median L-inf needed, per method, side by side."""
+def ranked_bars(frame: pd.DataFrame, key: str, value: str, names: list[str], title: str,
+                top: int) -> bytes:
+    """The ``top`` easiest and hardest classes by the L-inf needed (``value``), per method."""
     methods = list(dict.fromkeys(frame["method"]))
     fig, axes = plt.subplots(2, len(methods), figsize=(4.4 * len(methods), 6.4), squeeze=False)
     for col, method in enumerate(methods):
-        rows = frame[frame["method"] == method].sort_values("linf_q50")
+        rows = frame[frame["method"] == method].sort_values(value)
         for row, (part, label) in enumerate(((rows.head(top), "easiest"),
                                              (rows.tail(top)[::-1], "hardest"))):
             ax = axes[row][col]
-            ax.barh([short(names[i]) for i in part[key]], part["linf_q50"],
+            ax.barh([short(names[i]) for i in part[key]], part[value],
                     color=COLORS.get(method, "gray"))
             ax.invert_yaxis()
             ax.set_title(f"{method}: {label}", fontsize=10)
-            ax.set_xlabel("median L-inf needed")
+            ax.set_xlabel(value.replace("_q50", " median").replace("_", " ") + " needed")
             ax.tick_params(axis="y", labelsize=8)
     fig.suptitle(title)
     fig.tight_layout()

@@ -39,7 +39,8 @@ def write_summary(output: str, methods, targets) -> list[dict]:
     """Write summary/{targets,methods,budget}.parquet; log each method's success rate."""
     tables = summary.summarize(output, methods, targets)
     names = {"targets": schema.SUMMARY_TARGETS, "methods": schema.SUMMARY_METHODS,
-             "budget": schema.SUMMARY_BUDGET}
+             "budget": schema.SUMMARY_BUDGET, "sources": schema.SUMMARY_SOURCES,
+             "strength": schema.SUMMARY_STRENGTH}
     for r in tables["methods"].to_pylist():
         log.info("%-5s %-9s fooled %d of %d pairs (%.1f%%), median linf %.1f", r["origin"],
                  r["method"], r["fooled"], r["pairs"], 100 * r["success_rate"], r["linf_q50"])

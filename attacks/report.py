@@ -59,11 +59,13 @@ def summary_frames(results: str) -> dict[str, pd.DataFrame]:
     return {k: read_frame(storage.join(results, schema.SUMMARY_DIR, v)) for k, v in names.items()}
 
 
-def sweep_frame(sweep: str, data: str) -> tuple[pd.DataFrame, dict[str, bytes]]:
-    """The sweep's table with the median sign eps that fools each model on a few val images."""
+def sweep_frame(sweep: str, data: str, names: list[str]) -> tuple[pd.DataFrame, dict[str, bytes]]:
+    """The sweep's table with the median sign eps that fools each model on a few val images,
+    and each model's templates."""
     from attacks.linear import LinearModel
     from attacks.sign import Sign
     from common import dataset
+    from training.templates import render as render_templates
 
     storage.read_manifest(sweep, "sweep output")
     frame = read_frame(storage.join(sweep, SWEEP_TABLE)).sort_values("reg")
@@ -80,7 +82,7 @@ def sweep_frame(sweep: str, data: str) -> tuple[pd.DataFrame, dict[str, bytes]]:
         fooled = Sign(lin)(X, lin.scores(X), targets)
         ok = (fooled.scores.argmax(1) == targets.repeat(len(X))).numpy()
         medians.append(float(np.median(fooled.strength.numpy()[ok])) if ok.any() else np.nan)
-        templates[f"reg={reg:g}"] = storage.read_bytes(storage.join(model, schema.TEMPLATES_FILE))
+        templates[f"reg={reg:g}"] = render_templates(lin.W.numpy(), m[schema.M_IMAGE_SHAPE], names)
     return frame.assign(median_eps=medians), templates
 
 
@@ -102,7 +104,8 @@ def render(sections: list[tuple[str, str]], title: str) -> str:
              "img{max-width:100%}figure{margin:1em 0}figcaption{color:#555;font-size:90%}"
              "table.t{border-collapse:collapse;font-size:85%}table.t td,table.t th"
              "{border-bottom:1px solid #ddd;padding:3px 8px;text-align:right}"
-             "pre{background:#f6f6f6;padding:1em;overflow:auto;font-size:80%}")
+             "pre{background:#f6f6f6;padding:1em;overflow:auto;font-size:80%}"
+             ".row{display:flex;flex-wrap:wrap;gap:1em}.row figure{max-width:32%}")
     return (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{html.escape(title)}"
             f"</title><style>{style}</style></head><body><h1>{html.escape(title)}</h1>"
             f"{body}</body></html>")
@@ -145,8 +148,8 @@ def build(cfg: Settings) -> tuple[str, dict[str, bytes]]:
     figures.update(files)
     sheets = _figure_files(cfg.results, m)
     figures.update(sheets)
-    sections.append(("Fooling images", "".join(img(k, v, k[:-4].replace("_", " "))
-                                              for k, v in sheets.items())))
+    sections.append(("Fooling images", '<div class="row">' + "".join(
+        img(k, v, k[:-4]) for k, v in sheets.items()) + "</div>"))
     figures["budget.png"] = charts.budget_curves(frames["budget"])
     figures["strength.png"] = charts.strength_histograms(frames["strength"])
     methods = frames["methods"]
@@ -156,17 +159,19 @@ def build(cfg: Settings) -> tuple[str, dict[str, bytes]]:
         "curve; no attack can fool more pairs within that budget.") + table_html(methods)))
     sections.append(("How much it takes", img("strength", figures["strength.png"],
                                              "Distribution of the strength each method needed.")))
-    for key, frame_name, title in (("target", "targets", "Targets: easiest and hardest to fool "
-                                    "into"), ("label", "sources", "Source classes that resist")):
+    for key, frame_name, value, title in (
+            ("target", "targets", "linf_q50", "Targets: easiest and hardest to fool into"),
+            ("label", "sources", "linf_mean", "Source classes that resist")):
         frame = frames[frame_name]
         frame = frame[frame["origin"] == "val"]
         if not frame.empty:
             name = f"{frame_name}.png"
-            figures[name] = charts.ranked_bars(frame, key, names, title, cfg.top)
-            sections.append((title, img(name, figures[name], "By the median L-inf of the "
-                                        "fooled pairs (validation images).")))
+            figures[name] = charts.ranked_bars(frame, key, value, names, title, cfg.top)
+            sections.append((title, img(name, figures[name], f"By {value} of the fooled pairs "
+                                        "(validation images)") + table_html(frame.drop(
+                                            columns=["origin"]).head(40))))
     if cfg.sweep:
-        sweep, templates = sweep_frame(cfg.sweep, m[schema.M_SOURCE]["data"])
+        sweep, templates = sweep_frame(cfg.sweep, m[schema.M_SOURCE]["data"], names)
         figures["tradeoff.png"] = charts.tradeoff(sweep)
         figures.update({f"templates_{k}.png": v for k, v in templates.items()})
         sections.append(("The regularization trade-off", img(

@@ -5,7 +5,7 @@
     >>> tables = summarize("s3://bucket/fooling", ["sign"], range(1000))
     >>> tables["targets"].to_pandas()       # one row per (origin, method, target)
 
-Three tables, written by the job under ``summary/`` (file names in common/schema.py):
+Five tables, written by the job under ``summary/`` (file names in common/schema.py):
 - ``targets``: per origin, method and target: pairs, fooled, success rate, and over the fooled
   pairs that had to move (the model did not already say the target) the mean and quantiles of
   strength, linf and l2, the median certified L-inf bound and the median ratio linf / bound (how
@@ -13,7 +13,11 @@ Three tables, written by the job under ``summary/`` (file names in common/schema
 - ``methods``: per origin and method: the same counts, the quantiles of strength and linf (exact:
   both live on a grid) and the mean l2 over the pairs that had to move.
 - ``budget``: per origin and method, for each L-inf budget 0..255 the fraction of all pairs fooled
-  within it: the "success vs budget" curve.
+  within it: the "success vs budget" curve; and the fraction whose certified bound is within it,
+  which no attack can exceed.
+- ``sources``: per method and source class of the validation images: pairs, success rate, mean
+  linf of the pairs that had to move (which classes resist).
+- ``strength``: per origin and method, the histogram of the strength the fooled pairs needed.
 
 Partitions are read one (method, target) folder at a time, so memory does not grow with the run.
 """
@@ -36,8 +40,8 @@ QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 LEVELS = 256  # linf of a stored uint8 image is an integer 0..255
 GRID = 255 * TEMPLATE_RES + 1  # strengths are multiples of 1 / TEMPLATE_RES in 0..255
 READ_THREADS = 16
-STATS = [schema.ORIGIN, schema.PRED, schema.SUCCESS, schema.STRENGTH, schema.LINF, schema.L2,
-         schema.BOUND_LINF]
+STATS = [schema.ORIGIN, schema.LABEL, schema.PRED, schema.SUCCESS, schema.STRENGTH, schema.LINF,
+         schema.L2, schema.BOUND_LINF]
 
 
 def read_partition(output: str, method: str, target: int) -> pa.Table:
@@ -81,8 +85,29 @@ def target_stats(table: pa.Table, method: str, target: int) -> list[dict]:
                                            minlength=LEVELS),
                "_strength_hist": np.bincount(np.rint(s * TEMPLATE_RES).astype(np.int64),
                                              minlength=GRID),
-               "_l2_sum": float(l2.sum())}
+               "_l2_sum": float(l2.sum()),
+               # no attack fools a pair within a budget below its certified bound (rounded up)
+               "_bound_hist": np.bincount(np.clip(np.ceil(cols[schema.BOUND_LINF][rows]), 0,
+                                                  LEVELS).astype(np.int64), minlength=LEVELS + 1),
+               **_by_label(cols, rows, fooled, ok)}
         out.append(row)
+    return out
+
+
+def _by_label(cols: dict, rows, fooled, ok) -> dict:
+    """Per source class (validation images): pairs, fooled, moved, and the sum of their linf."""
+    labels = np.maximum(cols[schema.LABEL], 0)  # noise rows (label -1) are not in ``rows`` of val
+    linf = cols[schema.LINF].astype(np.float64)
+    return {"_label_pairs": np.bincount(labels[rows]),
+            "_label_fooled": np.bincount(labels[fooled]),
+            "_label_moved": np.bincount(labels[ok]),
+            "_label_linf": np.bincount(labels[ok], weights=linf[ok])}
+
+
+def _sum_padded(arrays) -> np.ndarray:
+    out = np.zeros(max(len(a) for a in arrays))
+    for a in arrays:
+        out[:len(a)] += a
     return out
 
 
@@ -101,12 +126,12 @@ def _hist_quantiles(name: str, hist: np.ndarray, scale: float) -> dict:
     return out
 
 
-def method_tables(rows: list[dict]) -> tuple[pa.Table, pa.Table]:
-    """Merge per-target rows into the methods table and the success-vs-budget curves."""
+def method_tables(rows: list[dict]) -> dict[str, pa.Table]:
+    """Merge per-target rows into the methods, budget, sources and strength tables."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r[schema.ORIGIN], r[schema.METHOD]), []).append(r)
-    methods, budget = [], []
+    methods, budget, sources, strength = [], [], [], []
     for (origin, method), rs in sorted(groups.items()):
         pairs_, fooled = sum(r["pairs"] for r in rs), sum(r["fooled"] for r in rs)
         moved = sum(r["moved"] for r in rs)
@@ -118,9 +143,34 @@ def method_tables(rows: list[dict]) -> tuple[pa.Table, pa.Table]:
                         **_hist_quantiles("linf", linf_h, 1),
                         "l2_mean": sum(r["_l2_sum"] for r in rs) / moved if moved else np.nan})
         curve = np.cumsum(np.sum([r["_budget_hist"] for r in rs], axis=0)) / pairs_
+        bound = np.cumsum(np.sum([r["_bound_hist"] for r in rs], axis=0)) / pairs_
         budget += [{schema.ORIGIN: origin, schema.METHOD: method, "budget": b,
-                    "fooled_fraction": float(curve[b])} for b in range(LEVELS)]
-    return pa.Table.from_pylist(methods), pa.Table.from_pylist(budget)
+                    "fooled_fraction": float(curve[b]), "bound_fraction": float(bound[b])}
+                   for b in range(LEVELS)]
+        strength += [{schema.ORIGIN: origin, schema.METHOD: method, "strength": i / TEMPLATE_RES,
+                      "count": int(n)} for i, n in enumerate(strength_h) if n]
+        if origin == "val":
+            sources += _source_rows(method, rs)
+    return {"methods": pa.Table.from_pylist(methods), "budget": pa.Table.from_pylist(budget),
+            "sources": pa.Table.from_pylist(sources, schema=SOURCES_SCHEMA),
+            "strength": pa.Table.from_pylist(strength)}
+
+
+SOURCES_SCHEMA = pa.schema([(schema.ORIGIN, pa.string()), (schema.METHOD, pa.string()),
+                            (schema.LABEL, pa.int16()), ("pairs", pa.int64()),
+                            ("fooled", pa.int64()), ("success_rate", pa.float64()),
+                            ("linf_mean", pa.float64())])
+
+
+def _source_rows(method: str, rs: list[dict]) -> list[dict]:
+    """The sources table of one method: how hard each class's images are to move anywhere."""
+    pairs_, fooled, moved, linf = (_sum_padded([r[k] for r in rs]) for k in (
+        "_label_pairs", "_label_fooled", "_label_moved", "_label_linf"))
+    return [{schema.ORIGIN: "val", schema.METHOD: method, schema.LABEL: label,
+             "pairs": int(pairs_[label]), "fooled": int(fooled[label]),
+             "success_rate": float(fooled[label] / pairs_[label]),
+             "linf_mean": float(linf[label] / moved[label]) if moved[label] else np.nan}
+            for label in range(len(pairs_)) if pairs_[label]]
 
 
 def summarize(output: str, methods, targets) -> dict[str, pa.Table]:
@@ -129,10 +179,9 @@ def summarize(output: str, methods, targets) -> dict[str, pa.Table]:
     with ThreadPoolExecutor(READ_THREADS) as pool:
         parts = pool.map(lambda mt: target_stats(read_partition(output, *mt), *mt), jobs)
         rows = [r for part in parts for r in part]
-    per_method, budget = method_tables(rows)
     per_target = pa.Table.from_pylist([{k: v for k, v in r.items() if not k.startswith("_")}
                                        for r in rows])
-    return {"targets": per_target, "methods": per_method, "budget": budget}
+    return {"targets": per_target, **method_tables(rows)}
 
 
 @dataclass(frozen=True)

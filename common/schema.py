@@ -134,4 +134,6 @@ ORIGINS = ("val", "noise")
 # summary/ tables: per (origin, method, target); per (origin, method); success vs L-inf budget
 SUMMARY_TARGETS = "targets.parquet"
 SUMMARY_METHODS = "methods.parquet"
-SUMMARY_BUDGET = "budget.parquet"
+SUMMARY_BUDGET = "budget.parquet"  # with the certified bound's curve: no attack does better
+SUMMARY_SOURCES = "sources.parquet"  # per (origin, method, source label) of validation images
+SUMMARY_STRENGTH = "strength.parquet"  # per (origin, method) histogram of the strength needed
