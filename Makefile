@@ -5,7 +5,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO := demo-out
 
-.PHONY: install test lint demo bench-ingest s3-start s3-stop clean cluster-demo
+.PHONY: install test chromium lint demo bench-ingest bench-train bench-attack s3-start s3-stop \
+	clean cluster-demo
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +18,14 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(PY) -m pytest -q
+
+# The report's test opens the page in Debian's headless Chromium; installed here when missing.
+chromium:
+	@command -v chromium >/dev/null || (apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
+		echo "chromium could not be installed: the report's browser test will be skipped"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -27,10 +34,23 @@ lint: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m pipelines.sample --out $(DEMO)/sample
 	$(PY) -m pipelines.ingest --source $(DEMO)/sample --output $(DEMO)/imagenet64 --overwrite
-	$(PY) -m pipelines.summary --data $(DEMO)/imagenet64
+	$(PY) -m pipelines.summary --data $(DEMO)/imagenet64 --preview $(DEMO)/preview.png
+	$(PY) -m training.train --data $(DEMO)/imagenet64 --output $(DEMO)/model --overwrite
+	$(PY) -m attacks.fool --data $(DEMO)/imagenet64 --model $(DEMO)/model \
+		--output $(DEMO)/fooling --noise-images 4 --overwrite
+	$(PY) -m attacks.summary --output $(DEMO)/fooling
+	$(PY) -m attacks.report --results $(DEMO)/fooling --output $(DEMO)/report
 
 bench-ingest: $(STAMP)
 	$(PY) -m benchmarks.ingest --per-class 1000
+
+bench-train: $(STAMP)
+	$(PY) -m benchmarks.train
+
+# torchattacks' own metadata asks for another torch: installed without its dependencies
+bench-attack: $(STAMP)
+	$(PY) -m pip install -q --no-deps torchattacks==3.5.1
+	$(PY) -m benchmarks.attack
 
 # A local S3 server (SeaweedFS) for trying the s3:// paths by hand: eval "$$(make -s s3-start)"
 s3-start: $(STAMP)

@@ -207,7 +207,11 @@ def run(cfg: Settings) -> dict:
 
 
 def main(argv=None) -> None:
-    cli.main(Settings, run, argv, __doc__)
+    def run_and_show(cfg: Settings) -> None:
+        run(cfg)
+        print(f"report: {storage.join(cfg.output, 'index.html')}")
+
+    cli.main(Settings, run_and_show, argv, __doc__)
 
 
 if __name__ == "__main__":

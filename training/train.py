@@ -42,6 +42,7 @@ from training import batches, epochs, softmax, weights
 log = logging.getLogger(__name__)
 
 DEFAULT_LR = {"sgd": 3e-3, "adam": 3e-4}  # measured on photos, digits and the sample: README
+FILL_BATCH = 4096  # rows per batch while reading a shard into the cache
 SETTINGS_FILE = "settings.json"  # in checkpoints/: what an unfinished run was started with
 # Settings that may change when an unfinished run is resumed: they do not change the model.
 RESUMABLE = {"output", "num_workers", "use_gpu", "cpus_per_worker", "threads", "cache",
@@ -123,8 +124,10 @@ class _Split:
             local_shuffle_seed=seed if shuffle else None)
 
     def fill_cache(self, rows: int, device: torch.device) -> int:
+        """Read the shard once into device memory, in large batches."""
         self.cache = batches.Cache.allocate(rows, self.D, device)
-        for X, y in self.stream(None):
+        for X, y in self.it.iter_torch_batches(batch_size=FILL_BATCH, collate_fn=_Collate(self.D),
+                                               prefetch_batches=2):
             self.cache.append(X, y)
         return self.cache.n
 
@@ -395,9 +398,10 @@ def run(cfg: Settings) -> dict:
     manifest = weights.write_model(cfg.output, data, state, config,
                                    {**timings, "total_s": round(time.perf_counter() - t0, 3)})
     final = manifest[schema.M_FINAL]
-    log.info("val top-1 %.1f%%, top-5 %.1f%% (chance %.1f%%) after %d epochs; wrote %s in %.1f s",
-             100 * final["val_top1"], 100 * final["val_top5"], 100 / len(data[schema.M_CLASSES]),
-             final["epoch"], cfg.output, manifest[schema.M_TIMINGS]["total_s"])
+    log.info("val top-1 %.1f%%, top-5 %.1f%% (chance %.1f%%) after %d epochs, in %.1f s; "
+             "templates: %s", 100 * final["val_top1"], 100 * final["val_top5"],
+             100 / len(data[schema.M_CLASSES]), final["epoch"],
+             manifest[schema.M_TIMINGS]["total_s"], storage.join(cfg.output, schema.TEMPLATES_FILE))
     return manifest
 
 
