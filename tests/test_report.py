@@ -111,3 +111,32 @@ def test_results_without_manifest_is_one_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="no manifest.json: it is not a complete attack output"):
         report.run(report.Settings(results=str(tmp_path / "results"),
                                    output=str(tmp_path / "out")))
+
+
+def readme_blocks(section: str, lang: str) -> list[str]:
+    text = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    part = text.split(f"## {section}", 1)[1].split("\n## ", 1)[0]
+    return re.findall(rf"```{lang}\n(.*?)```", part, re.S)
+
+
+def test_readme_analyst_queries_run_as_written(run_dirs, tmp_path, monkeypatch):
+    """The README's pandas, pyarrow and DuckDB snippets, on a real output (paths swapped)."""
+    results = run_dirs["results"]
+    monkeypatch.chdir(tmp_path)
+    blocks = readme_blocks("Analysing the results", "python")
+    assert len(blocks) == 2
+    scope: dict = {}
+    for block in blocks:
+        exec(block.replace("out/fooling", results), scope)  # noqa: S102 - the README's own code
+    per_target, hardest = scope["per_target"], scope["hardest"]
+    pairs = pq.read_table(os.path.join(results, schema.SUMMARY_DIR, schema.SUMMARY_TARGETS))
+    truth = {r["target"]: r["success_rate"] for r in pairs.to_pylist()
+             if r["method"] == "sign" and r["origin"] == "val"}
+    assert {int(k): v for k, v in per_target.items()} == pytest.approx(truth)
+    assert (hardest.linf >= hardest.bound_linf).all()
+    assert Image.open(tmp_path / "fooling.png").size == (256, 256)
+    duckdb = pytest.importorskip("duckdb")
+    (sql,) = readme_blocks("Analysing the results", "sql")
+    rows = duckdb.sql(sql.replace("out/fooling", results)).fetchall()
+    assert {(m, t) for m, t, *_ in rows} == {(r["method"], r["target"]) for r in pairs.to_pylist()
+                                             if r["origin"] == "val"}

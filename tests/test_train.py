@@ -266,3 +266,26 @@ def test_rerun_resumes_an_unfinished_run(trained, ingested, tmp_path):
     W0, b0 = _weights(trained[0])
     assert np.array_equal(W, W0) and np.array_equal(b, b0) and m[schema.M_FINAL]["epoch"] == 2
 
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@gpu
+def test_cache_lives_on_the_gpu():
+    device = torch.device("cuda")
+    assert batches.fits(2**20, device) and not batches.fits(2**50, device)
+    cache = batches.Cache.allocate(8, 3, device)
+    cache.append(torch.ones(5, 3, dtype=torch.uint8), torch.arange(5))
+    X, y = next(cache.batches(4, seed=0))
+    assert X.is_cuda and y.is_cuda and len(y) == 4
+
+
+@gpu
+@pytest.mark.slow
+def test_training_on_the_gpu_caches_and_beats_chance(ingested, tmp_path):
+    m = train.run(train.Settings(data=ingested, output=str(tmp_path), use_gpu=True, **SMALL))
+    assert m[schema.M_FINAL]["val_top1"] >= 0.6
+    state = torch.load(os.path.join(str(tmp_path), schema.CHECKPOINTS_DIR, "epoch-0002",
+                                    schema.CHECKPOINT_FILE), weights_only=True)
+    assert state["model"]["weight"].device.type == "cpu"

@@ -6,10 +6,11 @@
 
 One ``nn.Linear(D, C)`` on the pixels normalized with the ingest manifest's per-channel mean and
 std; loss = cross-entropy + 0.5 * reg * ||W||^2 (training/softmax.py). Workers are a TorchTrainer
-(DDP over gloo on CPU, NCCL on GPU). Rows stream from the Parquet files through Ray Data: the
-training split is shuffled by Ray Data once per epoch with a fixed seed and again in each worker
-with a per-epoch seed; with ``--cache`` (the default on GPU) each worker instead keeps its shard in
-device memory, when it fits, and draws a fresh permutation every epoch.
+(DDP over gloo on CPU, NCCL on GPU). Rows stream from the Parquet files through Ray Data every
+epoch: Ray Data shuffles the training split with a fixed seed (ingest writes its files in class
+order; ``--shuffle local`` skips this) and each worker's buffer reshuffles it with a per-epoch
+seed. With ``--cache`` (the default on GPU) each worker instead reads its shard once into device
+memory, when it fits, and draws a fresh permutation every epoch.
 
 Writes, under --output: ``checkpoints/epoch-NNNN/model.pt`` (one per epoch: a Ray Train run whose
 storage_path is --output), ``weights.npz`` (normalization folded in: scores = x @ W.T + b on raw
@@ -49,6 +50,10 @@ RESUMABLE = {"output", "num_workers", "use_gpu", "cpus_per_worker", "threads", "
              "max_failures", "fail_at_epoch", "overwrite"}
 
 
+# The defaults follow cs231n's linear-classifier practice (normalized pixels, tiny init, SGD with
+# Nesterov momentum 0.9) plus a cosine decay, and were checked on real photographs, digits and the
+# generated sample (benchmarks/train_defaults.py): lr 3e-3 is the fastest stable rate there,
+# reg 0.1 costs no accuracy yet bounds ||W||, init std 1e-3 starts within 0.05 of ln(C).
 @dataclass(frozen=True)
 class Settings:
     data: str = field(metadata={"help": "ingest output to train on: local path or s3://"})
