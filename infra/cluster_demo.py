@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 class Settings:
     bucket: str = field(default="cluster-demo", metadata={"help": "bucket to create and use"})
     workers: int = field(default=1, metadata={"help": "worker nodes besides the head"})
-    cpus: int = field(default=1, metadata={"help": "CPUs each node offers"})
+    cpus: int = field(default=2, metadata={"help": "CPUs each node offers to Ray"})
     classes: int = field(default=4, metadata={"help": "sample classes"})
     train_per_class: int = field(default=40, metadata={"help": "sample training images per class"})
     val_per_class: int = field(default=5, metadata={"help": "sample validation images per class"})
@@ -41,7 +41,7 @@ def stages(root: str) -> list[tuple[str, list[str]]]:
         ("ingest", ["python", "-m", "pipelines.ingest", "--source", f"{root}/sample",
                     "--output", f"{root}/imagenet64"]),
         ("train", ["python", "-m", "training.train", "--data", f"{root}/imagenet64",
-                   "--output", f"{root}/model", "--num-workers", "2", "--epochs", "3"]),
+                   "--output", f"{root}/model", "--num-workers", "2", "--epochs", "2"]),
         ("attack", ["python", "-m", "attacks.fool", "--data", f"{root}/imagenet64",
                     "--model", f"{root}/model", "--output", f"{root}/fooling"]),
     ]

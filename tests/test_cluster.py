@@ -17,7 +17,7 @@ SETTINGS = cluster_demo.Settings(classes=3, train_per_class=20, val_per_class=3)
 
 @pytest.fixture(scope="module")
 def cluster(s3_server):
-    with LocalCluster(workers=1, cpus=1, env=s3_server.env()) as c:
+    with LocalCluster(workers=1, cpus=2, env=s3_server.env()) as c:
         yield c
 
 
