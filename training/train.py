@@ -193,6 +193,30 @@ def _report(row: dict, state: dict, rank: int) -> None:
                          checkpoint_dir_name=f"epoch-{row['epoch']:04d}")
 
 
+def _shards(cfg: Settings, config: dict, rank: int, world: int, device: torch.device
+            ) -> tuple[_Split, _Split | None, int]:
+    """This worker's training shard, the whole validation split on rank 0, and the shard's rows.
+
+    Validation runs whole on rank 0: exact metrics, whatever the number of workers.
+    """
+    D, local_bs = config["D"], cfg.batch_size // world
+    train = _Split(ray.train.get_dataset_shard("train"), D, local_bs, cfg.shuffle_buffer)
+    val = _Split(ray.train.get_dataset_shard("val"), D, local_bs, 0) if rank == 0 else None
+    rows = config["train_rows"] // world  # streaming_split(equal=True) drops the remainder
+    if _use_cache(cfg, train, rows, device, collective=world > 1):
+        rows = train.cache.n
+        if val is not None:
+            _use_cache(cfg, val, config["val_rows"], device, collective=False)
+    return train, val, rows
+
+
+def _log_epoch(cfg: Settings, row: dict) -> None:
+    log.info("epoch %d/%d: train loss %.4f top-1 %.3f | val loss %.4f top-1 %.3f top-5 %.3f | "
+             "%.1f s, %.0f samples/s", row["epoch"], cfg.epochs, row["train_loss"],
+             row["train_top1"], row["val_loss"], row["val_top1"], row["val_top5"],
+             row["train_s"], row["samples_per_s"])
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train's per-worker function: plain PyTorch plus Ray's dataset shards and report."""
     if not logging.getLogger().handlers:
@@ -209,16 +233,8 @@ def train_loop_per_worker(config: dict) -> None:
     state = _restore(model, opt)
     ddp = ray.train.torch.prepare_model(model)  # DDP when world > 1 (gloo on CPU, NCCL on GPU)
     shift, scale = (t.to(device) for t in softmax.channel_stats(config["mean"], config["std"], D))
-    local_bs = cfg.batch_size // world
-    train = _Split(ray.train.get_dataset_shard("train"), D, local_bs, cfg.shuffle_buffer)
-    val = _Split(ray.train.get_dataset_shard("val"), D, local_bs, 0) if rank == 0 else None
-    rows = config["train_rows"] // world
-    if _use_cache(cfg, train, rows, device, collective=world > 1):
-        rows = train.cache.n
-        if val is not None:
-            _use_cache(cfg, val, config["val_rows"], device, collective=False)
-    steps = max(1, math.ceil(rows / local_bs))
-    fresh = state["epoch"] == 0
+    train, val, rows = _shards(cfg, config, rank, world, device)
+    steps, fresh = max(1, math.ceil(rows / (cfg.batch_size // world))), state["epoch"] == 0
     for epoch in range(state["epoch"], cfg.epochs):
         t = time.perf_counter()
         fail = fresh and rank == 0 and cfg.fail_at_epoch == epoch + 1
@@ -234,17 +250,13 @@ def train_loop_per_worker(config: dict) -> None:
             state["initial_loss"] = epochs.significant(float(first))
             if rank == 0:
                 log.info("initial loss %.4f (ln C = %.4f)", state["initial_loss"], math.log(C))
-        sums = _all_reduce(sums)
-        t = time.perf_counter()
+        sums, t = _all_reduce(sums), time.perf_counter()
         va = epochs.evaluate(model, val.batches(None), shift, scale) if val else None
         reg_loss = 0.5 * cfg.reg * float(model.weight.detach().pow(2).sum())
         row = epochs.summarize(epoch + 1, sums, va, reg_loss, seconds)
         row["val_s"] = epochs.significant(time.perf_counter() - t)
         if rank == 0:
-            log.info("epoch %d/%d: train loss %.4f top-1 %.3f | val loss %.4f top-1 %.3f top-5 "
-                     "%.3f | %.1f s, %.0f samples/s", epoch + 1, cfg.epochs, row["train_loss"],
-                     row["train_top1"], row["val_loss"], row["val_top1"], row["val_top5"],
-                     seconds, row["samples_per_s"])
+            _log_epoch(cfg, row)
         state["history"] = [*state["history"], row]
         state.update(epoch=epoch + 1, optimizer=opt.state_dict(), settings=config["settings"],
                      model={k: v.detach().cpu() for k, v in model.state_dict().items()})
@@ -371,7 +383,7 @@ def build_trainer(cfg: Settings, manifest: dict) -> ray.train.torch.TorchTrainer
             storage_filesystem=fs if storage.is_s3(cfg.output) else None,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures)),
         datasets=_datasets(cfg, manifest),
-        # validation runs whole on rank 0: exact metrics, whatever the number of workers
+        # validation is not split: it runs whole on rank 0 (see _shards)
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"],
                                             execution_options=ingest_options,
                                             enable_shard_locality=False),
