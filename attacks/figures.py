@@ -18,12 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-NAME_CHARS = 18  # class names are cut to this many characters in the labels
-
-
-def short(name: str) -> str:
-    name = name.split(",")[0]
-    return name if len(name) <= NAME_CHARS else name[:NAME_CHARS - 1] + "…"
+from training.templates import short_name as short  # noqa: E402  one shortener for every picture
 
 
 def amplify(original: np.ndarray, stored: np.ndarray) -> np.ndarray:

@@ -33,7 +33,7 @@ from common.errors import ConfigError
 log = logging.getLogger(__name__)
 
 SWEEP_IMAGES = 64  # validation images per sweep model for the median strength to fool
-SWEEP_TABLE = "sweep.parquet"
+INDEX = "index.html"
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ def sweep_frame(sweep: str, data: str, names: list[str]) -> tuple[pd.DataFrame, 
     from training.templates import render as render_templates
 
     storage.read_manifest(sweep, "sweep output")
-    frame = read_frame(storage.join(sweep, SWEEP_TABLE)).sort_values("reg")
+    frame = read_frame(storage.join(sweep, f"{schema.SWEEP_TABLE}.parquet")).sort_values("reg")
     m = dataset.open_ingest(data)
     fs, path = storage.filesystem(dataset.split_files(data, m, "val")[0])
     val = pq.ParquetFile(path, filesystem=fs).iter_batches(SWEEP_IMAGES, columns=[schema.IMAGE])
@@ -193,23 +193,23 @@ def run(cfg: Settings) -> dict:
     storage.check_writable(cfg.output)
     for name, png in figures.items():
         storage.write_bytes(storage.join(cfg.output, schema.FIGURES_DIR, name), png)
-    storage.write_bytes(storage.join(cfg.output, "index.html"), page.encode())
+    storage.write_bytes(storage.join(cfg.output, INDEX), page.encode())
     took = round(time.perf_counter() - t0, 3)
     manifest = {schema.M_KIND: "report", schema.M_SOURCE: {"results": cfg.results,
                                                            "model": cfg.model, "sweep": cfg.sweep},
-                schema.M_FILES: ["index.html"] + [f"{schema.FIGURES_DIR}/{n}" for n in figures],
+                schema.M_FILES: [INDEX] + [f"{schema.FIGURES_DIR}/{n}" for n in figures],
                 schema.M_TIMINGS: {"total_s": took}, schema.M_VERSIONS: schema.versions(),
                 schema.M_CREATED: datetime.now(UTC).isoformat(timespec="seconds")}
     storage.write_manifest(cfg.output, manifest)
     log.info("report with %d figures in %.1f s: %s", len(figures), took,
-             storage.join(cfg.output, "index.html"))
+             storage.join(cfg.output, INDEX))
     return manifest
 
 
 def main(argv=None) -> None:
     def run_and_show(cfg: Settings) -> None:
         run(cfg)
-        print(f"report: {storage.join(cfg.output, 'index.html')}")
+        print(f"report: {storage.join(cfg.output, INDEX)}")
 
     cli.main(Settings, run_and_show, argv, __doc__)
 

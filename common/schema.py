@@ -79,6 +79,7 @@ WEIGHTS_FILE = "weights.npz"
 W_KEY, B_KEY, CLASSES_KEY = "W", "b", "classes"  # float32 (C, D), float32 (C,), str (C,)
 METRICS_FILE = "metrics.json"  # {"history": [{epoch, train_loss, val_loss, val_top1, val_top5}]}
 TEMPLATES_FILE = "templates.png"
+SWEEP_TABLE = "sweep"  # a sweep's <out>/sweep.parquet and sweep.md: one row per reg value
 CHECKPOINTS_DIR = "checkpoints"  # the Ray Train run folder: <out>/checkpoints/epoch-NNNN/
 CHECKPOINT_FILE = "model.pt"  # torch.save of plain data; load with weights_only=True
 M_DATA = "data"  # manifest: the ingest output the model was trained on

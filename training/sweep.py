@@ -30,7 +30,7 @@ from training import train
 
 log = logging.getLogger(__name__)
 
-TABLE = "sweep"  # <output>/sweep.parquet and sweep.md
+TABLE = schema.SWEEP_TABLE  # <output>/sweep.parquet and sweep.md
 TRIAL_MEMORY = 256 * 2**20  # bytes reserved for each trial's driver process
 COLUMNS = ["reg", "val_top1", "val_top5", "val_loss", "train_loss", "train_top1", "w_norm",
            "w_pixels_norm", "epochs", "model"]
