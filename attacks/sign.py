@@ -41,6 +41,7 @@ class Sign(StepAttack):
 
     name = "sign"
     res = 1
+    softmax_confidence = True  # a confidence P means p_t >= P (attacks/exact.py: each margin)
 
     def direction(self, X, S, targets):
         """d (P, D) int8 = sign(W[t] - p @ W), built image x target without gathers; g = W d."""
@@ -116,8 +117,10 @@ class Sign(StepAttack):
         m = si - sr + below + h * above  # (P', 256): the margin of t over the rival at each eps
         l1 = self.model.fact("dist_l1")[ti, rival].double()[:, None]  # >= sum_i |c_i|
         tol = CERT_RTOL * (si.abs() + sr.abs() + h * l1) + SUM_RTOL * h * l1 + 1e-6
-        st["open"][rows] &= m > -tol
-        if self.confidence is not None:  # p_t <= 1 / (1 + sum over rivals of exp(-margin))
+        floor = 0.0 if self.softmax_confidence else self.margin  # the margin form's goal
+        st["open"][rows] &= m - floor > -tol
+        if self.confidence is not None and self.softmax_confidence:
+            # p_t <= 1 / (1 + sum over rivals of exp(-margin))
             st["expsum"][rows] += torch.exp(-(m + tol).clamp(min=-700))
             limit = (1 - self.confidence) / self.confidence
             st["open"][rows] &= st["expsum"][rows] <= limit * (1 + 1e-6)
