@@ -33,9 +33,11 @@ from attacks.linear import BOUND_SLACK, LinearModel, _round_down
 from attacks.sign import LEVELS, Sign
 
 KMAX = 8  # rivals in the dual search, nearest first; the optimum rarely weights more than three
-CALLS = 14  # root evaluations per pair at most
+CALLS = 30  # root evaluations per pair at most (few pairs need more than 5)
+RAISES = (0.5, 0.85, 0.2)  # the stored step aims this fraction of the way to the next integer
 LINE_STEPS = 3  # evaluations per line search before it settles on its best point
 CONVERGED = 0.01  # stop once no rival's corner margin is short by more than this many levels
+REPAIR_MOVES = 12  # single-pixel moves at most, where the sign steps leave a gap
 FEASIBLE = 1e-4  # a corner that beats every rival by this much (score units) is tried
 CHUNK = 256  # pairs per dual search: memory CHUNK x KMAX x D x 4 bytes (100 MB for 64x64x3)
 DENSE_C = 128  # up to this many classes, products with all of W beat gathering rivals' rows
@@ -77,16 +79,76 @@ class Exact(Sign):
     def __call__(self, X, S, targets):
         _, t = pairs(len(X), targets)
         x, s = expand(X, len(targets)), expand(S, len(targets))
-        d = torch.zeros_like(x, dtype=torch.int8)
-        bound = torch.zeros(len(t), device=t.device)
-        for i in range(0, len(t), CHUNK):
+        P, dev = len(t), t.device
+        K = max(1, min(KMAX, self.model.C - 1))
+        w = {"lam": torch.zeros(P, K, dtype=torch.float64, device=dev),
+             "rivals": torch.zeros(P, K, dtype=torch.long, device=dev),
+             "r": torch.zeros(P, dtype=torch.float64, device=dev),
+             "slope": torch.zeros(P, dtype=torch.float64, device=dev),
+             "bound": torch.zeros(P, device=dev)}
+        for i in range(0, P, CHUNK):
             c = slice(i, i + CHUNK)
-            d[c], bound[c] = self.dual(x[c], s[c], t[c])
-        k0 = (torch.floor(bound) + 1).clamp(1, self.kmax).long()
-        fooled = self.search(x, d, s, self.model.estimate(d), t, k0)
-        self.fall_back(fooled, x, s, t, bound)
-        fooled.bound = bound
+            for key, v in self.certify(x[c], s[c], t[c]).items():
+                w[key][c] = v
+        fooled, todo = None, torch.arange(P, device=dev)
+        for frac in RAISES:  # a pair not proved minimal tries again, aiming elsewhere
+            d = torch.cat([self.step(x[c], s[c], t[c], {k: v[c] for k, v in w.items()}, frac)
+                           for c in todo.split(CHUNK)])
+            k0 = (torch.floor(w["bound"][todo]) + 1).clamp(1, self.kmax).long()
+            f = self.search(x[todo], d, s[todo], self.model.estimate(d), t[todo], k0)
+            fooled = f if fooled is None else self.keep_better(fooled, todo, f, t)
+            todo = self.unproved(fooled, t, w["bound"]).nonzero()[:, 0]
+            if len(todo) == 0:
+                break
+        if len(todo):  # a few pixels set inside the box, not at its ends, may close the gap
+            fixed = torch.cat([self.repair(x[c], s[c], t[c], {k: v[c] for k, v in w.items()})
+                               for c in todo.split(CHUNK)])
+            fooled = self.keep_better(fooled, todo, self.measured(fixed, t[todo], w, todo), t)
+            todo = self.unproved(fooled, t, w["bound"]).nonzero()[:, 0]
+        self.fall_back(fooled, x, s, t, todo)
+        fooled.bound = w["bound"]
         return fooled
+
+    def measured(self, images, t, w, idx) -> Fooled:
+        """Fooled for candidate images of pairs idx, strength = the integer e aimed at."""
+        e = (torch.floor(w["bound"][idx]) + 1).clamp(max=self.kmax)
+        return Fooled(images, self.model.scores(images), e)
+
+    def repair(self, x, s, t, w: dict) -> torch.Tensor:
+        """The sign step at e = floor(bound) + 1 (aimed half way from r to e), then greedy
+        single-pixel moves inside the box |x' - x| <= e, each the one that most raises the
+        smallest rival margin, while a rival still wins (P, D) uint8."""
+        e = (torch.floor(w["bound"]) + 1).clamp(max=self.kmax)
+        d = self.step(x, s, t, w, RAISES[0])
+        img = self.image_at(x, d, e.long())
+        prob = Problem(self.model, x, s, t, self.margin, w["rivals"])
+        xf = x.float()
+        lo, hi = (xf - e[:, None]).clamp(min=0), (xf + e[:, None]).clamp(max=255)
+        rows = torch.arange(len(t), device=t.device)
+        for _ in range(REPAIR_MOVES):
+            cur = img.float()
+            M = prob.margins(cur - xf)  # (P, K)
+            v = M.argmin(1)
+            if (M.amin(1) > FEASIBLE).all():
+                break
+            a_v = prob.a(v)  # (P, D): the row of the most violated rival
+            full = torch.where(a_v > 0, hi, lo) - cur  # the most that pixel can give v
+            need = torch.ceil((-M[rows, v])[:, None].float() / a_v.abs().clamp(min=1e-30))
+            part = torch.sign(full) * torch.minimum(full.abs(), need)
+            best_gain, best = None, None
+            for delta in (full, part):
+                new_min = (M[:, :, None].float() + prob.a_all() * delta[:, None, :]).amin(1)
+                if best is None:
+                    best_gain, best = new_min, delta
+                else:
+                    take = new_min > best_gain
+                    best_gain, best = torch.where(take, new_min, best_gain), torch.where(
+                        take, delta, best)
+            j = best_gain.argmax(1)
+            ok = (best_gain[rows, j] > M.amin(1).float()) & (M.amin(1) <= FEASIBLE)
+            step = torch.where(ok, best[rows, j], 0.0)
+            img[rows, j] = (cur[rows, j] + step).round().clamp(0, 255).to(torch.uint8)
+        return img
 
     def passes(self, S: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """t wins, and by ``margin`` over every rival (the margin form of the confidence)."""
@@ -94,40 +156,54 @@ class Exact(Sign):
         rest = S.scatter(1, t[:, None], -float("inf")).amax(1)
         return (S.argmax(1) == t) & (st - rest >= self.margin)
 
-    def fall_back(self, fooled: Fooled, x, s, t, bound) -> None:
-        """Where the stored step is not proved minimal, try Sign's step and keep the smaller."""
-        open_ = (fooled.strength >= torch.floor(bound) + 1.5) | ~self.passes(fooled.scores, t)
-        idx = open_.nonzero()[:, 0]
+    def unproved(self, fooled: Fooled, t, bound) -> torch.Tensor:
+        """(P,) bool: the stored step fails, or one level less is not ruled out by the bound."""
+        return (fooled.strength >= torch.floor(bound) + 1.5) | ~self.passes(fooled.scores, t)
+
+    def keep_better(self, fooled: Fooled, idx, other: Fooled, t) -> Fooled:
+        """Pairs idx take ``other``'s image where it passes and is smaller (or theirs fails)."""
+        mine = self.passes(fooled.scores[idx], t[idx])
+        theirs = self.passes(other.scores, t[idx])
+        better = theirs & (~mine | (other.strength < fooled.strength[idx]))
+        rows = idx[better]
+        fooled.images[rows] = other.images[better]
+        fooled.scores[rows] = other.scores[better]
+        fooled.strength[rows] = other.strength[better]
+        return fooled
+
+    def fall_back(self, fooled: Fooled, x, s, t, idx) -> None:
+        """Where the stored step is still not proved minimal, Sign's step if it is smaller."""
         if len(idx) == 0:
             return
         sign = Sign(self.model, self.confidence)
         ds = torch.sign(self.model.W[t[idx]] - self.model.mean_template(s[idx])).to(torch.int8)
         g = self.model.estimate(ds)
         k0 = first_success(s[idx], g, t[idx], 1, self.kmax, self.confidence)
-        other = sign.search(x[idx], ds, s[idx], g, t[idx], k0)
-        mine = self.passes(fooled.scores[idx], t[idx])
-        theirs = self.passes(other.scores, t[idx])
-        better = (theirs & ~mine) | (theirs & (other.strength < fooled.strength[idx]))
-        rows = idx[better]
-        fooled.images[rows] = other.images[better]
-        fooled.scores[rows] = other.scores[better]
-        fooled.strength[rows] = other.strength[better]
+        self.keep_better(fooled, idx, sign.search(x[idx], ds, s[idx], g, t[idx], k0), t)
 
     # --- the dual search ------------------------------------------------------------------------
-    def dual(self, x, s, t) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per pair the sign vector d (P, D) int8 to step along and the certified lower bound
-        (P,) float32 on the L-inf distance (float64, shaved).
-
-        First the weights with the largest root r (the certificate); then, at the integer just
-        above r, weights whose corner beats every one of the K rivals (the step to store)."""
+    def certify(self, x, s, t) -> dict:
+        """The dual weights with the largest root r, their rivals and slope, and the certified
+        lower bound (P,) float32 on the L-inf distance (r in float64, shaved)."""
         prob = Problem(self.model, x, s, t, self.margin)
         lam = torch.zeros(len(t), prob.K, dtype=torch.float64, device=t.device)
         lam[:, 0] = 1.0
         lam, r = search_weights(prob, lam)
-        bound = prob.certificate(lam)
-        e = (torch.floor(r.clamp(max=254)) + 1).float()
-        step_lam, _ = search_weights(prob, lam, e)
-        return torch.sign(prob.g(step_lam)).to(torch.int8), bound
+        return {"lam": lam, "rivals": prob.rivals, "r": r,
+                "slope": prob.evaluate(lam)["slope"], "bound": prob.certificate(lam)}
+
+    def step(self, x, s, t, w: dict, frac: float) -> torch.Tensor:
+        """The sign vector (P, D) int8 to store a step along: the optimum for a goal raised by
+        rho, whose root lies about ``frac`` of the way from r to the next integer e. Every rival's
+        corner margin is about rho there, so the sign step at e along it keeps them positive
+        (the margins' slopes in eps differ from rival to rival: the optimum at r itself, a
+        balanced corner at r, is often unbalanced at e)."""
+        prob = Problem(self.model, x, s, t, self.margin, w["rivals"])
+        r = w["r"]
+        e = torch.floor(r.clamp(max=254)) + 1
+        rho = frac * w["slope"] * (e - r).clamp(min=0)
+        lam, _ = search_weights(prob.raised(torch.where(torch.isfinite(rho), rho, 0.0)), w["lam"])
+        return torch.sign(prob.g(lam)).to(torch.int8)
 
 
 class Problem:
@@ -154,7 +230,13 @@ class Problem:
         xi = x.to(torch.int16)
         self.up, self.dn = (255 - xi).long(), xi.long()  # rooms towards 255 and 0
 
-    def subset(self, rows: torch.Tensor) -> "Problem":
+    def raised(self, rho: torch.Tensor) -> "Problem":
+        """The same pairs with every rival to be beaten by rho (P,) more."""
+        sub = self.subset(slice(None))
+        sub.q = self.q - rho[:, None]
+        return sub
+
+    def subset(self, rows) -> "Problem":
         sub = object.__new__(Problem)
         sub.model, sub.margin, sub.K, sub.dense = self.model, self.margin, self.K, self.dense
         for key in ("x", "t", "rivals", "q", "Wt", "Wr", "up", "dn"):
@@ -171,6 +253,14 @@ class Problem:
             coef.scatter_add_(1, self.t[:, None], lam.sum(1, keepdim=True))
             return coef @ self.model.W
         return self.Wt * lam.sum(1, keepdim=True) - torch.bmm(lam[:, None, :], self.Wr)[:, 0]
+
+    def a_all(self) -> torch.Tensor:
+        """(P, K, D) rows W[t] - W[k] of the rivals (for the few pairs that are repaired)."""
+        return self.model.W[self.t][:, None, :] - self.model.W[self.rivals]
+
+    def a(self, k: torch.Tensor) -> torch.Tensor:
+        """(P, D): W[t] - W[rival k] per pair."""
+        return self.model.W[self.t] - self.model.W[self.rivals.gather(1, k[:, None])[:, 0]]
 
     def margins(self, step: torch.Tensor) -> torch.Tensor:
         """q_k + (W[t] - W[k]) . step for the K rivals, (P, K) float64."""

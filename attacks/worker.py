@@ -17,6 +17,7 @@ import pyarrow as pa
 import torch
 
 from attacks import parts
+from attacks.exact import Exact
 from attacks.fooling import Attack, pairs
 from attacks.iterative import Iterative
 from attacks.linear import LinearModel, measure
@@ -28,7 +29,8 @@ from common import schema
 
 log = logging.getLogger(__name__)
 
-ATTACKS: dict[str, type[Attack]] = {"template": Template, "sign": Sign, "iterative": Iterative}
+ATTACKS: dict[str, type[Attack]] = {"template": Template, "sign": Sign, "iterative": Iterative,
+                                    "exact": Exact}
 NOISE_CONFIDENCE = 0.99  # noise starts are pushed to this probability unless --confidence says
 
 
@@ -89,6 +91,8 @@ class FoolWorker:
         fooled = attack(X, S, tt)
         n, t = pairs(len(X), tt)
         bound_linf, bound_l2 = self.model.bounds(S[n], t, attack.margin)
+        if fooled.bound is not None:  # the attack's own certificate, where it has one
+            bound_linf = torch.maximum(bound_linf, fooled.bound)
         m = measure(X[n], fooled.images, fooled.scores, t)
         n_np = n.cpu().numpy()
         cpu = {k: v.cpu().numpy() for k, v in {

@@ -130,7 +130,7 @@ PAIRS_PARTITION_SCHEMA = pa.schema(
 PAIRS_FILE_SCHEMA = pa.schema(
     [f for f in PAIRS_SCHEMA if f.name not in PAIRS_PARTITION_SCHEMA.names]
 )
-METHODS = ("template", "sign", "iterative")
+METHODS = ("template", "sign", "iterative", "exact")
 ORIGINS = ("val", "noise")
 # summary/ tables: per (origin, method, target); per (origin, method); success vs L-inf budget
 SUMMARY_TARGETS = "targets.parquet"

@@ -1,0 +1,168 @@
+"""The exact attack (attacks/exact.py) against an independent LP solver (scipy's HiGHS,
+tests/lp_oracle.py), an independent numpy re-scoring, the two-class closed form and Sign."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from attacks.exact import Exact
+from attacks.fooling import pairs
+from attacks.linear import LinearModel
+from attacks.sign import Sign
+from tests.lp_oracle import lp_minimum, value
+from tests.test_fooling import numpy_verdict
+
+LP_RTOL = 1e-6  # the certificate may exceed the LP optimum by float error only
+
+
+def attack(W, b, X, targets, confidence=None, cls=Exact):
+    model = LinearModel(W, b)
+    Xt = torch.from_numpy(X)
+    f = cls(model, confidence)(Xt, model.scores(Xt), torch.as_tensor(targets))
+    n, t = (v.numpy() for v in pairs(len(X), torch.as_tensor(targets)))
+    return f, n, t, numpy_verdict(W, b, X[n], f.images.numpy(), t)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One thread, as the job's workers run: tiny products on a busy machine stay fast."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="module")
+def toy():
+    """A random 5-class model on random 8x8x3 images: clipping matters for many pixels."""
+    rng = np.random.default_rng(0)
+    W = rng.normal(0, 1e-3, (5, 192)).astype(np.float32)
+    b = rng.normal(0, 0.3, 5).astype(np.float32)
+    return W, b, rng.integers(0, 256, (12, 192), dtype=np.uint8), np.arange(5)
+
+
+@pytest.fixture(scope="module")
+def photos():
+    """A 10-class softmax fitted on crops of scikit-learn's two photographs, 64x64x3: real
+    images, where several rivals bind at once (the hard case for the dual search)."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    from tests.attack_models import fit_softmax
+
+    rng = np.random.default_rng(0)
+    X, y = [], []
+    for k in range(10):
+        photo = load_sample_images().images[k // 5]
+        h, w = photo.shape[0] // 2, photo.shape[1] // 5
+        for _ in range(40):
+            s = int(rng.integers(w // 2, w + 1))
+            r0, c0 = int(rng.integers(0, h - s + 1)), (k % 5) * w + int(rng.integers(0, w - s + 1))
+            im = Image.fromarray(photo[r0:r0 + s, c0:c0 + s]).resize((64, 64), Image.BOX)
+            noisy = np.asarray(im, np.float64) + rng.normal(0, 8, (64, 64, 3))
+            X.append(np.clip(noisy, 0, 255).astype(np.uint8).reshape(-1))
+            y.append(k)
+    X, y = np.stack(X), np.array(y)
+    W, b = fit_softmax(X, y, 10, l2=1e-3, steps=60)
+    return W, b, X[::40][:6]
+
+
+def check_against_lp(W, b, X, f, n, t, rows, margin=0.0):
+    """The certificate never above the LP optimum; the stored image at most one level above."""
+    for i in rows:
+        eps = lp_minimum(W, b, X[n[i]], int(t[i]), margin)
+        assert f.bound[i].item() <= eps * (1 + LP_RTOL) + 1e-9, (i, eps)
+        linf = np.abs(f.images[i].numpy().astype(int) - X[n[i]].astype(int)).max()
+        assert linf <= eps + 1, (i, eps, linf)
+
+
+def test_toy_against_the_lp(toy):
+    W, b, X, targets = toy
+    f, n, t, want = attack(W, b, X, targets)
+    assert (want["fooled_pred"] == t).all()  # every pair: the model never fails to be fooled
+    moved = np.flatnonzero((X[n] @ W.T.astype(np.float64) + b).argmax(1) != t)
+    assert len(moved) > 30
+    check_against_lp(W, b, X, f, n, t, moved[:30])
+
+
+def test_stored_bytes_are_what_is_reported(toy):
+    """Strength = L-inf of the stored step; its scores are the float64 re-scoring's."""
+    W, b, X, targets = toy
+    f, n, t, want = attack(W, b, X, targets)
+    assert np.allclose(f.scores.numpy(), want["scores"], rtol=1e-4, atol=1e-4)
+    assert (want["linf"] == f.strength.numpy()).all()
+    assert (f.bound.numpy() <= want["linf"]).all()
+    # strength < bound + 1: the bound proves that one level less cannot work, for any image
+    assert (f.strength.numpy() < f.bound.numpy() + 1).mean() >= 0.95
+
+
+def test_never_above_sign(toy, photos):
+    for W, b, X, targets in (toy, (*photos, np.arange(10))):
+        _, _, t, mine = attack(W, b, X, targets)
+        _, _, _, sign = attack(W, b, X, targets, cls=Sign)
+        fooled = sign["fooled_pred"] == t
+        assert (mine["fooled_pred"] == t).all()
+        assert (mine["linf"][fooled] <= sign["linf"][fooled]).all()
+
+
+def test_photos_against_the_lp(photos):
+    """A handful of pairs of a 64x64x3 model fitted on real photographs."""
+    W, b, X = photos
+    targets = np.array([1, 4, 8])
+    f, n, t, want = attack(W, b, X[:2], targets)
+    assert (want["fooled_pred"] == t).all()
+    check_against_lp(W, b, X[:2], f, n, t, range(len(t)))
+
+
+def test_confidence_is_the_margin_form(toy):
+    """With a confidence P every rival is beaten by log(P / (1 - P)), at the LP's distance."""
+    W, b, X, targets = toy
+    P = 0.9
+    f, n, t, want = attack(W, b, X[:4], targets, confidence=P)
+    S = want["scores"]
+    rival = np.where(np.arange(len(W))[None] == t[:, None], -np.inf, S).max(1)
+    assert (S[np.arange(len(t)), t] - rival >= math.log(P / (1 - P)) - 1e-4).all()
+    check_against_lp(W, b, X[:4], f, n, t, range(0, len(t), 2), margin=math.log(P / (1 - P)))
+
+
+def test_two_classes_closed_form():
+    """Two classes, no clipping: the minimum is the Hoelder bound |s_0 - s_1| / ||W_0 - W_1||_1
+    exactly, and the stored step is the first integer above it."""
+    rng = np.random.default_rng(2)
+    W = rng.normal(0, 1e-2, (2, 300)).astype(np.float32)
+    X = rng.integers(100, 156, (40, 300), dtype=np.uint8)
+    f, n, t, want = attack(W, np.zeros(2, np.float32), X, [0, 1])
+    S = X[n].astype(np.float64) @ W.T.astype(np.float64)
+    exact = np.abs(S[:, 0] - S[:, 1]) / np.abs(W[0].astype(np.float64) - W[1]).sum()
+    moved = S.argmax(1) != t
+    assert moved.sum() >= 30 and (want["fooled_pred"] == t).all()
+    assert np.allclose(f.bound.numpy()[moved], exact[moved], rtol=1e-4)
+    assert (f.bound.numpy()[moved] <= exact[moved]).all()
+    assert (want["linf"][moved] == np.floor(exact[moved]) + 1).all()
+
+
+def test_a_thousand_classes():
+    """1,000 random classes on 8x8x3 images: every pair fooled, checked against the LP."""
+    rng = np.random.default_rng(3)
+    W = rng.normal(0, 1e-3, (1000, 192)).astype(np.float32)
+    b = rng.normal(0, 0.05, 1000).astype(np.float32)
+    X = rng.integers(0, 256, (3, 192), dtype=np.uint8)
+    targets = np.array([0, 333, 999])
+    f, n, t, want = attack(W, b, X, targets)
+    assert (want["fooled_pred"] == t).all()
+    check_against_lp(W, b, X, f, n, t, range(len(t)))
+
+
+def test_lp_oracle_is_tight():
+    """The oracle itself: at its answer the best worst-case margin is zero, below it negative."""
+    rng = np.random.default_rng(4)
+    W = rng.normal(0, 1e-3, (4, 48))
+    X = rng.integers(0, 256, 48)
+    eps = lp_minimum(W, np.zeros(4), X, 2)
+    assert 0 < eps < 255
+    assert value(W, np.zeros(4), X, 2, eps)[0] == pytest.approx(0, abs=1e-7)
+    assert value(W, np.zeros(4), X, 2, 0.99 * eps)[0] < 0
