@@ -32,11 +32,12 @@ from attacks.fooling import Fooled, expand, first_success, pairs
 from attacks.linear import BOUND_SLACK, LinearModel, _round_down
 from attacks.sign import LEVELS, Sign
 
-KMAX = 8  # rivals in the dual search, nearest first; the optimum rarely weights more than three
+KMAX = 8  # rivals in the dual search, nearest first (random 1,000-class models bind more)
 CALLS = 30  # root evaluations per pair at most (few pairs need more than 5)
 RAISES = (0.5, 0.85, 0.2)  # the stored step aims this fraction of the way to the next integer
 LINE_STEPS = 3  # evaluations per line search before it settles on its best point
 CONVERGED = 0.01  # stop once no rival's corner margin is short by more than this many levels
+RIVAL_ROUNDS = 2  # rounds in which the classes that beat the repaired image join the rivals
 REPAIR_MOVES = 12  # single-pixel moves at most, where the sign steps leave a gap
 FEASIBLE = 1e-4  # a corner that beats every rival by this much (score units) is tried
 CHUNK = 256  # pairs per dual search: memory CHUNK x KMAX x D x 4 bytes (100 MB for 64x64x3)
@@ -79,35 +80,55 @@ class Exact(Sign):
     def __call__(self, X, S, targets):
         _, t = pairs(len(X), targets)
         x, s = expand(X, len(targets)), expand(S, len(targets))
-        P, dev = len(t), t.device
-        K = max(1, min(KMAX, self.model.C - 1))
-        w = {"lam": torch.zeros(P, K, dtype=torch.float64, device=dev),
-             "rivals": torch.zeros(P, K, dtype=torch.long, device=dev),
-             "r": torch.zeros(P, dtype=torch.float64, device=dev),
-             "slope": torch.zeros(P, dtype=torch.float64, device=dev),
-             "bound": torch.zeros(P, device=dev)}
-        for i in range(0, P, CHUNK):
-            c = slice(i, i + CHUNK)
-            for key, v in self.certify(x[c], s[c], t[c]).items():
-                w[key][c] = v
-        fooled, todo = None, torch.arange(P, device=dev)
+        everyone = torch.arange(len(t), device=t.device)
+        w = self.certify(x, s, t, everyone)
+        fooled, blocked = self.attempt(x, s, t, w, everyone, None)
+        todo = self.unproved(fooled, t, w["bound"]).nonzero()[:, 0]
+        for _ in range(RIVAL_ROUNDS):  # the classes that still win against the step join in
+            if len(todo) == 0:
+                break
+            rivals = self.more_rivals(w, todo, t, blocked)
+            new = self.certify(x, s, t, todo, rivals)
+            for key in w:
+                w[key][todo] = new[key]
+            w["bound"][todo] = torch.maximum(new["bound"], w["bound"][todo])
+            fooled, blocked = self.attempt(x, s, t, w, todo, fooled)
+            todo = self.unproved(fooled, t, w["bound"]).nonzero()[:, 0]
+        self.fall_back(fooled, x, s, t, todo)
+        fooled.bound = w["bound"]
+        return fooled
+
+    def attempt(self, x, s, t, w, idx, fooled):
+        """Store sign steps for pairs idx along the optimum for a raised goal (several tries),
+        then pixel repairs; returns fooled and the scores (P, C) of the repaired images."""
+        todo = idx
         for frac in RAISES:  # a pair not proved minimal tries again, aiming elsewhere
             d = torch.cat([self.step(x[c], s[c], t[c], {k: v[c] for k, v in w.items()}, frac)
                            for c in todo.split(CHUNK)])
             k0 = (torch.floor(w["bound"][todo]) + 1).clamp(1, self.kmax).long()
             f = self.search(x[todo], d, s[todo], self.model.estimate(d), t[todo], k0)
             fooled = f if fooled is None else self.keep_better(fooled, todo, f, t)
-            todo = self.unproved(fooled, t, w["bound"]).nonzero()[:, 0]
+            todo = todo[self.unproved(fooled, t, w["bound"])[todo]]
             if len(todo) == 0:
-                break
-        if len(todo):  # a few pixels set inside the box, not at its ends, may close the gap
-            fixed = torch.cat([self.repair(x[c], s[c], t[c], {k: v[c] for k, v in w.items()})
-                               for c in todo.split(CHUNK)])
-            fooled = self.keep_better(fooled, todo, self.measured(fixed, t[todo], w, todo), t)
-            todo = self.unproved(fooled, t, w["bound"]).nonzero()[:, 0]
-        self.fall_back(fooled, x, s, t, todo)
-        fooled.bound = w["bound"]
-        return fooled
+                return fooled, None
+        # a few pixels set inside the box, not at its ends, may close the gap
+        fixed = torch.cat([self.repair(x[c], s[c], t[c], {k: v[c] for k, v in w.items()})
+                           for c in todo.split(CHUNK)])
+        candidate = self.measured(fixed, t[todo], w, todo)
+        fooled = self.keep_better(fooled, todo, candidate, t)
+        blocked = torch.zeros(len(t), self.model.C, device=t.device)
+        blocked[todo] = candidate.scores
+        return fooled, blocked
+
+    def more_rivals(self, w, idx, t, blocked) -> torch.Tensor:
+        """Rivals (P', K) for pairs idx: those the dual weighs, then the classes with the smallest
+        margins over t on the repaired image (those that still beat it first)."""
+        S = blocked[idx].double()
+        rank = S.gather(1, t[idx, None]) - S
+        lam, old = w["lam"][idx], w["rivals"][idx]
+        rank.scatter_(1, old, torch.where(lam > 0, -1e30 - lam, rank.gather(1, old)))
+        rank.scatter_(1, t[idx, None], float("inf"))
+        return rank.topk(w["rivals"].shape[1], 1, largest=False).indices
 
     def measured(self, images, t, w, idx) -> Fooled:
         """Fooled for candidate images of pairs idx, strength = the integer e aimed at."""
@@ -182,15 +203,21 @@ class Exact(Sign):
         self.keep_better(fooled, idx, sign.search(x[idx], ds, s[idx], g, t[idx], k0), t)
 
     # --- the dual search ------------------------------------------------------------------------
-    def certify(self, x, s, t) -> dict:
-        """The dual weights with the largest root r, their rivals and slope, and the certified
-        lower bound (P,) float32 on the L-inf distance (r in float64, shaved)."""
-        prob = Problem(self.model, x, s, t, self.margin)
-        lam = torch.zeros(len(t), prob.K, dtype=torch.float64, device=t.device)
-        lam[:, 0] = 1.0
-        lam, r = search_weights(prob, lam)
-        return {"lam": lam, "rivals": prob.rivals, "r": r,
-                "slope": prob.evaluate(lam)["slope"], "bound": prob.certificate(lam)}
+    def certify(self, x, s, t, idx, rivals=None) -> dict:
+        """For pairs idx: the dual weights (P', K) with the largest root r, their rivals (the
+        KMAX nearest by the Hoelder ratio unless given), the slope at r, and the certified lower
+        bound (P',) float32 on the L-inf distance (r recomputed in float64, shaved)."""
+        out = []
+        for i in range(0, len(idx), CHUNK):
+            c = idx[i:i + CHUNK]
+            given = None if rivals is None else rivals[i:i + CHUNK]
+            prob = Problem(self.model, x[c], s[c], t[c], self.margin, given)
+            lam = torch.zeros(len(c), prob.K, dtype=torch.float64, device=t.device)
+            lam[:, 0] = 1.0
+            lam, r = search_weights(prob, lam)
+            out.append({"lam": lam, "rivals": prob.rivals, "r": r,
+                        "slope": prob.evaluate(lam)["slope"], "bound": prob.certificate(lam)})
+        return {k: torch.cat([o[k] for o in out]) for k in out[0]}
 
     def step(self, x, s, t, w: dict, frac: float) -> torch.Tensor:
         """The sign vector (P, D) int8 to store a step along: the optimum for a goal raised by
