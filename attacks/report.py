@@ -155,8 +155,9 @@ def build(cfg: Settings) -> tuple[str, dict[str, bytes]]:
     methods = frames["methods"]
     sections.append(("Success against the L-inf budget", img(
         "budget", figures["budget.png"], "Fraction of (image, target) pairs whose stored image is "
-        "classified as the target within each L-inf budget. Dashed: the certified lower bound's "
-        "curve; no attack can fool more pairs within that budget.") + table_html(methods)))
+        "classified as the target within each L-inf budget; exact's curve is the true minimum "
+        "(within one level). Dashed: the tightest certified lower bound's curve; no attack can "
+        "fool more pairs within that budget.") + table_html(methods)))
     sections.append(("How much it takes", img("strength", figures["strength.png"],
                                              "Distribution of the strength each method needed.")))
     for key, frame_name, value, title in (

@@ -2,6 +2,7 @@
 
     python -m benchmarks.attack [--classes 1000] [--images 16] [--targets 256] [--cpus 2]
     python -m benchmarks.attack --data out/imagenet64 --model out/model      # a trained model
+    python -m benchmarks.attack --exact [--classes 10] [--photos]     # exact vs sign, iterative, LP
 
 On the same model and the same (image, target) pairs, in one run:
 - ours, per core: attacks.Sign / Template / Iterative in this process on one thread: every pair
@@ -15,6 +16,13 @@ On the same model and the same (image, target) pairs, in one run:
     same smallest-step product as ours, which is what equal perturbations take.
 Prints pairs per second, the ratios, the success rates and median L-inf, and the extrapolation
 of the per-core rates to 50,000 images x 1,000 targets. ``--device cuda`` measures on a GPU.
+
+``--exact`` measures instead, in one run on one thread: pairs per second of ``exact``, ``sign`` and
+``iterative`` on the same pairs, the LP solver (scipy's HiGHS, tests/lp_oracle.py) per pair on a
+sample of them, whether exact's certificate stays below the LP optimum and its stored step within
+one level above it, the distribution of the gap ``linf - bound_linf``, and the extrapolation to
+50,000 x 1,000 pairs. ``--photos``: the 10-class model fitted on photograph crops
+(tests/attack_models.py) instead of the sample.
 
 Without --data/--model it generates the project's sample data (pipelines/sample.py) with
 --classes classes and uses the class-mean linear classifier (the heavily regularized limit of a
@@ -32,9 +40,9 @@ import time
 import numpy as np
 import ray
 import torch
-import torchattacks
 
 from attacks import fool, parts
+from attacks.exact import Exact
 from attacks.fooling import pairs
 from attacks.iterative import Iterative
 from attacks.linear import LinearModel, measure
@@ -160,6 +168,8 @@ def job_rate(data: str, model: str, out: str, method: str, images: int, targets,
 
 def best_budget(net, model, X, targets, shape, keep, eps_ours) -> int:
     """The single FGSM budget that fools the most pairs of the subset, among our eps quantiles."""
+    import torchattacks
+
     budgets = sorted({int(np.quantile(eps_ours, q)) for q in (0.5, 0.75, 0.9, 1.0)})
     rates = [library(net, model, lambda e=e: torchattacks.FGSM(net, eps=e / 255), X, targets,
                      shape, keep)["ok"].float().mean() for e in budgets]
@@ -190,13 +200,25 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda for the in-process rates")
     p.add_argument("--data", help="an ingest output to use instead of the sample")
     p.add_argument("--model", help="a training output to use instead of the class-mean model")
+    p.add_argument("--exact", action="store_true", help="exact vs sign, iterative and the LP")
+    p.add_argument("--photos", action="store_true", help="with --exact: the photo-crop model")
+    p.add_argument("--lp-pairs", type=int, default=12, help="pairs solved by the LP (--exact)")
     args = p.parse_args()
     torch.set_num_threads(1)
+    if args.exact and args.photos:
+        from tests.attack_models import photo_model
+
+        W, b, X = photo_model()
+        return exact_report(args, W, b, X)
     ray.init(num_cpus=args.cpus, include_dashboard=False, logging_level="WARNING")
     ray.data.DataContext.get_current().enable_progress_bars = False
     with tempfile.TemporaryDirectory() as tmp:
         data, model_dir = (args.data, args.model) if args.data else build_inputs(tmp, args.classes)
-        run_all(args, data, model_dir, tmp)
+        if args.exact:
+            W, b, _, _ = fool.load_model(model_dir)
+            exact_report(args, W, b, load(data, "val")[0].astype(np.uint8))
+        else:
+            run_all(args, data, model_dir, tmp)
     ray.shutdown()
 
 
@@ -212,6 +234,8 @@ def run_all(args, data: str, model_dir: str, tmp: str) -> None:
     keep = torch.randperm(n_pairs, generator=torch.Generator().manual_seed(0))[:args.library_pairs]
     it_images = max(1, args.library_pairs // 4 // len(targets))
     keep_it = keep[keep < it_images * len(targets)][:max(1, args.library_pairs // 16)]
+    import torchattacks
+
     print(f"model: {C} classes, {W.shape[1]} inputs; pairs: {len(X)} images x {len(targets)} "
           f"targets = {n_pairs}; subsets: {len(keep)} pairs (FGSM per pair), "
           f"{it_images * len(targets)} pairs (iterative, {len(keep_it)} of them swept); "
@@ -259,6 +283,57 @@ def run_all(args, data: str, model_dir: str, tmp: str) -> None:
         hours = FULL_PAIRS / res[m]["rate"] / 3600
         print(f"50,000 x 1,000 {m:9s}: {hours:8.1f} core-hours at {res[m]['rate']:.0f} "
               "pairs/s/core")
+
+
+def exact_report(args, W: np.ndarray, b: np.ndarray, X_all: np.ndarray) -> None:
+    """exact vs sign vs iterative (pairs/s, one thread, same pairs), the LP per pair on a sample,
+    the certificate against the LP, the gap linf - bound_linf, and the full-run extrapolation."""
+    from tests.lp_oracle import lp_minimum
+
+    C = len(b)
+    targets = torch.tensor(np.linspace(0, C - 1, min(args.targets, C)).round().astype(int))
+    X = torch.from_numpy(X_all[:args.images].copy())
+    model = LinearModel(W, b, "cpu", LinearModel(W, b).facts(targets.tolist()))
+    it_images = max(1, len(X) // 4)
+    print(f"model: {C} classes, {W.shape[1]} inputs; pairs: {len(X)} images x {len(targets)} "
+          f"targets = {len(X) * len(targets)} ({it_images * len(targets)} for iterative); "
+          "cpu, 1 thread")
+    res = {m.name: ours(model, m, X, targets) for m in (Sign, Exact)}
+    res["iterative"] = ours(model, Iterative, X[:it_images], targets)
+    n, t = pairs(len(X), targets)
+    f = Exact(model)(X, model.scores(X), targets)  # again, for its certificate
+    moved = (model.scores(X).argmax(1)[n] != t).numpy()
+    gap = (res["exact"]["linf"] - f.bound).numpy()[moved]
+    sign_ok = res["sign"]["ok"].numpy()
+    above = (res["exact"]["linf"].numpy() > res["sign"]["linf"].numpy()) & sign_ok
+    rng = np.random.default_rng(0)
+    sample = rng.choice(np.flatnonzero(moved), min(args.lp_pairs, moved.sum()), replace=False)
+    t0, lp = time.perf_counter(), []
+    for i in sample:
+        lp.append(lp_minimum(W, b, X[n[i]].numpy(), int(t[i])))
+    lp_rate = len(sample) / (time.perf_counter() - t0)
+    lp = np.array(lp)
+    cert, linf = f.bound.numpy()[sample], res["exact"]["linf"].numpy()[sample]
+    for name in ("exact", "sign", "iterative"):
+        print(report(f"ours {name} (per core)", res[name]))
+    print(f"{'LP solver, scipy HiGHS (per core)':44s} {lp_rate:9.3f} pairs/s  ({len(sample)} pairs)")
+    print(f"exact / sign = {res['exact']['rate'] / res['sign']['rate']:.2f}x pairs/s (goal >= "
+          f"0.33), exact / iterative = {res['exact']['rate'] / res['iterative']['rate']:.2f}x "
+          f"(goal > 1), exact / LP = {res['exact']['rate'] / lp_rate:.0f}x (goal >= 10)")
+    print(f"against the LP on {len(sample)} pairs: certificate - LP max {np.max(cert - lp):+.2e} "
+          f"(must be <= 0), stored linf - LP: median {np.median(linf - lp):.2f}, "
+          f"max {np.max(linf - lp):.2f}, within one level {np.mean(linf - lp <= 1):.0%}")
+    q = np.quantile(gap, [0.5, 0.9, 0.99, 1.0])
+    print(f"gap linf - bound_linf over {moved.sum()} pairs that move: median {q[0]:.2f}, 90% "
+          f"{q[1]:.2f}, 99% {q[2]:.2f}, max {q[3]:.2f}; < 1 level (minimal, proved) "
+          f"{np.mean(gap < 1):.1%}, <= 1 level {np.mean(gap <= 1):.1%}")
+    print(f"exact above sign on {above.sum()} pairs; success exact {res['exact']['ok'].float().mean():.1%}"
+          f", sign {sign_ok.mean():.1%}")
+    for m in ("exact", "sign", "iterative"):
+        hours = FULL_PAIRS / res[m]["rate"] / 3600
+        print(f"50,000 x 1,000 {m:9s}: {hours:8.1f} core-hours at {res[m]['rate']:.0f} "
+              "pairs/s/core")
+    print(f"50,000 x 1,000 LP solver: {FULL_PAIRS / lp_rate / 3600:8.0f} core-hours")
 
 
 if __name__ == "__main__":

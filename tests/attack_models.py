@@ -56,3 +56,28 @@ def write_model(out: str, W: np.ndarray, b: np.ndarray, classes: list[str]) -> s
     storage.write_bytes(storage.join(out, schema.WEIGHTS_FILE), buf.getvalue())
     storage.write_manifest(out, {schema.M_KIND: "train", schema.M_CLASSES: classes})
     return out
+
+
+def photo_model(classes: int = 10, per_class: int = 40, steps: int = 60):
+    """A softmax fitted on 64x64 crops of scikit-learn's two photographs (a class: one of 2 x 5
+    regions of a photo, an image: a jittered crop of it): W, b and one validation-like image per
+    class, real pixels where several rivals bind at once. Needs scikit-learn (the dev extra)."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    rng = np.random.default_rng(0)
+    X, y = [], []
+    for k in range(classes):
+        photo = load_sample_images().images[(k // 5) % 2]
+        h, w = photo.shape[0] // 2, photo.shape[1] // 5
+        for _ in range(per_class):
+            s = int(rng.integers(w // 2, w + 1))
+            r0 = ((k // 10) % 2) * h + int(rng.integers(0, h - s + 1))
+            c0 = (k % 5) * w + int(rng.integers(0, w - s + 1))
+            im = Image.fromarray(photo[r0:r0 + s, c0:c0 + s]).resize((64, 64), Image.BOX)
+            noisy = np.asarray(im, np.float64) + rng.normal(0, 8, (64, 64, 3))
+            X.append(np.clip(noisy, 0, 255).astype(np.uint8).reshape(-1))
+            y.append(k)
+    X, y = np.stack(X), np.array(y)
+    W, b = fit_softmax(X, y, classes, l2=1e-3, steps=steps)
+    return W, b, X[::per_class]

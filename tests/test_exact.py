@@ -13,6 +13,7 @@ from attacks.exact import Exact
 from attacks.fooling import pairs
 from attacks.linear import LinearModel
 from attacks.sign import Sign
+from tests.attack_models import photo_model
 from tests.lp_oracle import lp_minimum, value
 from tests.test_fooling import numpy_verdict
 
@@ -49,26 +50,8 @@ def toy():
 def photos():
     """A 10-class softmax fitted on crops of scikit-learn's two photographs, 64x64x3: real
     images, where several rivals bind at once (the hard case for the dual search)."""
-    from PIL import Image
-    from sklearn.datasets import load_sample_images
-
-    from tests.attack_models import fit_softmax
-
-    rng = np.random.default_rng(0)
-    X, y = [], []
-    for k in range(10):
-        photo = load_sample_images().images[k // 5]
-        h, w = photo.shape[0] // 2, photo.shape[1] // 5
-        for _ in range(40):
-            s = int(rng.integers(w // 2, w + 1))
-            r0, c0 = int(rng.integers(0, h - s + 1)), (k % 5) * w + int(rng.integers(0, w - s + 1))
-            im = Image.fromarray(photo[r0:r0 + s, c0:c0 + s]).resize((64, 64), Image.BOX)
-            noisy = np.asarray(im, np.float64) + rng.normal(0, 8, (64, 64, 3))
-            X.append(np.clip(noisy, 0, 255).astype(np.uint8).reshape(-1))
-            y.append(k)
-    X, y = np.stack(X), np.array(y)
-    W, b = fit_softmax(X, y, 10, l2=1e-3, steps=60)
-    return W, b, X[::40][:6]
+    W, b, X = photo_model()
+    return W, b, X[:6]
 
 
 def check_against_lp(W, b, X, f, n, t, rows, margin=0.0):

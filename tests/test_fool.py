@@ -48,7 +48,8 @@ def settings(ingested, model_dir, output, **kw) -> fool.Settings:
 
 @pytest.fixture(scope="module")
 def local_run(ingested, model_dir, tmp_path_factory):
-    cfg = settings(ingested, model_dir, str(tmp_path_factory.mktemp("fooling")))
+    cfg = settings(ingested, model_dir, str(tmp_path_factory.mktemp("fooling")),
+                   methods=schema.METHODS)  # every method, the defaults and exact
     return cfg, fool.run(cfg)
 
 
@@ -80,7 +81,7 @@ def test_layout_counts_and_readers(local_run):
     assert hive.count_rows() == want
     assert hive.count_rows(filter=ds.field("target") == 1) == want // C
     sign = pd.read_parquet(pairs_dir, filters=[("method", "=", "sign")], columns=["linf"])
-    assert len(sign) == want // 3
+    assert len(sign) == want // len(schema.METHODS)
     for f in manifest[schema.M_FILES]:
         assert os.path.getsize(os.path.join(cfg.output, f["path"])) == f["bytes"]
 
@@ -146,14 +147,32 @@ def test_certified_bounds(oracle):
     margin = np.where(df[schema.ORIGIN] == "noise", math.log(0.99 / 0.01), 0.0)
     gap = np.maximum(S0 - S0[np.arange(len(t)), t][:, None] + margin[:, None], 0)
     gap[np.arange(len(t)), t] = 0
+    dual = (df[schema.METHOD] == "exact").to_numpy()  # exact's own, LP-dual certificate
     for col, p in ((schema.BOUND_LINF, 1), (schema.BOUND_L2, 2)):
         dist = np.linalg.norm(W[t][:, None, :] - W[None, :, :], ord=p, axis=2)
         want = np.where(gap > 0, gap / np.where(dist > 0, dist, 1), 0).max(1)
-        assert np.allclose(df[col], want, rtol=1e-4)
+        got = df[col].to_numpy()
+        same = ~dual if col == schema.BOUND_LINF else np.ones_like(dual)
+        assert np.allclose(got[same], want[same], rtol=1e-4)
+        assert (got[~same] >= want[~same] * (1 - 1e-4)).all()
     ok = df[schema.SUCCESS].to_numpy()
     assert (df[schema.BOUND_LINF][ok] <= df[schema.LINF][ok]).all()
     assert (df[schema.BOUND_L2][ok] <= df[schema.L2][ok]).all()
     assert (df[schema.BOUND_LINF][ok] > 0).mean() > 0.5
+    # exact: the stored step is within one level of its certificate (its minimum, proved)
+    ex = ok & dual & (df[schema.PRED] != df[schema.TARGET]).to_numpy()
+    assert ex.sum() > 20
+    assert ((df[schema.LINF] - df[schema.BOUND_LINF])[ex] < 1).mean() >= 0.95
+
+
+def test_exact_is_never_above_sign(oracle):
+    df = oracle[0]
+    key = [schema.ORIGIN, schema.IMAGE_ID, schema.TARGET]
+    both = df[df.method == "exact"].merge(df[df.method == "sign"], on=key, suffixes=("", "_s"))
+    assert len(both) == (df.method == "sign").sum() and both[schema.SUCCESS].all()
+    fooled = both[schema.SUCCESS + "_s"]
+    assert (both[schema.LINF][fooled] <= both[schema.LINF + "_s"][fooled]).all()
+    assert (both[schema.LINF] < both[schema.LINF + "_s"]).any()
 
 
 def test_sign_eps_minus_one_does_not_succeed(oracle):
