@@ -34,6 +34,7 @@ from attacks.sign import LEVELS, Sign
 
 KMAX = 8  # rivals in the dual search, nearest first (random 1,000-class models bind more)
 CALLS = 30  # root evaluations per pair at most (few pairs need more than 5)
+STEP_CALLS = 8  # the same, for the step to store: it starts from the certificate's optimum
 RAISES = (0.5, 0.85, 0.2)  # the stored step aims this fraction of the way to the next integer
 LINE_STEPS = 3  # evaluations per line search before it settles on its best point
 CONVERGED = 0.01  # stop once no rival's corner margin is short by more than this many levels
@@ -229,7 +230,8 @@ class Exact(Sign):
         r = w["r"]
         e = torch.floor(r.clamp(max=254)) + 1
         rho = frac * w["slope"] * (e - r).clamp(min=0)
-        lam, _ = search_weights(prob.raised(torch.where(torch.isfinite(rho), rho, 0.0)), w["lam"])
+        lam, _ = search_weights(prob.raised(torch.where(torch.isfinite(rho), rho, 0.0)), w["lam"],
+                                calls=STEP_CALLS)
         return torch.sign(prob.g(lam)).to(torch.int8)
 
 

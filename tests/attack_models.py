@@ -60,8 +60,8 @@ def write_model(out: str, W: np.ndarray, b: np.ndarray, classes: list[str]) -> s
 
 def photo_model(classes: int = 10, per_class: int = 40, steps: int = 60):
     """A softmax fitted on 64x64 crops of scikit-learn's two photographs (a class: one of 2 x 5
-    regions of a photo, an image: a jittered crop of it): W, b and one validation-like image per
-    class, real pixels where several rivals bind at once. Needs scikit-learn (the dev extra)."""
+    regions of a photo, an image: a jittered crop of it): W, b and ``per_class`` held-out crops
+    (classes interleaved), real pixels where several rivals bind at once. Needs scikit-learn."""
     from PIL import Image
     from sklearn.datasets import load_sample_images
 
@@ -70,7 +70,7 @@ def photo_model(classes: int = 10, per_class: int = 40, steps: int = 60):
     for k in range(classes):
         photo = load_sample_images().images[(k // 5) % 2]
         h, w = photo.shape[0] // 2, photo.shape[1] // 5
-        for _ in range(per_class):
+        for _ in range(2 * per_class):
             s = int(rng.integers(w // 2, w + 1))
             r0 = ((k // 10) % 2) * h + int(rng.integers(0, h - s + 1))
             c0 = (k % 5) * w + int(rng.integers(0, w - s + 1))
@@ -79,5 +79,7 @@ def photo_model(classes: int = 10, per_class: int = 40, steps: int = 60):
             X.append(np.clip(noisy, 0, 255).astype(np.uint8).reshape(-1))
             y.append(k)
     X, y = np.stack(X), np.array(y)
-    W, b = fit_softmax(X, y, classes, l2=1e-3, steps=steps)
-    return W, b, X[::per_class]
+    fit = np.arange(len(y)) % (2 * per_class) < per_class
+    W, b = fit_softmax(X[fit], y[fit], classes, l2=1e-3, steps=steps)
+    held = X[~fit].reshape(classes, per_class, -1)
+    return W, b, held.transpose(1, 0, 2).reshape(classes * per_class, -1)
