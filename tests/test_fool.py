@@ -217,7 +217,7 @@ def test_summary_printout(local_run, capsys):
     for origin in schema.ORIGINS:
         for method in schema.METHODS:
             assert f"{origin:5s} {method:9s} fooled" in out
-    assert out.count(".png") == 6
+    assert out.count(".png") == len(schema.ORIGINS) * len(schema.METHODS)
 
 
 def test_contact_sheets(local_run):
@@ -272,7 +272,13 @@ def test_s3_output_agrees_with_local(local_run, bucket):
     out = f"{bucket}/fooling"
     remote = fool.run(dataclasses.replace(cfg, output=out))
     assert remote[schema.M_COUNTS] == manifest[schema.M_COUNTS]
-    pd.testing.assert_frame_equal(read_pairs(cfg.output), read_pairs(out))
+    a, b = read_pairs(cfg.output), read_pairs(out)
+    # exact's dual search can end on another image of the same L-inf distance between runs
+    # (a few pixels: seen once under Ray, not reproduced in one process); its measures agree
+    other = (a[schema.METHOD] != "exact").to_numpy()
+    pd.testing.assert_frame_equal(a[other], b[other])
+    cols = KEYS + [schema.SUCCESS, schema.STRENGTH, schema.LINF, schema.BOUND_LINF]
+    pd.testing.assert_frame_equal(a.loc[~other, cols], b.loc[~other, cols])
     for name in (schema.SUMMARY_TARGETS, schema.SUMMARY_METHODS, schema.SUMMARY_BUDGET):
         local = pd.read_parquet(os.path.join(cfg.output, schema.SUMMARY_DIR, name))
         raw = storage.read_bytes(storage.join(out, schema.SUMMARY_DIR, name))
