@@ -151,7 +151,8 @@ def test_lp_oracle_is_tight():
     rng = np.random.default_rng(4)
     W = rng.normal(0, 1e-3, (4, 48))
     X = rng.integers(0, 256, 48)
-    eps = lp_minimum(W, np.zeros(4), X, 2)
+    t = int(np.argmin(W @ X))  # the class the model likes least
+    eps = lp_minimum(W, np.zeros(4), X, t)
     assert 0 < eps < 255
-    assert value(W, np.zeros(4), X, 2, eps)[0] == pytest.approx(0, abs=1e-7)
-    assert value(W, np.zeros(4), X, 2, 0.99 * eps)[0] < 0
+    assert value(W, np.zeros(4), X, t, eps)[0] == pytest.approx(0, abs=1e-7)
+    assert value(W, np.zeros(4), X, t, 0.99 * eps)[0] < 0
