@@ -196,8 +196,7 @@ def test_stronger_regularization_needs_larger_perturbations(ingested):
 
 
 CORE = ("linear", "fooling", "template", "sign", "iterative", "exact", "noise", "parts", "rows",
-        "worker",
-        "summary", "figures", "outputs")
+        "worker", "summary", "figures", "outputs")
 
 
 def test_core_modules_do_not_import_ray():
