@@ -306,6 +306,8 @@ def exact_report(args, W: np.ndarray, b: np.ndarray, X_all: np.ndarray) -> None:
     gap = (res["exact"]["linf"] - f.bound).numpy()[moved]
     sign_ok = res["sign"]["ok"].numpy()
     above = (res["exact"]["linf"].numpy() > res["sign"]["linf"].numpy()) & sign_ok
+    for name in ("exact", "sign", "iterative"):
+        print(report(f"ours {name} (per core)", res[name]), flush=True)
     rng = np.random.default_rng(0)
     sample = rng.choice(np.flatnonzero(moved), min(args.lp_pairs, moved.sum()), replace=False)
     t0, lp = time.perf_counter(), []
@@ -314,8 +316,6 @@ def exact_report(args, W: np.ndarray, b: np.ndarray, X_all: np.ndarray) -> None:
     lp_rate = len(sample) / (time.perf_counter() - t0)
     lp = np.array(lp)
     cert, linf = f.bound.numpy()[sample], res["exact"]["linf"].numpy()[sample]
-    for name in ("exact", "sign", "iterative"):
-        print(report(f"ours {name} (per core)", res[name]))
     print(f"{'LP solver, scipy HiGHS (per core)':44s} {lp_rate:9.3f} pairs/s  ({len(sample)} pairs)")
     print(f"exact / sign = {res['exact']['rate'] / res['sign']['rate']:.2f}x pairs/s (goal >= "
           f"0.33), exact / iterative = {res['exact']['rate'] / res['iterative']['rate']:.2f}x "
