@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 
 from attacks.fooling import Fooled, expand, first_success, pairs
+from attacks.iterative import Iterative
 from attacks.linear import BOUND_SLACK, LinearModel, _round_down
 from attacks.sign import LEVELS, Sign
 
@@ -194,7 +195,8 @@ class Exact(Sign):
         return fooled
 
     def fall_back(self, fooled: Fooled, x, s, t, idx) -> None:
-        """Where the stored step is still not proved minimal, Sign's step if it is smaller."""
+        """Where the stored step is still not proved minimal, Sign's step if it is smaller; where
+        it still fails, the iterative attack's image."""
         if len(idx) == 0:
             return
         sign = Sign(self.model, self.confidence)
@@ -202,6 +204,11 @@ class Exact(Sign):
         g = self.model.estimate(ds)
         k0 = first_success(s[idx], g, t[idx], 1, self.kmax, self.confidence)
         self.keep_better(fooled, idx, sign.search(x[idx], ds, s[idx], g, t[idx], k0), t)
+        for target in t[idx].unique():  # still failing (the dual saw too few rivals): BIM's walk
+            rows = idx[(t[idx] == target) & ~self.passes(fooled.scores[idx], t[idx])]
+            if len(rows):
+                walk = Iterative(self.model, self.confidence)(x[rows], s[rows], target[None])
+                self.keep_better(fooled, rows, walk, t)
 
     # --- the dual search ------------------------------------------------------------------------
     def certify(self, x, s, t, idx, rivals=None) -> dict:
