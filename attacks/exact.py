@@ -61,7 +61,9 @@ class Exact(Sign):
     weights, recomputed in float64 and shaved by ``BOUND_SLACK`` (relative): no image of any
     kind closer than it makes t win (exact arithmetic on the float32 weights). Where
     ``strength < bound + 1`` the strength is the minimal integer L-inf distance of any image,
-    proved; elsewhere the pair also gets a plain Sign attack and keeps the smaller step.
+    proved; elsewhere the pair tries again (other raised goals, a few pixels set inside the box,
+    more rivals), then a plain Sign attack (the smaller step is kept), and where all fail the
+    iterative attack's image: never above Sign.
 
     With ``confidence`` P the goal is the margin form: t beats every rival by ``log(P / (1 - P))``
     (an LP still; for two classes it is p_t >= P, with more classes p_t may stay below P: at least
