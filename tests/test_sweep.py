@@ -10,7 +10,8 @@ import pytest
 
 from common import schema, storage
 from common.errors import ConfigError
-from training import sweep, weights
+from common.model import read_model
+from training import sweep
 
 
 def test_trial_settings_carry_the_sweep_flags(tmp_path):
@@ -24,7 +25,7 @@ def test_trial_settings_carry_the_sweep_flags(tmp_path):
 
 def test_markdown_has_a_row_per_setting():
     rows = [{"reg": r, "val_top1": 0.5, "val_top5": 1.0, "val_loss": 1.0, "train_loss": 0.9,
-             "w_norm": 2.0, "w_pixels_norm": 0.1} for r in (1e-4, 100.0)]
+             "w_norm": 2.0, "w_pixels_norm": 0.1, "median_sign_eps": 7.0} for r in (1e-4, 100.0)]
     lines = sweep.markdown(rows).strip().splitlines()
     assert len(lines) == 4 and lines[2].startswith("| 0.0001 |") and "50.0%" in lines[3]
 
@@ -49,10 +50,11 @@ def test_sweep_writes_one_row_per_setting(ingested, tmp_path):
     assert len(md) == 2 + len(regs)
     for row in table:  # each training has its own complete model
         m = storage.read_manifest(row["model"], "model")
-        W, _, _ = weights.read_weights(row["model"])
+        W = read_model(row["model"]).W
         assert m[schema.M_CONFIG]["reg"] == row["reg"]
         assert row["w_pixels_norm"] == pytest.approx(float(np.linalg.norm(W)), rel=1e-5)
         assert os.path.exists(os.path.join(row["model"], schema.TEMPLATES_FILE))
     weak, strong = table
     assert strong["w_norm"] < weak["w_norm"]  # L2 shrinks the weights: the blog's trade-off
+    assert strong["median_sign_eps"] > weak["median_sign_eps"]  # and takes larger steps to fool
     assert storage.read_manifest(out, "sweep")[schema.M_KIND] == "sweep"

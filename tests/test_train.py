@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from common import dataset, schema, storage
+from common.model import read_model, write_weights
 from common.errors import ConfigError
 from training import batches, softmax, train, weights
 
@@ -36,12 +37,15 @@ def test_pixels_reads_arrow_buffers_exactly():
     rng = np.random.default_rng(0)
     rows = rng.integers(0, 256, (7, 12), dtype=np.uint8)
     arr = pa.array([r.tobytes() for r in rows], pa.binary())
-    np.testing.assert_array_equal(batches.pixels(arr, 12), rows)
-    np.testing.assert_array_equal(batches.pixels(arr.slice(2, 4), 12), rows[2:6])  # offsets
+    np.testing.assert_array_equal(dataset.pixels(arr, 12), rows)
+    np.testing.assert_array_equal(dataset.pixels(arr.slice(2, 4), 12), rows[2:6])  # offsets
     chunked = pa.chunked_array([arr.slice(0, 3), arr.slice(3)]).cast(pa.large_binary())
-    np.testing.assert_array_equal(batches.pixels(chunked, 12), rows)
-    with pytest.raises(ValueError, match="exactly 12 bytes"):
-        batches.pixels(pa.array([b"x" * 12, b"y" * 11], pa.binary()), 12)
+    np.testing.assert_array_equal(dataset.pixels(chunked, 12), rows)
+    bad = pa.array([b"x" * 12, b"y" * 11], pa.binary())
+    with pytest.raises(ConfigError, match=r"image 'b' in f.parquet is 11 bytes, not the 12"):
+        dataset.pixels(bad, 12, ["a", "b"], "f.parquet")
+    with pytest.raises(ConfigError, match="image 'b' .* null"):
+        dataset.pixels(pa.array([b"x" * 12, None], pa.binary()), 12, pa.array(["a", "b"]))
 
 
 def test_cache_draws_every_row_once_per_epoch():
@@ -69,16 +73,17 @@ def test_epoch_seeds_differ_by_epoch_and_rank_only():
 def test_weights_round_trip(tmp_path):
     W = np.random.default_rng(0).normal(size=(3, 12)).astype(np.float32)
     b = np.arange(3, dtype=np.float32)
-    entry = weights.write_weights(str(tmp_path), W, b, ["a", "b", "c"])
+    entry = write_weights(str(tmp_path), W, b, ["a", "b", "c"])
     data = (tmp_path / schema.WEIGHTS_FILE).read_bytes()
     assert entry["sha256"] == hashlib.sha256(data).hexdigest()
     with np.load(io.BytesIO(data), allow_pickle=False) as z:  # what analysts do
         assert z[schema.W_KEY].dtype == np.float32 and list(z[schema.CLASSES_KEY]) == list("abc")
     with pytest.raises(ConfigError, match="manifest"):  # no manifest: not a complete model
-        weights.read_weights(str(tmp_path))
+        read_model(str(tmp_path))
     storage.write_manifest(str(tmp_path), {"kind": "train"})
-    W2, b2, classes = weights.read_weights(str(tmp_path))
-    assert np.array_equal(W2, W) and np.array_equal(b2, b) and classes == ["a", "b", "c"]
+    m = read_model(str(tmp_path))
+    assert np.array_equal(m.W, W) and np.array_equal(m.b, b) and m.classes == ["a", "b", "c"]
+    assert m.sha256 == entry["sha256"]
 
 
 class _Payload:
@@ -100,7 +105,10 @@ def fake_ingest(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("fake-ingest")
     for split in schema.SPLITS:
         (out / split).mkdir()
-        pq.write_table(pa.table({"image": [b"\0" * 12], "label": pa.array([0], pa.int16())}),
+        row = {schema.IMAGE_ID: ["x"], schema.LABEL: [0], schema.WNID: ["n1"],
+               schema.IMAGE: [b"\0" * 12], schema.SOURCE: ["x.JPEG"], schema.ORIG_WIDTH: [2],
+               schema.ORIG_HEIGHT: [2]}
+        pq.write_table(pa.Table.from_pydict(row, schema=schema.IMAGES_SCHEMA),
                        out / split / "part-00000.parquet")
     storage.write_manifest(str(out), {
         schema.M_KIND: "ingest", schema.M_CLASSES: ["n1"], schema.M_IMAGE_SHAPE: [2, 2, 3],
@@ -116,7 +124,6 @@ def fake_ingest(tmp_path_factory) -> str:
     ({"reg": -0.1}, "--reg"),
     ({"momentum": 1.0}, "--momentum"),
     ({"num_workers": 3}, "multiple of --num-workers"),
-    ({"fail_at_epoch": 1}, "--fail-at-epoch"),
     ({"optimizer": "lbfgs"}, "unknown --optimizer"),
 ])
 def test_bad_settings_fail_before_ray(fake_ingest, tmp_path, change, message):
@@ -139,11 +146,12 @@ def test_unwritable_output_is_refused(fake_ingest, tmp_path):
 
 def test_unfinished_run_with_other_settings_is_refused(fake_ingest, tmp_path):
     out = str(tmp_path / "m")
-    train._prepare_output(train.Settings(data=fake_ingest, output=out, reg=1.0))
+    train.output(train.Settings(data=fake_ingest, output=out, reg=1.0)).prepare(False)
     with pytest.raises(ConfigError, match="reg: 1.0 -> 2.0"):
-        train._prepare_output(train.Settings(data=fake_ingest, output=out, reg=2.0))
-    # settings that do not change the model may differ
-    train._prepare_output(train.Settings(data=fake_ingest, output=out, reg=1.0, num_workers=2))
+        train.output(train.Settings(data=fake_ingest, output=out, reg=2.0)).prepare(False)
+    # settings that do not change the model may differ: the run resumes
+    assert train.output(train.Settings(data=fake_ingest, output=out, reg=1.0,
+                                       num_workers=2)).prepare(False)
 
 
 # --- with Ray ------------------------------------------------------------------------------------
@@ -159,8 +167,8 @@ def _val_rows(data: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _weights(out: str) -> tuple[np.ndarray, np.ndarray]:
-    W, b, _ = weights.read_weights(out)
-    return W, b
+    m = read_model(out)
+    return m.W, m.b
 
 
 @pytest.fixture(scope="module")
@@ -242,8 +250,8 @@ def test_killed_worker_resumes_from_checkpoint_on_s3(trained, ingested, bucket):
     pafs.copy_files(ingested, path, source_filesystem=pafs.LocalFileSystem(),
                     destination_filesystem=fs)
     model = f"{bucket}/train-test/model"
-    m = train.run(train.Settings(data=data, output=model, fail_at_epoch=2, max_failures=1,
-                                 **SMALL))
+    m = train.run(train.Settings(data=data, output=model, max_failures=1, **SMALL),
+                  fail_at_epoch=2)
     assert m[schema.M_FINAL]["epoch"] == SMALL["epochs"]
     assert _metrics(model)["resumed_after"] == [1]  # the failure happened, and was recovered
     W, b = _weights(model)
