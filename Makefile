@@ -39,7 +39,7 @@ demo: $(STAMP)
 	$(PY) -m attacks.fool --data $(DEMO)/imagenet64 --model $(DEMO)/model \
 		--output $(DEMO)/fooling --noise-images 4 --overwrite
 	$(PY) -m attacks.summary --output $(DEMO)/fooling
-	$(PY) -m attacks.report --results $(DEMO)/fooling --output $(DEMO)/report
+	$(PY) -m attacks.report --results $(DEMO)/fooling --output $(DEMO)/report --overwrite
 
 bench-ingest: $(STAMP)
 	$(PY) -m benchmarks.ingest --per-class 1000

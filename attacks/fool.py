@@ -6,7 +6,7 @@
     ray job submit --working-dir . -- python -m attacks.fool --data s3://b/imagenet64 \\
         --model s3://b/model --output s3://b/fooling --use-gpu
 
-Writes, under the output (layout in ../shared/DESIGN.md, "Fooling results"):
+Writes, under the output (layout in docs/design.md, "Fooling results"):
 - ``pairs/method=<m>/target=<t>/<chunk>.parquet``: one row per (image, target, method), columns
   in common/schema.py (method and target are the folder names); ``<chunk>`` is ``val-NNNNN``
   (a run of validation images sized so the file is about --file-size-mb) or ``noise-00000``.
@@ -38,7 +38,7 @@ from attacks import outputs, parts
 from attacks.linear import LinearModel
 from attacks.worker import ATTACKS, FoolWorker, Job
 from common import cli, dataset, lifecycle, schema
-from common.errors import ConfigError, find_config_error
+from common.errors import ConfigError
 from common.model import Model, read_model
 
 log = logging.getLogger(__name__)
@@ -165,13 +165,10 @@ def _run_parts(cfg: Settings, todo: list[dict], job: Job, model: Model, facts: d
     out = ds.map_batches(RayFoolWorker, batch_size=1, batch_format="numpy",
                          compute=ray.data.ActorPoolStrategy(size=max(1, min(workers, len(todo)))),
                          fn_constructor_kwargs={"refs": refs, "job": job}, **resources)
-    try:
-        out.materialize()
-    except Exception as e:  # a bad row found by a worker comes back as its one line
-        cause = find_config_error(e)
-        if cause is None:
-            raise
-        raise cause from None
+    errors = [r["error"] for r in (json.loads(row["result"]) for row in out.take_all())
+              if "error" in r]
+    if errors:  # bad data a worker found: its one line (the parts without it are kept)
+        raise ConfigError(errors[0])
 
 
 class RayFoolWorker(FoolWorker):

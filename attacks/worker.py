@@ -26,6 +26,7 @@ from attacks.rows import TargetFiles, pair_tables
 from attacks.sign import Sign
 from attacks.template import Template
 from common import dataset, schema
+from common.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,15 @@ class FoolWorker:
                                              ("noise", job.noise_confidence))}
 
     def __call__(self, batch: dict) -> dict:
-        results = [self.run_part(json.loads(p)) for p in batch["part"]]
+        """Run each part; bad data (a ConfigError, e.g. an image of the wrong length) comes back
+        as the part's ``error``, one line for the driver, instead of a retried task failure."""
+        results = []
+        for p in batch["part"]:
+            part = json.loads(p)
+            try:
+                results.append(self.run_part(part))
+            except ConfigError as e:
+                results.append({"key": part["key"], "error": str(e)})
         return {"result": np.array([json.dumps(r) for r in results], dtype=object)}
 
     def run_part(self, part: dict) -> dict:

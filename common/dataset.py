@@ -135,7 +135,7 @@ def pixels(column: pa.ChunkedArray | pa.Array, D: int, ids=None, where: str | No
                 name = repr(name.as_py() if hasattr(name, "as_py") else name)
             size = "null" if not chunk[bad].is_valid else f"{lengths[bad]} bytes"
             raise ConfigError(f"image {name}{f' in {where}' if where else ''} is {size}, not the "
-                              f"{D} bytes of a {shape or D} image")
+                              f"{D} bytes every image of the data has ({shape or 'H*W*3'})")
         parts.append(np.frombuffer(data_buf, np.uint8)[offsets[0]: offsets[-1]].reshape(n, D))
         start += n
     if not parts:

@@ -141,11 +141,9 @@ class Output:
         ours = self._read(IDENTITY_FILE) if IDENTITY_FILE in found else None
         manifest = self._read(storage.MANIFEST) if storage.MANIFEST in found else None
         kind = (manifest or ours or {}).get("kind")
-        if found and kind != self.kind:
-            what = f"a {kind} output" if kind else "files this job did not record writing"
-            raise ConfigError(f"{self.uri} holds {what} ({', '.join(found)}): choose another "
-                              f"output or remove them; --overwrite replaces only a {self.kind} "
-                              "output")
+        if found and kind is not None and kind != self.kind:
+            raise ConfigError(f"{self.uri} holds a {kind} output ({', '.join(found)}): choose "
+                              f"another output; --overwrite replaces only a {self.kind} output")
         if found and ours is None:
             raise ConfigError(f"{self.uri} holds {', '.join(found)} without {IDENTITY_FILE}: "
                               "not written by this job; choose another output or remove them")

@@ -1,4 +1,4 @@
-"""The data contracts between the jobs (../shared/DESIGN.md), defined once and imported everywhere.
+"""The data contracts between the jobs (docs/design.md), defined once and imported everywhere.
 
 Column names, Arrow types and manifest keys live here and nowhere else.
 """

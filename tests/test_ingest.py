@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import uuid
@@ -18,6 +19,7 @@ import pytest
 from common import schema, storage
 from common.errors import ConfigError
 from pipelines import images, ingest, sample, sources
+from tests.trees import tree_digest
 
 pytestmark = pytest.mark.slow
 
@@ -107,16 +109,41 @@ def test_pixel_statistics_match_numpy(ingested):
 
 
 def test_rerun_refuses_and_overwrite_replaces(ingested, sample_dir, tmp_path):
-    with pytest.raises(ConfigError, match="already holds a complete ingest.*--overwrite"):
+    with pytest.raises(ConfigError, match="already holds a finished ingest output.*--overwrite"):
         ingest.run(ingest.Settings(source=str(sample_dir), output=ingested))
+    stale = tmp_path / "stale"
+    (stale / "train").mkdir(parents=True)  # data no ingest recorded writing: never adopted
+    for overwrite in (False, True):
+        with pytest.raises(ConfigError, match="holds train without _identity.json"):
+            ingest.run(ingest.Settings(source=str(sample_dir), output=str(stale),
+                                       overwrite=overwrite))
+    assert os.listdir(stale) == ["train"]
     out = str(tmp_path / "partial")
-    os.makedirs(os.path.join(out, "train"))  # what a killed run leaves: data, no manifest
-    with pytest.raises(ConfigError, match="unfinished earlier ingest"):
-        ingest.run(ingest.Settings(source=str(sample_dir), output=out))
-    m = ingest.run(ingest.Settings(source=str(sample_dir), output=out, overwrite=True,
-                                   splits=("val",), resize="crop", size=32))
+    cfg = ingest.Settings(source=str(sample_dir), output=out, splits=("val",), size=32)
+    ingest.output(cfg).prepare(False)  # what a killed run leaves: its record and some data
+    os.makedirs(os.path.join(out, "val"))
+    open(os.path.join(out, "val", "part-09999.parquet"), "wb").write(b"half a file")
+    open(os.path.join(out, "notes.txt"), "w").write("the user's own")
+    m = ingest.run(cfg)  # the same ingest starts again from scratch
     assert m[schema.M_IMAGE_SHAPE] == [32, 32, 3] and set(m[schema.M_COUNTS]) == {"val"}
-    assert sorted(os.listdir(out)) == ["manifest.json", "quarantine", "val"]
+    assert "part-09999.parquet" not in os.listdir(os.path.join(out, "val"))
+    m = ingest.run(ingest.Settings(source=str(sample_dir), output=out, overwrite=True,
+                                   splits=("val",), resize="crop", size=16))
+    assert m[schema.M_IMAGE_SHAPE] == [16, 16, 3]
+    assert sorted(os.listdir(out)) == ["_identity.json", "manifest.json", "notes.txt",
+                                       "quarantine", "val"]
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "parent"])
+def test_an_output_overlapping_the_source_is_refused_and_the_source_untouched(
+        sample_dir, tmp_path, where):
+    src = tmp_path / "src"
+    shutil.copytree(sample_dir / "val", src / "val")
+    before = tree_digest(src)
+    output = {"same": src, "inside": src / "val" / "out", "parent": tmp_path}[where]
+    with pytest.raises(ConfigError, match="choose an output apart from the job's inputs"):
+        ingest.run(ingest.Settings(source=str(src), output=str(output), overwrite=True))
+    assert tree_digest(src) == before
 
 
 def test_file_size_option_splits_files(sample_dir, ray_local, tmp_path):

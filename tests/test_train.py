@@ -23,8 +23,9 @@ import torch
 from PIL import Image
 
 from common import dataset, schema, storage
-from common.model import read_model, write_weights
 from common.errors import ConfigError
+from common.model import read_model, write_weights
+from tests.trees import tree_digest
 from training import batches, softmax, train, weights
 
 SMALL = {"epochs": 2, "batch_size": 16}  # 48 training rows: 3 steps an epoch
@@ -42,8 +43,9 @@ def test_pixels_reads_arrow_buffers_exactly():
     chunked = pa.chunked_array([arr.slice(0, 3), arr.slice(3)]).cast(pa.large_binary())
     np.testing.assert_array_equal(dataset.pixels(chunked, 12), rows)
     bad = pa.array([b"x" * 12, b"y" * 11], pa.binary())
-    with pytest.raises(ConfigError, match=r"image 'b' in f.parquet is 11 bytes, not the 12"):
-        dataset.pixels(bad, 12, ["a", "b"], "f.parquet")
+    with pytest.raises(ConfigError, match=r"image 'b' in f.parquet is 11 bytes, not the 12 "
+                                          r"bytes every image of the data has \(\[2, 2, 3\]\)"):
+        dataset.pixels(bad, 12, ["a", "b"], "f.parquet", [2, 2, 3])
     with pytest.raises(ConfigError, match="image 'b' .* null"):
         dataset.pixels(pa.array([b"x" * 12, None], pa.binary()), 12, pa.array(["a", "b"]))
 
@@ -220,7 +222,7 @@ def test_outputs_are_complete(trained):
         path = os.path.join(out, schema.CHECKPOINTS_DIR, f"epoch-{epoch:04d}",
                             schema.CHECKPOINT_FILE)
         assert torch.load(path, weights_only=True)["epoch"] == epoch
-    with pytest.raises(ConfigError, match="already holds a finished model"):
+    with pytest.raises(ConfigError, match="already holds a finished train output"):
         train.run(train.Settings(data=m[schema.M_DATA], output=out, **SMALL))
 
 
@@ -297,3 +299,72 @@ def test_training_on_the_gpu_caches_and_beats_chance(ingested, tmp_path):
     state = torch.load(os.path.join(str(tmp_path), schema.CHECKPOINTS_DIR, "epoch-0002",
                                     schema.CHECKPOINT_FILE), weights_only=True)
     assert state["model"]["weight"].device.type == "cpu"
+
+
+# --- the output lifecycle, bad data and divergence -------------------------------------------
+
+
+@pytest.mark.parametrize("inside", [False, True])
+def test_output_at_or_inside_the_data_is_refused_and_the_data_untouched(fake_ingest, tmp_path,
+                                                                        inside):
+    data = str(tmp_path / "data")
+    shutil.copytree(fake_ingest, data)
+    before = tree_digest(data)
+    out = os.path.join(data, "model") if inside else data
+    with pytest.raises(ConfigError, match="choose an output apart from the job's inputs"):
+        train.run(train.Settings(data=data, output=out, overwrite=True))
+    assert tree_digest(data) == before
+
+
+def test_foreign_checkpoints_are_never_adopted(fake_ingest, tmp_path):
+    """Another run's checkpoints without this job's identity record: refused, even with
+    --overwrite (they are not this job's to delete), before Ray starts."""
+    out = tmp_path / "m"
+    (out / schema.CHECKPOINTS_DIR / "epoch-0002").mkdir(parents=True)
+    (out / schema.CHECKPOINTS_DIR / "epoch-0002" / schema.CHECKPOINT_FILE).write_bytes(b"x")
+    for overwrite in (False, True):
+        with pytest.raises(ConfigError, match="holds checkpoints without _identity.json"):
+            train.run(train.Settings(data=fake_ingest, output=str(out), overwrite=overwrite))
+    assert sorted(os.listdir(out)) == [schema.CHECKPOINTS_DIR]
+
+
+def test_a_rerun_on_other_data_is_refused(fake_ingest, tmp_path):
+    other = str(tmp_path / "other")
+    shutil.copytree(fake_ingest, other)
+    m = storage.read_manifest(other)
+    storage.write_manifest(other, {**m, schema.M_CREATED: "another ingest"})
+    out = str(tmp_path / "m")
+    train.output(train.Settings(data=fake_ingest, output=out)).prepare(False)
+    with pytest.raises(ConfigError, match="inputs.data.manifest_sha256"):
+        train.output(train.Settings(data=other, output=out)).prepare(False)
+
+
+@pytest.mark.slow
+def test_divergence_stops_with_the_epoch_and_publishes_nothing(ingested, tmp_path):
+    out = tmp_path / "m"
+    with pytest.raises(ConfigError, match=r"training diverged in epoch 1: .*lower --lr"):
+        train.run(train.Settings(data=ingested, output=str(out), lr=1e30, schedule="constant",
+                                 **SMALL))
+    left = set(os.listdir(out))
+    assert not left & {storage.MANIFEST, schema.WEIGHTS_FILE, schema.METRICS_FILE}
+    assert not os.path.exists(out / schema.CHECKPOINTS_DIR / "epoch-0001")
+
+
+@pytest.mark.slow
+def test_an_image_of_the_wrong_length_is_named_with_its_file(ingested, tmp_path):
+    data = str(tmp_path / "data")
+    shutil.copytree(ingested, data)
+    m = dataset.open_ingest(data)
+    path = dataset.split_files(data, m, "train")[0]
+    table = pq.read_table(path)
+    images = table.column(schema.IMAGE).to_pylist()
+    images[5] = images[5][:-3]  # not the first row: the up-front check reads only that one
+    table = table.set_column(table.schema.get_field_index(schema.IMAGE), schema.IMAGE,
+                             pa.array(images, pa.binary()))
+    pq.write_table(table, path)
+    bad_id = table.column(schema.IMAGE_ID)[5].as_py()
+    with pytest.raises(ConfigError) as e:
+        train.run(train.Settings(data=data, output=str(tmp_path / "m"), max_failures=0,
+                                 **SMALL))
+    assert f"image {bad_id!r} in " in str(e.value) and "part-" in str(e.value)
+    assert "12285 bytes, not the 12288 bytes" in str(e.value) and "\n" not in str(e.value)
