@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 
 from common import cli, dataset, lifecycle, schema, storage
-from common.errors import ConfigError
+from common.errors import ConfigError, find_config_error
 from common.model import read_model
 from common.sweep import TABLE, markdown, write_sweep
 from training import train
@@ -171,6 +171,10 @@ def _tune(cfg: Settings) -> None:
     results = tuner.fit()
     failed = [r.error for r in results if r.error]
     if failed:
+        cause = find_config_error(failed[0])  # e.g. a training that diverged: its one line
+        if cause is not None:
+            raise ConfigError(f"{len(failed)} of {len(cfg.reg)} trainings failed; the first: "
+                              f"{cause}")
         raise RuntimeError(f"{len(failed)} of {len(cfg.reg)} trainings failed: {failed[0]}")
 
 
