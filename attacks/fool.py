@@ -58,13 +58,14 @@ class Settings:
     targets: tuple[str, ...] = field(
         default=(), metadata={"help": "target classes, as indices or WNIDs (default: all)"})
     limit_images: int | None = field(
-        default=None, metadata={"help": "attack only the first N validation images"})
+        default=None, metadata={"help": "attack only the first N validation images (default: all)"})
     noise_images: int = field(
         default=0, metadata={"help": "also start from K seeded random-noise images"})
     seed: int = field(default=0, metadata={"help": "seed of the noise images"})
     confidence: float | None = field(
         default=None, metadata={"help": "push until the target's probability is at least P "
-                                        "(validation images too; noise starts default to 0.99)"})
+                                        "(default: off, the first image classified as the "
+                                        "target; noise starts always go to P or 0.99)"})
     keep_images: str = field(default="all", metadata={"help": "store the fooling images or not",
                                                       "choices": ("all", "none")})
     use_gpu: bool = field(default=False, metadata={"help": "one GPU actor per GPU, torch on cuda"})
@@ -72,7 +73,8 @@ class Settings:
         "help": "(image, target) pairs per matrix batch; a worker's memory is about "
                 "batch x 12288 x 32 bytes (400 MB at 1024)"})
     targets_per_part: int = field(default=8, metadata={"help": "targets per unit of work"})
-    file_size_mb: float = field(default=128, metadata={"help": "target size of the pair files"})
+    file_size_mb: float = field(default=128, metadata={
+        "help": "target size of the pair files, MiB"})
     workers: int | None = field(default=None, metadata={"help": "actors (default: CPUs or GPUs)"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing output"})
 

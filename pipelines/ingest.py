@@ -61,8 +61,9 @@ class Settings:
         default=True, metadata={"help": "reduced-size JPEG decoding (several times faster)"}
     )
     limit_per_class: int | None = field(
-        default=None, metadata={"help": "ingest at most N images per class and split (quick runs)"}
-    )
+        default=None,
+        metadata={"help": "ingest at most N images per class and split, for quick runs "
+                          "(default: all)"})
     file_size_mb: int = field(default=128, metadata={"help": "target Parquet file size, MiB"})
     batch_size: int = field(default=512, metadata={"help": "files per decode task"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing output"})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from dataclasses import dataclass, field, fields
@@ -43,14 +44,18 @@ def test_help_explains_every_flag():
     for f in fields(Example):
         assert "--" + f.name.replace("_", "-") in text
         assert f.metadata["help"] in text
-    assert "(default: train,val)" in text and "--no-overwrite" in text
+    assert "(default: train,val)" in text and "(default: none)" in text
+    assert "--overwrite" in text and "--no-overwrite" not in text  # a switch, no negation
+    assert text.count("default:") == sum(f.default is not False for f in fields(Example)
+                                         if f.default is not dataclasses.MISSING)
 
 
 @pytest.mark.parametrize("module", ["pipelines.ingest", "pipelines.sample", "pipelines.summary"])
 def test_job_help_runs(module):
     out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True,
                          timeout=120, check=True).stdout
-    assert "usage:" in out and "--" in out
+    assert out.startswith(f"usage: python -m {module} ") and "--" in out
+    assert "(default: all) (default" not in out
 
 
 JOBS = ["pipelines.ingest", "pipelines.sample", "pipelines.summary", "training.train",
