@@ -24,7 +24,6 @@ Partitions are read one (method, target) folder at a time, so memory does not gr
 
 from __future__ import annotations
 
-import io
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -196,8 +195,12 @@ def describe(output: str) -> str:
     lines = [f"{output}: {c['pairs']} pairs = ({c['val_images']} validation + {c['noise_images']} "
              f"noise images) x {c['targets']} targets x {len(c['methods'])} methods, "
              f"{m[schema.M_TIMINGS]['total_s']:.0f} s"]
-    raw = storage.read_bytes(storage.join(output, schema.SUMMARY_DIR, schema.SUMMARY_METHODS))
-    for r in pq.read_table(io.BytesIO(raw)).to_pylist():
+    # Read through pyarrow's own file, never a Python file object (io.BytesIO): pyarrow's I/O
+    # threads touch such an object, and one doing so while the interpreter exits is ended by
+    # CPython mid-C++ ("terminate called without an active exception", exit status 134).
+    fs, path = storage.filesystem(storage.join(output, schema.SUMMARY_DIR,
+                                               schema.SUMMARY_METHODS))
+    for r in pq.read_table(path, filesystem=fs).to_pylist():
         lines.append(f"  {r[schema.ORIGIN]:5s} {r[schema.METHOD]:9s} fooled "
                      f"{r['success_rate']:6.1%} of {r['pairs']} pairs; L-inf median "
                      f"{r['linf_q50']:.1f}, 90% {r['linf_q90']:.1f}; mean L2 {r['l2_mean']:.0f}")
