@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import os
 import shutil
+import tempfile
 
 import pytest
 
@@ -206,3 +207,23 @@ def test_a_malformed_val_csv_is_one_line_naming_the_line(tmp_path, body, message
     with pytest.raises(ConfigError, match=message) as e:
         sources.scan(str(tmp_path), ("val",))
     assert "\n" not in str(e.value)
+
+
+def test_a_folder_that_may_not_be_read_is_quarantined_not_fatal():
+    """A class folder without read permission (chmod 000; as root, listed as user nobody, since
+    root reads anything) is one quarantine row; the rest of the tree is listed."""
+    with tempfile.TemporaryDirectory() as tmp:  # not under pytest's 0700 folders
+        os.chmod(tmp, 0o755)
+        for rel in ("train/n01/a.JPEG", "train/n02/b.JPEG"):
+            os.makedirs(os.path.join(tmp, os.path.dirname(rel)), mode=0o755, exist_ok=True)
+            touch(os.path.join(tmp, rel))
+        os.chmod(os.path.join(tmp, "train/n02"), 0)
+        if os.geteuid() == 0:
+            os.seteuid(65534)
+        try:
+            listing = sources.scan(tmp, ("train",))
+        finally:
+            if os.getuid() == 0:
+                os.seteuid(0)
+    assert listing.files["train"].column(schema.SOURCE).to_pylist() == ["train/n01/a.JPEG"]
+    assert reasons(listing) == {"train/n02": "unreadable folder: Permission denied"}
