@@ -13,7 +13,7 @@ from a local S3 server (infra/local_s3.py), so pyarrow's S3 client is set up and
 
 Prints one line per command: runs, how many exited 0, and the other exit codes with the first
 stderr tail seen for each. Exits 1 if any run did not exit 0. Not part of ``make test``:
-tests/test_cli.py keeps a short loop of its own.
+tests/test_fool.py keeps a short loop of its own.
 """
 
 from __future__ import annotations

@@ -4,20 +4,13 @@ The abort this guards against: pyarrow reading Parquet from a Python file object
 lets its I/O threads touch that object; one doing so while the interpreter exits is ended by
 CPython in the middle of C++ and the process aborts ("terminate called without an active
 exception", exit status 134) in a few percent of runs, after all its output was printed.
+tests/test_fool.py runs ``attacks.summary`` on a real attack output in a short loop.
 """
 
 from __future__ import annotations
 
 import ast
-import json
-import os
 import pathlib
-
-import pyarrow as pa
-import pyarrow.parquet as pq
-
-from benchmarks import exit_loop
-from common import schema
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 READERS = {"read_table", "ParquetFile", "read_parquet", "dataset", "read_metadata",
@@ -42,20 +35,3 @@ def test_no_module_reads_arrow_data_from_a_python_file_object():
     found = {str(p.relative_to(ROOT)): python_files_given_to_pyarrow(p.read_text())
              for d in packages for p in d.rglob("*.py")}
     assert {p: n for p, n in found.items() if n} == {}
-
-
-def test_attacks_summary_exits_0_every_time(tmp_path):
-    """A short loop of the command that aborted one run in four to twenty."""
-    out = tmp_path / "fooling"
-    (out / schema.SUMMARY_DIR).mkdir(parents=True)
-    pq.write_table(pa.Table.from_pylist([{
-        schema.ORIGIN: "val", schema.METHOD: "sign", "success_rate": 0.5, "pairs": 10,
-        "linf_q50": 1.0, "linf_q90": 2.0, "l2_mean": 3.0}]),
-        out / schema.SUMMARY_DIR / schema.SUMMARY_METHODS)
-    (out / "manifest.json").write_text(json.dumps({
-        schema.M_COUNTS: {"pairs": 10, "val_images": 5, "noise_images": 0, "targets": 2,
-                          "methods": ["sign"]},
-        schema.M_TIMINGS: {"total_s": 1.0}, schema.M_FILES: [{"path": "figures/val-sign.png"}]}))
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    assert exit_loop.loop("attacks.summary", ["attacks.summary", "--output", str(out)], 10, 2,
-                          env)

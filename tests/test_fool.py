@@ -21,6 +21,7 @@ from PIL import Image
 
 from attacks import fool, parts, summary
 from attacks.noise import noise_images
+from benchmarks import exit_loop
 from common import dataset, schema, storage
 from common.errors import ConfigError
 from tests.attack_models import fit_softmax, load_split, write_model
@@ -316,3 +317,12 @@ def test_gpu_actors_agree(local_run, tmp_path):
     fool.run(gpu)
     a, b = read_pairs(cfg.output), read_pairs(gpu.output)
     assert (a[schema.SUCCESS] == b[schema.SUCCESS]).mean() > 0.98
+
+
+def test_summary_command_exits_0_every_time(local_run):
+    """A short loop of the command that aborted at exit one run in four to twenty (reading
+    Parquet from io.BytesIO; benchmarks/exit_loop.py runs the long loop)."""
+    cfg, _ = local_run
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    assert exit_loop.loop("attacks.summary", ["attacks.summary", "--output", cfg.output], 10, 2,
+                          env)
