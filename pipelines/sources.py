@@ -81,15 +81,20 @@ def _link_reason(e: OSError) -> str:
     return f"unreadable: {e.strerror}"
 
 
-def walk_local(top: str) -> tuple[list[str], list[tuple[str, str]]]:
+def walk_local(top: str, name: str = ".") -> tuple[list[str], list[tuple[str, str]]]:
     """Regular files under a local folder, following links, each real file and folder once.
 
     Returns ``(files, skipped)``: paths relative to ``top`` ('/'-separated, sorted), and
-    ``(path, reason)`` for every entry met that is not listed. Nothing else is dropped.
+    ``(path, reason)`` for every entry met that is not listed. Nothing else is dropped. Reasons
+    that name another path name it under ``name``, what the caller calls ``top``.
     """
+
+    def shown(rel: bytes) -> str:
+        return f"{name}/{_escaped(rel)}" if rel else name
+
     top_b = os.fsencode(top)
     st = os.stat(top_b)
-    entered = {(st.st_dev, st.st_ino): b"."}  # real folders -> the path they were listed at
+    entered = {(st.st_dev, st.st_ino): b""}  # real folders -> the path they were listed at
     plain, linked = deque([(top_b, b"")]), deque()
     found: dict[tuple, list[tuple[bool, bytes]]] = defaultdict(list)  # real file -> its paths
     skipped: list[tuple[bytes, str]] = []
@@ -100,7 +105,7 @@ def walk_local(top: str) -> tuple[list[str], list[tuple[str, str]]]:
             st = os.stat(path)
             key = (st.st_dev, st.st_ino)
             if key in entered:
-                skipped.append((rel, f"folder already listed as {_escaped(entered[key])}"))
+                skipped.append((rel, f"folder already listed as {shown(entered[key])}"))
                 continue
             entered[key] = rel
         try:
@@ -131,7 +136,7 @@ def walk_local(top: str) -> tuple[list[str], list[tuple[str, str]]]:
     for paths in found.values():  # a file's own path wins over one through a link
         (_, first), *others = sorted(paths)
         files.append(first)
-        skipped += [(p, f"same file as {_escaped(first)}") for _, p in others]
+        skipped += [(p, f"same file as {shown(first)}") for _, p in others]
     listed = []
     for rel in files:
         try:
@@ -141,12 +146,13 @@ def walk_local(top: str) -> tuple[list[str], list[tuple[str, str]]]:
     return sorted(listed), sorted((_escaped(p), why) for p, why in skipped)
 
 
-def _list_files(fs: pafs.FileSystem, path: str) -> tuple[list[str], list[tuple[str, str]]]:
+def _list_files(fs: pafs.FileSystem, path: str,
+                name: str) -> tuple[list[str], list[tuple[str, str]]]:
     """(files, skipped) under a split folder, relative to it; see walk_local."""
     if fs.get_file_info(path).type != pafs.FileType.Directory:
         return [], []
     if isinstance(fs, pafs.LocalFileSystem):
-        return walk_local(path)
+        return walk_local(path, name)
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
     cut = len(path.rstrip("/")) + 1
     return sorted(i.path[cut:] for i in infos if i.type == pafs.FileType.File), []
@@ -254,7 +260,7 @@ def scan(source: str, splits: tuple[str, ...], limit_per_class: int | None = Non
     fs, root = storage.filesystem(source)
     images = _image_root(fs, root)
     split_prefix = {s: f"{images}/{s}"[len(root) + 1:] for s in splits}
-    listed = {s: _list_files(fs, f"{images}/{s}") for s in splits}
+    listed = {s: _list_files(fs, f"{images}/{s}", split_prefix[s]) for s in splits}
     by_split = {s: [r for r in listed[s][0] if posixpath.basename(r) != VAL_CSV] for s in splits}
     synsets_text = _read_text(fs, f"{root}/{SYNSETS}")
     names = read_synsets(synsets_text) if synsets_text else None

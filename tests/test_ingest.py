@@ -254,7 +254,7 @@ def test_a_hostile_tree_is_written_or_quarantined_entry_by_entry(sample_dir, ray
     assert all(r[schema.SOURCE].split("/")[1] == r[schema.WNID] for r in rows)
     q = pq.read_table(os.path.join(out, schema.QUARANTINE_DIR)).to_pylist()
     assert {r[schema.SOURCE]: r[schema.REASON].split(" (")[0] for r in q} == {
-        f"train/{classes[0]}/loop": "folder already listed as .",
+        f"train/{classes[0]}/loop": "folder already listed as train",
         f"train/{classes[0]}/dangling.JPEG": "dangling symlink",
         f"train/{classes[0]}/fifo.JPEG": "not a regular file",
         f"train/{classes[1]}/\\xff.JPEG": "file name is not valid UTF-8",
