@@ -21,6 +21,7 @@ from attacks.linear import LinearModel
 from attacks.noise import noise_ids, noise_images
 from attacks.worker import ATTACKS, Job, pixels
 from common import schema, storage
+from common.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,10 @@ def _originals(job: Job, D: int, origin: str, count: int):
 
 
 def _stored(output: str, method: str, target: int, chunk: str, ids: list[str]) -> dict:
+    """The stored pairs of one chunk and target, by image_id (unique per split since ingest)."""
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"the validation split repeats an image_id among {ids}: the contact "
+                          "sheet could pair one image with another's fooling image; re-ingest")
     fs, path = storage.filesystem(storage.join(output, parts.pair_file(method, target, chunk)))
     table = pq.read_table(path, filesystem=fs, filters=[(schema.IMAGE_ID, "in", ids)])
     return {r[schema.IMAGE_ID]: r for r in table.to_pylist()}

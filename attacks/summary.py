@@ -204,6 +204,9 @@ def read_summary(results: str) -> dict[str, pa.Table]:
     out = {}
     for name, file in schema.SUMMARY_TABLES.items():
         uri = storage.join(results, schema.SUMMARY_DIR, file)
+        # pyarrow's own file, never a Python file object such as io.BytesIO: pyarrow's I/O
+        # threads touch such an object, and one doing so while the interpreter exits is ended
+        # mid-C++ ("terminate called without an active exception", exit status 134)
         fs, path = storage.filesystem(uri)
         try:
             table = pq.read_table(path, filesystem=fs)

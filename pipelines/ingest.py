@@ -16,6 +16,7 @@ write it, and send back only small things: counts, pixel sums, and the quarantin
 from __future__ import annotations
 
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -23,6 +24,7 @@ from datetime import UTC, datetime
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from common import cli, lifecycle, schema, storage
@@ -69,17 +71,29 @@ class Settings:
     overwrite: bool = field(default=False, metadata={"help": "replace an existing output"})
 
 
+def unreadable_reason(fs, e: OSError) -> str | None:
+    """The quarantine reason when a local file may not be read (permissions), else None."""
+    if isinstance(fs, pafs.LocalFileSystem) and isinstance(e, (PermissionError,
+                                                                IsADirectoryError)):
+        return f"unreadable: {os.strerror(e.errno)}" if e.errno else "unreadable"
+    return None
+
+
 def decode_batch(batch: pa.Table, root: str, size: int, resize: str, draft: bool) -> pa.Table:
     """Fetch and decode a batch of listed files; failures become rows with a reason and no image."""
     fs, base = storage.filesystem(root)
 
-    def fetch(rel: str) -> bytes:
+    def fetch(rel: str) -> bytes | images.BadImage:
         # Transient S3 errors are retried inside pyarrow (common/storage.py); what still fails is
-        # a storage problem, not a bad image: it stops the job with the URI and the reason.
+        # a storage problem, not a bad image: it stops the job with the URI and the reason. A
+        # local file this process may not read is a bad input: quarantined (unreadable_reason).
         try:
             with fs.open_input_stream(f"{base}/{rel}") as f:
                 return f.read()
         except OSError as e:
+            why = unreadable_reason(fs, e)
+            if why:
+                return images.BadImage(why)
             raise OSError(f"cannot read {storage.join(root, rel)}: {e}") from e
 
     rels = batch.column(schema.SOURCE).to_pylist()
@@ -89,6 +103,8 @@ def decode_batch(batch: pa.Table, root: str, size: int, resize: str, draft: bool
     sums, squares = np.zeros((len(rels), 3), np.int64), np.zeros((len(rels), 3), np.int64)
     for i, data in enumerate(blobs):
         try:
+            if isinstance(data, images.BadImage):
+                raise data
             arr, (w, h) = images.to_pixels(data, size, resize, draft)
             pixels.append(arr.tobytes())
             px = arr.reshape(-1, 3).astype(np.int64)

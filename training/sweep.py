@@ -12,6 +12,7 @@ Rerunning on the same --output keeps the finished trainings and resumes the unfi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -155,6 +156,28 @@ def _concurrency(cfg: Settings) -> int:
     return max(1, int((total.get("CPU", 0) - 1) // (cfg.num_workers * cfg.cpus_per_worker)))
 
 
+# Ray Tune 2.60 copies these from the driver's environment into every trial actor's runtime_env
+# (ray/tune/execution/class_cache.py, ENV_VARS_TO_PROPAGATE); Ray's runtime-env agent then logs
+# that runtime_env, secret included, into the session folder, and the dashboard shows it. Ray
+# offers no setting to turn it off. Trials need no such copy: Ray's workers get credentials
+# from their node's environment or instance profile, as every other task of these jobs does.
+CREDENTIAL_VARS = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                             "AWS_SECURITY_TOKEN"})
+
+
+@contextlib.contextmanager
+def no_credentials_in_trials():
+    """While Tune runs, leave credentials out of what it copies into the trials' runtime_env."""
+    from ray.tune.execution import class_cache
+
+    saved = class_cache.ENV_VARS_TO_PROPAGATE
+    class_cache.ENV_VARS_TO_PROPAGATE = frozenset(saved) - CREDENTIAL_VARS
+    try:
+        yield
+    finally:
+        class_cache.ENV_VARS_TO_PROPAGATE = saved
+
+
 def _tune(cfg: Settings) -> None:
     from ray import tune
 
@@ -168,7 +191,8 @@ def _tune(cfg: Settings) -> None:
         run_config=tune.RunConfig(name="tune", storage_path=path,
                                   storage_filesystem=fs if storage.is_s3(cfg.output) else None,
                                   verbose=0))
-    results = tuner.fit()
+    with no_credentials_in_trials():
+        results = tuner.fit()
     failed = [r.error for r in results if r.error]
     if failed:
         cause = find_config_error(failed[0])  # e.g. a training that diverged: its one line
