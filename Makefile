@@ -5,7 +5,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO := demo-out
 
-.PHONY: install test chromium lint demo bench-ingest bench-train bench-attack s3-start s3-stop \
+help: ## this list
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
+
+.PHONY: help install test chromium lint demo bench-ingest bench-train bench-attack s3-start s3-stop \
 	clean cluster-demo
 
 $(STAMP): pyproject.toml
@@ -16,22 +19,22 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
-install: $(STAMP)
+install: $(STAMP) ## create .venv and install the project
 
-test: $(STAMP) chromium
+test: $(STAMP) chromium ## run the test suite (local Ray, a real local S3 server)
 	$(PY) -m pytest -q
 
 # The report's test opens the page in Debian's headless Chromium; installed here when missing.
-chromium:
+chromium: ## install Debian's Chromium for the report's browser test, when missing
 	@command -v chromium >/dev/null || (apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
 		echo "chromium could not be installed: the report's browser test will be skipped"
 
-lint: $(STAMP)
+lint: $(STAMP) ## ruff
 	$(VENV)/bin/ruff check .
 
 # The main job end to end on built-in sample data, local Ray, output under demo-out/.
-demo: $(STAMP)
+demo: $(STAMP) ## every job and the report on the built-in sample, into demo-out/
 	$(PY) -m pipelines.sample --out $(DEMO)/sample
 	$(PY) -m pipelines.ingest --source $(DEMO)/sample --output $(DEMO)/imagenet64 --overwrite
 	$(PY) -m pipelines.summary --data $(DEMO)/imagenet64 --preview $(DEMO)/preview.png
@@ -39,30 +42,30 @@ demo: $(STAMP)
 	$(PY) -m attacks.fool --data $(DEMO)/imagenet64 --model $(DEMO)/model \
 		--output $(DEMO)/fooling --noise-images 4 --overwrite
 	$(PY) -m attacks.summary --output $(DEMO)/fooling
-	$(PY) -m attacks.report --results $(DEMO)/fooling --output $(DEMO)/report
+	$(PY) -m attacks.report --results $(DEMO)/fooling --output $(DEMO)/report --overwrite
 
-bench-ingest: $(STAMP)
+bench-ingest: $(STAMP) ## ingest benchmark: the job against Ray's stock reader
 	$(PY) -m benchmarks.ingest --per-class 1000
 
-bench-train: $(STAMP)
+bench-train: $(STAMP) ## training benchmark: the job against a plain PyTorch loop
 	$(PY) -m benchmarks.train
 
 # torchattacks' own metadata asks for another torch: installed without its dependencies
-bench-attack: $(STAMP)
+bench-attack: $(STAMP) ## attack benchmark: the methods against torchattacks
 	$(PY) -m pip install -q --no-deps torchattacks==3.5.1
 	$(PY) -m benchmarks.attack
 
 # A local S3 server (SeaweedFS) for trying the s3:// paths by hand: eval "$$(make -s s3-start)"
-s3-start: $(STAMP)
+s3-start: $(STAMP) ## a local S3 server for trying s3:// by hand
 	@$(PY) infra/local_s3.py start --bucket demo-bucket
 
-s3-stop: $(STAMP)
+s3-stop: $(STAMP) ## stop it
 	@$(PY) infra/local_s3.py stop
 
-clean:
+clean: ## remove demo-out/ and pytest's cache
 	rm -rf $(DEMO) .pytest_cache
 
 # The three jobs submitted with `ray job submit` to a local two-node Ray cluster, all data on a
 # local S3 server; checks the outputs and stops everything it started.
-cluster-demo: $(STAMP)
+cluster-demo: $(STAMP) ## the jobs via ray job submit on a local two-node cluster and S3
 	$(PY) -m infra.cluster_demo

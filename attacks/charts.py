@@ -1,6 +1,6 @@
 """The report's charts, drawn from the summary tables (pandas DataFrames) with matplotlib.
 
-Every function returns PNG bytes; matplotlib runs with the Agg backend (no display needed).
+Every function returns PNG bytes; drawn on matplotlib Figure objects (no pyplot, no display needed).
 
     >>> png = budget_curves(budget)    # success rate vs L-inf budget, certified bound beside it
 """
@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import io
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.figure import Figure  # no pyplot: no global state, no backend to pick
 
 from attacks.figures import short  # noqa: E402
 
@@ -27,7 +24,6 @@ LABELS = {"exact": "exact (the true minimum)"}  # legend names where the method'
 def to_png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
-    plt.close(fig)
     return buf.getvalue()
 
 
@@ -37,7 +33,8 @@ def budget_curves(budget: pd.DataFrame) -> bytes:
     attack can fool a larger fraction within that budget. The exact curve is the true minimum,
     within one level."""
     origins = sorted(budget["origin"].unique(), key=lambda o: o != "val")
-    fig, axes = plt.subplots(1, len(origins), figsize=(6.2 * len(origins), 4), squeeze=False)
+    fig = Figure(figsize=(6.2 * len(origins), 4))
+    axes = fig.subplots(1, len(origins), squeeze=False)
     for ax, origin in zip(axes[0], origins):
         rows = budget[budget["origin"] == origin]
         for method, curve in rows.groupby("method", sort=False):
@@ -61,7 +58,8 @@ def strength_histograms(hist: pd.DataFrame) -> bytes:
     """The distribution of the strength each method needed (fooled pairs), one panel a method."""
     hist = hist[hist["origin"] == "val"] if (hist["origin"] == "val").any() else hist
     methods = list(dict.fromkeys(hist["method"]))
-    fig, axes = plt.subplots(1, len(methods), figsize=(4.2 * len(methods), 3.2), squeeze=False)
+    fig = Figure(figsize=(4.2 * len(methods), 3.2))
+    axes = fig.subplots(1, len(methods), squeeze=False)
     for ax, method in zip(axes[0], methods):
         rows = hist[hist["method"] == method]
         ax.bar(rows["strength"], rows["count"], width=1.0, color=COLORS.get(method, "gray"))
@@ -78,7 +76,8 @@ def ranked_bars(frame: pd.DataFrame, key: str, value: str, names: list[str], tit
                 top: int) -> bytes:
     """The ``top`` easiest and hardest classes by the L-inf needed (``value``), per method."""
     methods = list(dict.fromkeys(frame["method"]))
-    fig, axes = plt.subplots(2, len(methods), figsize=(4.4 * len(methods), 6.4), squeeze=False)
+    fig = Figure(figsize=(4.4 * len(methods), 6.4))
+    axes = fig.subplots(2, len(methods), squeeze=False)
     for col, method in enumerate(methods):
         rows = frame[frame["method"] == method].sort_values(value)
         for row, (part, label) in enumerate(((rows.head(top), "easiest"),
@@ -97,14 +96,15 @@ def ranked_bars(frame: pd.DataFrame, key: str, value: str, names: list[str], tit
 
 def tradeoff(sweep: pd.DataFrame) -> bytes:
     """Regularization against validation accuracy and the median strength needed to fool."""
-    fig, ax = plt.subplots(figsize=(6.2, 4))
+    fig = Figure(figsize=(6.2, 4))
+    ax = fig.subplots()
     ax.semilogx(sweep["reg"], 100 * sweep["val_top1"], "o-", color="tab:blue", label="val top-1")
     ax.semilogx(sweep["reg"], 100 * sweep["val_top5"], "s--", color="tab:blue", alpha=0.5,
                 label="val top-5")
     ax.set_xlabel("L2 regularization strength (reg)")
     ax.set_ylabel("validation accuracy (%)", color="tab:blue")
     other = ax.twinx()
-    other.semilogx(sweep["reg"], sweep["median_eps"], "^-", color="tab:red",
+    other.semilogx(sweep["reg"], sweep["median_sign_eps"], "^-", color="tab:red",
                    label="median eps to fool (sign)")
     other.set_ylabel("median sign-step eps to fool (pixel levels)", color="tab:red")
     lines = ax.get_legend_handles_labels()

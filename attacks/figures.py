@@ -5,18 +5,15 @@
 Each row is one (image, target) pair, labelled with class names and probabilities: the model's
 class for the original and its probability, the perturbation stretched to the full grey range
 (its L-inf in the label), and the stored fooling image with the target's probability.
-matplotlib with the Agg backend: no display needed.
+Drawn on a matplotlib Figure (no pyplot, no display needed).
 """
 
 from __future__ import annotations
 
 import io
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # no pyplot: no global state, no backend to pick
 
 from training.templates import short_name as short  # noqa: E402  one shortener for every picture
 
@@ -35,7 +32,8 @@ def contact_sheet(examples: list[dict], class_names: list[str], shape, title: st
     ``target``, ``p_target``, ``fooled_pred``, ``linf``, ``strength``.
     """
     rows = max(len(examples), 1)
-    fig, axes = plt.subplots(rows, 3, figsize=(6.0, 2.0 * rows + 0.4), squeeze=False)
+    fig = Figure(figsize=(6.0, 2.0 * rows + 0.4))
+    axes = fig.subplots(rows, 3, squeeze=False)
     for ax_row, ex in zip(axes, examples):
         fooled = ex["fooled_pred"] == ex["target"]
         panels = [
@@ -54,5 +52,4 @@ def contact_sheet(examples: list[dict], class_names: list[str], shape, title: st
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / height))
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
     return buf.getvalue()

@@ -6,7 +6,7 @@
     ray job submit --working-dir . -- python -m attacks.fool --data s3://b/imagenet64 \\
         --model s3://b/model --output s3://b/fooling --use-gpu
 
-Writes, under the output (layout in ../shared/DESIGN.md, "Fooling results"):
+Writes, under the output (layout in docs/design.md, "Fooling results"):
 - ``pairs/method=<m>/target=<t>/<chunk>.parquet``: one row per (image, target, method), columns
   in common/schema.py (method and target are the folder names); ``<chunk>`` is ``val-NNNNN``
   (a run of validation images sized so the file is about --file-size-mb) or ``noise-00000``.
@@ -28,25 +28,24 @@ rerun after a crash skips the parts with markers.
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
-import numpy as np
-
 from attacks import outputs, parts
 from attacks.linear import LinearModel
-from attacks.worker import ATTACKS, FoolWorker
-from common import cli, dataset, schema, storage
+from attacks.worker import ATTACKS, FoolWorker, Job
+from common import cli, dataset, lifecycle, schema
 from common.errors import ConfigError
+from common.model import Model, read_model
 
 log = logging.getLogger(__name__)
 
 ROW_OVERHEAD = 80  # bytes of a row besides its image, for sizing files
+# What the job writes under --output besides manifest.json (what --overwrite may remove).
+OWNS = (schema.PAIRS_DIR, schema.SUMMARY_DIR, schema.FIGURES_DIR, parts.PARTS_DIR)
 
 
 @dataclass(frozen=True)
@@ -59,13 +58,14 @@ class Settings:
     targets: tuple[str, ...] = field(
         default=(), metadata={"help": "target classes, as indices or WNIDs (default: all)"})
     limit_images: int | None = field(
-        default=None, metadata={"help": "attack only the first N validation images"})
+        default=None, metadata={"help": "attack only the first N validation images (default: all)"})
     noise_images: int = field(
         default=0, metadata={"help": "also start from K seeded random-noise images"})
     seed: int = field(default=0, metadata={"help": "seed of the noise images"})
     confidence: float | None = field(
         default=None, metadata={"help": "push until the target's probability is at least P "
-                                        "(validation images too; noise starts default to 0.99)"})
+                                        "(default: off, the first image classified as the "
+                                        "target; noise starts always go to P or 0.99)"})
     keep_images: str = field(default="all", metadata={"help": "store the fooling images or not",
                                                       "choices": ("all", "none")})
     use_gpu: bool = field(default=False, metadata={"help": "one GPU actor per GPU, torch on cuda"})
@@ -73,26 +73,10 @@ class Settings:
         "help": "(image, target) pairs per matrix batch; a worker's memory is about "
                 "batch x 12288 x 32 bytes (400 MB at 1024)"})
     targets_per_part: int = field(default=8, metadata={"help": "targets per unit of work"})
-    file_size_mb: float = field(default=128, metadata={"help": "target size of the pair files"})
+    file_size_mb: float = field(default=128, metadata={
+        "help": "target size of the pair files, MiB"})
     workers: int | None = field(default=None, metadata={"help": "actors (default: CPUs or GPUs)"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing output"})
-
-
-def load_model(uri: str) -> tuple[np.ndarray, np.ndarray, list[str], str]:
-    """W, b, classes and the sha256 of ``<uri>/weights.npz`` of a complete training output."""
-    storage.read_manifest(uri, "model output")
-    try:
-        raw = storage.read_bytes(storage.join(uri, schema.WEIGHTS_FILE))
-    except FileNotFoundError:
-        raise ConfigError(f"{uri} has no {schema.WEIGHTS_FILE}") from None
-    try:
-        with np.load(io.BytesIO(raw), allow_pickle=False) as z:
-            W, b = z[schema.W_KEY], z[schema.B_KEY]
-            classes = [str(c) for c in z[schema.CLASSES_KEY]] if schema.CLASSES_KEY in z else None
-    except (KeyError, ValueError, OSError) as e:
-        raise ConfigError(f"{uri}/{schema.WEIGHTS_FILE} is not a weights file "
-                          f"(W, b, classes): {e}") from None
-    return W.astype(np.float32), b.astype(np.float32), classes, hashlib.sha256(raw).hexdigest()
 
 
 def _targets(cfg: Settings, classes: list[str]) -> list[int]:
@@ -127,85 +111,76 @@ def _check_settings(cfg: Settings) -> None:
                           "--noise-images not negative")
 
 
-def _check(cfg: Settings) -> dict:
-    """Everything that can fail before work starts; returns what the job needs to know."""
+@dataclass(frozen=True)
+class Inputs:
+    """What the job reads, checked before any work: the data's manifest, the model, the targets."""
+
+    manifest: dict
+    model: Model
+    targets: tuple[int, ...]
+    n_val: int  # validation images to attack (the first n_val rows)
+
+
+def _check(cfg: Settings) -> Inputs:
+    """Everything that can fail before work starts."""
     _check_settings(cfg)
-    m = dataset.open_ingest(cfg.data)
-    val_files = dataset.split_files(cfg.data, m, "val")
-    counts = [f["rows"] for f in m[schema.M_FILES] if f["path"].startswith("val/")]
-    W, b, classes, sha = load_model(cfg.model)
-    D, C = dataset.num_features(m), len(m[schema.M_CLASSES])
-    if W.ndim != 2 or W.shape != (C, D) or b.shape != (C,):
-        raise ConfigError(f"the model's W {W.shape} and b {b.shape} do not match the data: "
-                          f"{C} classes of {m[schema.M_IMAGE_SHAPE]} images need W ({C}, {D})")
-    if classes is not None and classes != m[schema.M_CLASSES]:
+    m = dataset.open_ingest(cfg.data, splits=("val",))
+    model = read_model(cfg.model, dataset.num_features(m))
+    if model.classes != m[schema.M_CLASSES]:
         raise ConfigError(f"the model's classes differ from the data's ({cfg.model} vs {cfg.data})")
-    storage.check_writable(cfg.output)
-    n_val = min(sum(counts), cfg.limit_images or sum(counts))
-    return {"manifest": m, "val_files": val_files, "val_counts": counts, "W": W, "b": b,
-            "sha256": sha, "targets": _targets(cfg, m[schema.M_CLASSES]), "n_val": n_val}
+    total = sum(f["rows"] for f in m[schema.M_FILES] if f["path"].startswith("val/"))
+    return Inputs(m, model, tuple(_targets(cfg, m[schema.M_CLASSES])),
+                  min(total, cfg.limit_images or total))
 
 
-def _plan(cfg: Settings, job: dict) -> dict:
-    """What this run sets out to do; a rerun resumes only if its plan is the same."""
-    row_bytes = ROW_OVERHEAD + (job["W"].shape[1] if cfg.keep_images == "all" else 0)
-    return {"data": cfg.data, "data_created": job["manifest"].get(schema.M_CREATED),
-            "model_sha256": job["sha256"], "methods": list(cfg.methods), "targets": job["targets"],
-            "val_images": job["n_val"], "noise_images": cfg.noise_images, "seed": cfg.seed,
-            "confidence": cfg.confidence, "keep_images": cfg.keep_images,
-            "rows_per_chunk": max(1, int(cfg.file_size_mb * 2**20) // row_bytes),
-            "targets_per_part": cfg.targets_per_part}
+def output(cfg: Settings, inputs: Inputs) -> lifecycle.Output:
+    """The attack output's lifecycle: identified by the data, the model's sha256 and the
+    settings that decide the rows; a rerun with the same resumes from the parts' markers."""
+    row_bytes = ROW_OVERHEAD + (inputs.model.D if cfg.keep_images == "all" else 0)
+    settings = {"methods": list(cfg.methods), "targets": list(inputs.targets),
+                "val_images": inputs.n_val, "noise_images": cfg.noise_images, "seed": cfg.seed,
+                "confidence": cfg.confidence, "keep_images": cfg.keep_images,
+                "rows_per_chunk": max(1, int(cfg.file_size_mb * 2**20) // row_bytes),
+                "targets_per_part": cfg.targets_per_part}
+    return lifecycle.Output(
+        cfg.output, "attack", owns=OWNS, inputs={"data": cfg.data, "model": cfg.model},
+        identity={"inputs": {"data": lifecycle.input_identity(cfg.data),
+                             "model": {"uri": lifecycle.absolute(cfg.model),
+                                       "weights_sha256": inputs.model.sha256}},
+                  "settings": settings})
 
 
-def _prepare_output(cfg: Settings, plan: dict) -> None:
-    """Refuse or clear a finished output; refuse to resume a different plan; record the plan."""
-    if cfg.overwrite:  # the manifest goes first, so no reader trusts a half-replaced output
-        storage.delete_file(storage.join(cfg.output, storage.MANIFEST))
-        for d in (schema.PAIRS_DIR, schema.SUMMARY_DIR, schema.FIGURES_DIR, parts.PARTS_DIR):
-            storage.delete_dir(storage.join(cfg.output, d))
-        storage.delete_file(storage.join(cfg.output, parts.PLAN_FILE))
-    elif storage.exists(storage.join(cfg.output, storage.MANIFEST)):
-        raise ConfigError(f"{cfg.output} already holds a complete attack output; "
-                          "pass --overwrite to replace it")
-    old = parts.read_plan(cfg.output)
-    if old is not None and old != plan:
-        diff = ", ".join(k for k in plan if old.get(k) != plan[k])
-        raise ConfigError(f"{cfg.output} holds an unfinished attack with other settings ({diff}); "
-                          "rerun with the same settings to resume, or pass --overwrite")
-    if old is None:
-        parts.write_plan(cfg.output, plan)
-
-
-def _run_parts(cfg: Settings, todo: list[dict], job: dict, facts: dict) -> list[dict]:
-    """Run the parts on an actor pool with Ray Data; returns the parts' markers."""
+def _run_parts(cfg: Settings, todo: list[dict], job: Job, model: Model, facts: dict) -> None:
+    """Run the parts on an actor pool with Ray Data; each writes its files and marker."""
     import ray
 
     if not todo:
-        return []
+        return
     gpus = int(ray.cluster_resources().get("GPU", 0))
     if cfg.use_gpu and gpus < 1:
         raise ConfigError("--use-gpu was given but the Ray cluster has no GPU")
     workers = cfg.workers or (gpus if cfg.use_gpu else int(ray.cluster_resources().get("CPU", 1)))
-    refs = ray.put((job["W"], job["b"], facts))
-    work = {k: job[k] for k in ("val_files", "val_counts", "image_shape", "output", "keep_images",
-                                "confidence", "noise_seed", "batch_size", "device")}
+    refs = ray.put((model.W, model.b, facts))
     resources = {"num_gpus": 1} if cfg.use_gpu else {"num_cpus": 1}
     ds = ray.data.from_items([{"part": json.dumps(p)} for p in todo],
                              override_num_blocks=len(todo))
     out = ds.map_batches(RayFoolWorker, batch_size=1, batch_format="numpy",
                          compute=ray.data.ActorPoolStrategy(size=max(1, min(workers, len(todo)))),
-                         fn_constructor_kwargs={"refs": refs, "job": work}, **resources)
-    return [json.loads(row["result"]) for row in out.take_all()]
+                         fn_constructor_kwargs={"refs": refs, "job": job}, **resources)
+    errors = [r["error"] for r in (json.loads(row["result"]) for row in out.take_all())
+              if "error" in r]
+    if errors:  # bad data a worker found: its one line (the parts without it are kept)
+        raise ConfigError(errors[0])
 
 
 class RayFoolWorker(FoolWorker):
     """FoolWorker that fetches the model from Ray's object store (once per actor)."""
 
-    def __init__(self, refs, job: dict):
+    def __init__(self, refs, job: Job):
         import ray
         import torch
 
-        if job["device"] == "cpu":  # one core per actor: threads beyond it only contend
+        if job.device == "cpu":  # one core per actor: threads beyond it only contend
             torch.set_num_threads(1)
         W, b, facts = ray.get(refs)
         super().__init__(W, b, facts, job)
@@ -214,38 +189,42 @@ class RayFoolWorker(FoolWorker):
 def run(cfg: Settings) -> dict:
     """Attack ``cfg.data`` with ``cfg.model`` into ``cfg.output``; returns the manifest written."""
     t0 = time.perf_counter()
-    job = _check(cfg)
-    plan = _plan(cfg, job)
-    _prepare_output(cfg, plan)
-    m = job["manifest"]
-    chunks = parts.val_chunks(job["n_val"], plan["rows_per_chunk"]) + parts.noise_chunk(
+    inputs = _check(cfg)
+    out = output(cfg, inputs)
+    out.prepare(cfg.overwrite)
+    m, settings = inputs.manifest, out.identity["settings"]
+    val_files = dataset.split_files(cfg.data, m, "val")
+    job = Job(output=lifecycle.absolute(cfg.output), val_files=tuple(val_files),
+              val_counts=tuple(f["rows"] for f in m[schema.M_FILES]
+                               if f["path"].startswith("val/")),
+              n_val=inputs.n_val, image_shape=tuple(m[schema.M_IMAGE_SHAPE]),
+              keep_images=cfg.keep_images == "all", confidence=cfg.confidence,
+              noise_seed=cfg.seed, batch_size=cfg.batch_size,
+              device="cuda" if cfg.use_gpu else "cpu")
+    chunks = parts.val_chunks(inputs.n_val, settings["rows_per_chunk"]) + parts.noise_chunk(
         cfg.noise_images)
-    all_parts = parts.plan_parts(chunks, cfg.methods, job["targets"], cfg.targets_per_part)
+    all_parts = parts.plan_parts(chunks, cfg.methods, inputs.targets, cfg.targets_per_part)
     done = parts.done_keys(cfg.output)
     todo = [p for p in all_parts if p["key"] not in done]
     log.info("%d parts (%d done before), %d pairs per method", len(all_parts),
-             len(all_parts) - len(todo), (job["n_val"] + cfg.noise_images) * len(job["targets"]))
+             len(all_parts) - len(todo), (inputs.n_val + cfg.noise_images) * len(inputs.targets))
     t = time.perf_counter()
-    facts = job["facts"] = LinearModel(job["W"], job["b"]).facts(job["targets"])
+    facts = LinearModel(inputs.model.W, inputs.model.b).facts(list(inputs.targets))
     timings = {"check_s": round(t - t0, 3), "facts_s": round(time.perf_counter() - t, 3)}
     cli.connect_ray()
-    job.update(image_shape=m[schema.M_IMAGE_SHAPE], output=cfg.output,
-               keep_images=cfg.keep_images == "all", confidence=cfg.confidence,
-               noise_seed=cfg.seed, batch_size=cfg.batch_size,
-               device="cuda" if cfg.use_gpu else "cpu")
     t = time.perf_counter()
-    _run_parts(cfg, todo, job, facts)
+    _run_parts(cfg, todo, job, inputs.model, facts)
     timings["attack_s"] = round(time.perf_counter() - t, 3)
     markers = parts.read_markers(cfg.output, [p["key"] for p in all_parts])
     files = _check_rows(all_parts, markers)
     t = time.perf_counter()
-    files += outputs.write_summary(cfg.output, cfg.methods, job["targets"])
-    files += outputs.write_figures(cfg.output, job, m, cfg.methods, cfg.confidence,
-                                   cfg.noise_images, cfg.seed)
+    files += outputs.write_summary(cfg.output, cfg.methods, inputs.targets)
+    model = LinearModel(inputs.model.W, inputs.model.b, facts=facts)
+    files += outputs.write_figures(job, model, list(inputs.targets), m, cfg.methods,
+                                   cfg.noise_images)
     timings["summary_s"] = round(time.perf_counter() - t, 3)
     timings["total_s"] = round(time.perf_counter() - t0, 3)
-    manifest = _manifest(cfg, job, plan, files, timings)
-    storage.write_manifest(cfg.output, manifest)
+    manifest = out.finish(_manifest(cfg, inputs, files, timings))
     log.info("wrote %s: %d pairs in %.1f s", cfg.output, manifest[schema.M_COUNTS]["pairs"],
              timings["total_s"])
     return manifest
@@ -264,22 +243,24 @@ def _check_rows(all_parts: list[dict], markers: list[dict]) -> list[dict]:
     return files
 
 
-def _manifest(cfg: Settings, job: dict, plan: dict, files: list[dict], timings: dict) -> dict:
-    m = job["manifest"]
+def _manifest(cfg: Settings, inputs: Inputs, files: list[dict], timings: dict) -> dict:
+    m = inputs.manifest
     pair_rows = sum(f["rows"] for f in files if f["path"].startswith(schema.PAIRS_DIR + "/"))
     return {
         schema.M_KIND: "attack",
-        schema.M_SOURCE: {"data": cfg.data, "model": cfg.model, "model_sha256": job["sha256"]},
+        schema.M_SOURCE: {"data": lifecycle.absolute(cfg.data),
+                          "model": lifecycle.absolute(cfg.model),
+                          "model_sha256": inputs.model.sha256},
         schema.M_CLASSES: m[schema.M_CLASSES],
         schema.M_CLASS_NAMES: m.get(schema.M_CLASS_NAMES),
         schema.M_IMAGE_SHAPE: m[schema.M_IMAGE_SHAPE],
-        schema.M_COUNTS: {"pairs": pair_rows, "val_images": job["n_val"],
-                          "noise_images": cfg.noise_images, "targets": len(job["targets"]),
+        schema.M_COUNTS: {"pairs": pair_rows, "val_images": inputs.n_val,
+                          "noise_images": cfg.noise_images, "targets": len(inputs.targets),
                           "methods": list(cfg.methods)},
         "layout": f"{schema.PAIRS_DIR}/{schema.METHOD}=<method>/{schema.TARGET}=<target>/"
                   "<val-NNNNN|noise-00000>.parquet (Hive partitions)",
         schema.M_FILES: files,
-        schema.M_CONFIG: {**asdict(cfg), "plan": plan},
+        schema.M_CONFIG: asdict(cfg),
         schema.M_VERSIONS: schema.versions(),
         schema.M_TIMINGS: timings,
         schema.M_CREATED: datetime.now(UTC).isoformat(timespec="seconds"),

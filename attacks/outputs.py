@@ -1,7 +1,7 @@
 """Beside the pairs: the summary tables and the contact sheets, written after every part is done.
 
     >>> files = write_summary(out, ["sign"], targets)            # summary/*.parquet
-    >>> files += write_figures(out, job, manifest, ["sign"], confidence=None, noise=4, seed=0)
+    >>> files += write_figures(job, model, targets, manifest, ["sign"], noise=4)
 
 Both read the stored pairs back, so they show what analysts will read. Where images were not kept,
 the few pairs of the contact sheets are recomputed with the same attacks (deterministic).
@@ -19,8 +19,9 @@ import torch
 from attacks import figures, parts, summary
 from attacks.linear import LinearModel
 from attacks.noise import noise_ids, noise_images
-from attacks.worker import ATTACKS, NOISE_CONFIDENCE, pixels
+from attacks.worker import ATTACKS, Job, pixels
 from common import schema, storage
+from common.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +39,13 @@ def _write_table(output: str, rel: str, table: pa.Table) -> dict:
 def write_summary(output: str, methods, targets) -> list[dict]:
     """Write summary/{targets,methods,budget}.parquet; log each method's success rate."""
     tables = summary.summarize(output, methods, targets)
-    names = {"targets": schema.SUMMARY_TARGETS, "methods": schema.SUMMARY_METHODS,
-             "budget": schema.SUMMARY_BUDGET, "sources": schema.SUMMARY_SOURCES,
-             "strength": schema.SUMMARY_STRENGTH}
+    q50 = schema.quantile_column(schema.LINF, 0.5)
     for r in tables["methods"].to_pylist():
-        log.info("%-5s %-9s fooled %d of %d pairs (%.1f%%), median linf %.1f", r["origin"],
-                 r["method"], r["fooled"], r["pairs"], 100 * r["success_rate"], r["linf_q50"])
-    return [_write_table(output, f"{schema.SUMMARY_DIR}/{names[k]}", t) for k, t in tables.items()]
+        log.info("%-5s %-9s fooled %d of %d pairs (%.1f%%), median linf %.1f", r[schema.ORIGIN],
+                 r[schema.METHOD], r[schema.S_FOOLED], r[schema.S_PAIRS],
+                 100 * r[schema.S_SUCCESS_RATE], r[q50])
+    return [_write_table(output, f"{schema.SUMMARY_DIR}/{schema.SUMMARY_TABLES[k]}", t)
+            for k, t in tables.items()]
 
 
 def _pick(targets: list[int], classes) -> list[int]:
@@ -54,19 +55,23 @@ def _pick(targets: list[int], classes) -> list[int]:
     return [others[i] for i in sorted(set(idx))]
 
 
-def _originals(job: dict, origin: str, seed: int, count: int):
+def _originals(job: Job, D: int, origin: str, count: int):
     """(ids, labels, X (n, D) uint8) of the first images of an origin."""
     if origin == "noise":
         n = min(FIG_IMAGES, count)
-        X = noise_images(n, seed, job["image_shape"])
+        X = noise_images(n, job.noise_seed, job.image_shape)
         return noise_ids(n), np.full(n, -1), X
-    table = next(parts.read_images(job["val_files"], job["val_counts"], 0,
-                                   min(FIG_IMAGES, job["n_val"]), FIG_IMAGES))
+    table = next(parts.read_images(job.val_files, job.val_counts, 0,
+                                   min(FIG_IMAGES, job.n_val), FIG_IMAGES, D))
     return (table.column(schema.IMAGE_ID).to_pylist(), table.column(schema.LABEL).to_numpy(),
-            pixels(table.column(schema.IMAGE)).numpy())
+            pixels(table.column(schema.IMAGE), D).numpy())
 
 
 def _stored(output: str, method: str, target: int, chunk: str, ids: list[str]) -> dict:
+    """The stored pairs of one chunk and target, by image_id (unique per split since ingest)."""
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"the validation split repeats an image_id among {ids}: the contact "
+                          "sheet could pair one image with another's fooling image; re-ingest")
     fs, path = storage.filesystem(storage.join(output, parts.pair_file(method, target, chunk)))
     table = pq.read_table(path, filesystem=fs, filters=[(schema.IMAGE_ID, "in", ids)])
     return {r[schema.IMAGE_ID]: r for r in table.to_pylist()}
@@ -94,25 +99,23 @@ def _examples(output, model, method, origin, confidence, X, ids, targets) -> lis
     return out
 
 
-def write_figures(output: str, job: dict, manifest: dict, methods, confidence: float | None,
-                  noise: int, seed: int) -> list[dict]:
-    """figures/<origin>-<method>.png for the validation images and, if any, the noise starts.
-
-    ``job``: W, b, facts (attacks/linear.py), targets, image_shape, val_files, val_counts, n_val.
-    """
-    model = LinearModel(job["W"], job["b"], facts=job["facts"])
+def write_figures(job: Job, model: LinearModel, run_targets: list[int], manifest: dict, methods,
+                  noise: int) -> list[dict]:
+    """figures/<origin>-<method>.png for the validation images and, if any, the noise starts."""
+    output = job.output
     names = manifest.get(schema.M_CLASS_NAMES) or manifest[schema.M_CLASSES]
     names = [n or w for n, w in zip(names, manifest[schema.M_CLASSES])]
     files = []
     for origin in ("val", "noise") if noise else ("val",):
-        ids, _, X = _originals(job, origin, seed, noise)
-        conf = confidence if origin == "val" else (confidence or NOISE_CONFIDENCE)
-        preds = (X.astype(np.float64) @ job["W"].T.astype(np.float64) + job["b"]).argmax(1)
-        targets = _pick(job["targets"], preds)
+        ids, _, X = _originals(job, model.D, origin, noise)
+        conf = job.confidence if origin == "val" else job.noise_confidence
+        W, b = model.W.cpu().numpy(), model.b.cpu().numpy()
+        preds = (X.astype(np.float64) @ W.T.astype(np.float64) + b).argmax(1)
+        targets = _pick(run_targets, preds)
         for method in methods:
             ex = _examples(output, model, method, origin, conf, X, ids, targets)
             title = f"{method}: {'validation images' if origin == 'val' else 'noise starts'}"
-            png = figures.contact_sheet(ex, names, job["image_shape"], title)
+            png = figures.contact_sheet(ex, names, job.image_shape, title)
             rel = f"{schema.FIGURES_DIR}/{origin}-{method}.png"
             storage.write_bytes(storage.join(output, rel), png)
             files.append({"path": rel, "rows": len(ex), "bytes": len(png)})

@@ -24,10 +24,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from common import schema, storage
+from common import dataset, schema, storage
 
 PARTS_DIR = "_parts"  # markers of completed parts: outside pairs/, so no reader ever sees them
-PLAN_FILE = "_plan.json"  # what the first run set out to do: a rerun must match it to resume
 MARKER_THREADS = 16
 
 
@@ -86,21 +85,11 @@ def write_marker(output: str, key: str, result: dict) -> None:
     storage.write_json_atomic(storage.join(output, marker_file(key)), result)
 
 
-def read_plan(output: str) -> dict | None:
-    """The plan an earlier run on this output started with, or None on a first run."""
-    uri = storage.join(output, PLAN_FILE)
-    return storage.read_json(uri) if storage.exists(uri) else None
-
-
-def write_plan(output: str, plan: dict) -> None:
-    storage.write_json_atomic(storage.join(output, PLAN_FILE), plan)
-
-
-def read_images(files: list[str], counts: list[int], start: int, stop: int,
-                rows: int) -> Iterator[pa.Table]:
+def read_images(files, counts, start: int, stop: int, rows: int, D: int) -> Iterator[pa.Table]:
     """Validation rows [start, stop) of the split's files, ``rows`` at a time.
 
-    Reads only the row groups that hold the range, and only the columns the attack needs.
+    Reads only the row groups that hold the range, and only the columns the attack needs; an
+    image that is not D bytes stops the job with one line naming it and its file.
     """
     columns = [schema.IMAGE_ID, schema.LABEL, schema.IMAGE]
     offsets = np.concatenate([[0], np.cumsum(counts)])
@@ -118,7 +107,10 @@ def read_images(files: list[str], counts: list[int], start: int, stop: int,
                 if first < hi and first + n > lo:
                     table = pf.read_row_group(g, columns=columns)
                     begin, end = max(lo, first), min(hi, first + n)
-                    pending.append(table.slice(begin - first, end - begin))
+                    table = table.slice(begin - first, end - begin)
+                    dataset.pixels(table.column(schema.IMAGE), D, table.column(schema.IMAGE_ID),
+                                   uri)
+                    pending.append(table)
                     while sum(t.num_rows for t in pending) >= rows:
                         batch = pa.concat_tables(pending)
                         yield batch.slice(0, rows)

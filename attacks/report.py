@@ -14,25 +14,22 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
-import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
-import torch
 
-from attacks import charts
-from common import cli, schema, storage
+from attacks import charts, summary
+from common import cli, lifecycle, schema, storage
 from common.errors import ConfigError
+from common.model import Model, read_model
+from common.sweep import read_sweep
 
 log = logging.getLogger(__name__)
 
-SWEEP_IMAGES = 64  # validation images per sweep model for the median strength to fool
 INDEX = "index.html"
 
 
@@ -45,45 +42,22 @@ class Settings:
     sweep: str | None = field(default=None, metadata={
         "help": "a training.sweep output, for the regularization trade-off"})
     top: int = field(default=8, metadata={"help": "classes shown as easiest and hardest"})
-
-
-def read_frame(uri: str) -> pd.DataFrame:
-    fs, path = storage.filesystem(uri)
-    return pq.read_table(path, filesystem=fs).to_pandas()
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing report"})
 
 
 def summary_frames(results: str) -> dict[str, pd.DataFrame]:
-    names = {"targets": schema.SUMMARY_TARGETS, "methods": schema.SUMMARY_METHODS,
-             "budget": schema.SUMMARY_BUDGET, "sources": schema.SUMMARY_SOURCES,
-             "strength": schema.SUMMARY_STRENGTH}
-    return {k: read_frame(storage.join(results, schema.SUMMARY_DIR, v)) for k, v in names.items()}
+    return {k: t.to_pandas() for k, t in summary.read_summary(results).items()}
 
 
-def sweep_frame(sweep: str, data: str, names: list[str]) -> tuple[pd.DataFrame, dict[str, bytes]]:
-    """The sweep's table with the median sign eps that fools each model on a few val images,
-    and each model's templates."""
-    from attacks.linear import LinearModel
-    from attacks.sign import Sign
-    from common import dataset
+def sweep_frame(sweep: str, shape, names: list[str]) -> tuple[pd.DataFrame, dict[str, bytes]]:
+    """The sweep's table (its job measured the median sign strength of each model) and each
+    model's templates."""
     from training.templates import render as render_templates
 
-    storage.read_manifest(sweep, "sweep output")
-    frame = read_frame(storage.join(sweep, f"{schema.SWEEP_TABLE}.parquet")).sort_values("reg")
-    m = dataset.open_ingest(data)
-    fs, path = storage.filesystem(dataset.split_files(data, m, "val")[0])
-    val = pq.ParquetFile(path, filesystem=fs).iter_batches(SWEEP_IMAGES, columns=[schema.IMAGE])
-    X = np.stack([np.frombuffer(v, np.uint8) for v in next(val).column(0).to_pylist()])
-    medians, templates = [], {}
-    X = torch.from_numpy(X)
-    for reg, model in zip(frame["reg"], frame["model"]):
-        with np.load(io.BytesIO(storage.read_bytes(storage.join(model, schema.WEIGHTS_FILE)))) as z:
-            lin = LinearModel(z[schema.W_KEY], z[schema.B_KEY])
-        targets = torch.arange(lin.C)
-        fooled = Sign(lin)(X, lin.scores(X), targets)
-        ok = (fooled.scores.argmax(1) == targets.repeat(len(X))).numpy()
-        medians.append(float(np.median(fooled.strength.numpy()[ok])) if ok.any() else np.nan)
-        templates[f"reg={reg:g}"] = render_templates(lin.W.numpy(), m[schema.M_IMAGE_SHAPE], names)
-    return frame.assign(median_eps=medians), templates
+    frame = read_sweep(sweep).to_pandas().sort_values("reg")
+    templates = {f"reg={reg:g}": render_templates(read_model(uri).W, tuple(shape), names)
+                 for reg, uri in zip(frame["reg"], frame["model"])}
+    return frame, templates
 
 
 def table_html(frame: pd.DataFrame, digits: int = 3) -> str:
@@ -111,19 +85,28 @@ def render(sections: list[tuple[str, str]], title: str) -> str:
             f"{body}</body></html>")
 
 
-def _model_parts(model: str, names: list[str], shape) -> tuple[list, dict]:
+def _model_parts(model: Model, names: list[str], shape) -> tuple[list, dict]:
     """The templates figure (drawn from weights.npz) and the model's final metrics."""
     from training.templates import render as render_templates
 
-    m = storage.read_manifest(model, "training output")
-    final = m.get(schema.M_FINAL) or {}
+    final = model.manifest.get(schema.M_FINAL) or {}
     acc = pd.DataFrame([{"metric": k, "value": v} for k, v in final.items()])
-    with np.load(io.BytesIO(storage.read_bytes(storage.join(model, schema.WEIGHTS_FILE)))) as z:
-        png = render_templates(z[schema.W_KEY], tuple(shape), names)
+    png = render_templates(model.W, tuple(shape), names)
     caption = (f"Every class's weights W[c] as an image, stretched to 0..255 ({len(names)} "
                "classes): the templates that the fooling steps add.")
     return [("The classifier's templates", img("templates", png, caption)
              + (table_html(acc) if len(acc) else ""))], {"templates.png": png}
+
+
+def _attack_model(cfg: Settings, m: dict) -> Model:
+    """The model the attack used: --model must be that one (the weights' sha256 is checked)."""
+    uri = cfg.model or m[schema.M_SOURCE]["model"]
+    model = read_model(uri)
+    used = m[schema.M_SOURCE].get("model_sha256")
+    if model.sha256 != used:
+        raise ConfigError(f"{uri} is not the model the attack {cfg.results} used (weights sha256 "
+                          f"{model.sha256[:12]}, the attack's {str(used)[:12]})")
+    return model
 
 
 def _figure_files(results: str, manifest: dict) -> dict[str, bytes]:
@@ -135,15 +118,12 @@ def _figure_files(results: str, manifest: dict) -> dict[str, bytes]:
 
 def build(cfg: Settings) -> tuple[str, dict[str, bytes]]:
     """The page's HTML and its figures (name -> PNG bytes)."""
+    frames = summary_frames(cfg.results)  # refuses anything but a complete attack output
     m = storage.read_manifest(cfg.results, "attack output")
-    if m.get(schema.M_KIND) != "attack":
-        raise ConfigError(f"{cfg.results} is not an attack output (kind: {m.get(schema.M_KIND)!r})")
     names = m.get(schema.M_CLASS_NAMES) or m[schema.M_CLASSES]
-    frames = summary_frames(cfg.results)
     figures: dict[str, bytes] = {}
     sections: list[tuple[str, str]] = []
-    model = cfg.model or m[schema.M_SOURCE]["model"]
-    parts, files = _model_parts(model, names, m[schema.M_IMAGE_SHAPE])
+    parts, files = _model_parts(_attack_model(cfg, m), names, m[schema.M_IMAGE_SHAPE])
     sections += parts
     figures.update(files)
     sheets = _figure_files(cfg.results, m)
@@ -172,12 +152,13 @@ def build(cfg: Settings) -> tuple[str, dict[str, bytes]]:
                                         "(validation images)") + table_html(frame.drop(
                                             columns=["origin"]).head(40))))
     if cfg.sweep:
-        sweep, templates = sweep_frame(cfg.sweep, m[schema.M_SOURCE]["data"], names)
+        sweep, templates = sweep_frame(cfg.sweep, m[schema.M_IMAGE_SHAPE], names)
         figures["tradeoff.png"] = charts.tradeoff(sweep)
         figures.update({f"templates_{k}.png": v for k, v in templates.items()})
         sections.append(("The regularization trade-off", img(
             "tradeoff", figures["tradeoff.png"], "Stronger L2: lower accuracy, and larger steps "
-            f"needed to fool (sign method, first {SWEEP_IMAGES} validation images, all targets).")
+            "needed to fool (sign method, median over the first validation images and all "
+            "targets, measured by the sweep job).")
             + table_html(sweep.drop(columns=["model"]))
             + "".join(img(k, v, f"templates at {k}") for k, v in templates.items())))
     run_info = {k: m.get(k) for k in (schema.M_COUNTS, schema.M_CONFIG, schema.M_TIMINGS,
@@ -186,22 +167,35 @@ def build(cfg: Settings) -> tuple[str, dict[str, bytes]]:
     return render(sections, f"Fooling a linear classifier: {cfg.results}"), figures
 
 
+def output(cfg: Settings) -> lifecycle.Output:
+    """The report's lifecycle: it owns its page and figures, and reads the outputs it shows."""
+    inputs = {"results": cfg.results, "model": cfg.model, "sweep": cfg.sweep}
+    return lifecycle.Output(
+        cfg.output, "report", owns=(INDEX, schema.FIGURES_DIR), inputs=inputs,
+        identity={"inputs": {k: v and lifecycle.absolute(v) for k, v in inputs.items()},
+                  "settings": {"top": cfg.top}})
+
+
 def run(cfg: Settings) -> dict:
     """Write the report; returns its manifest."""
     t0 = time.perf_counter()
     storage.check_readable(cfg.results)
+    out = output(cfg)
+    out.check(cfg.overwrite, resumable=False)
     page, figures = build(cfg)
-    storage.check_writable(cfg.output)
+    out.prepare(cfg.overwrite, resumable=False)
     for name, png in figures.items():
         storage.write_bytes(storage.join(cfg.output, schema.FIGURES_DIR, name), png)
     storage.write_bytes(storage.join(cfg.output, INDEX), page.encode())
     took = round(time.perf_counter() - t0, 3)
-    manifest = {schema.M_KIND: "report", schema.M_SOURCE: {"results": cfg.results,
-                                                           "model": cfg.model, "sweep": cfg.sweep},
-                schema.M_FILES: [INDEX] + [f"{schema.FIGURES_DIR}/{n}" for n in figures],
+    manifest = {schema.M_KIND: "report",
+                schema.M_SOURCE: out.identity["inputs"],
+                schema.M_FILES: [{"path": p} for p in
+                                 [INDEX, *(f"{schema.FIGURES_DIR}/{n}" for n in figures)]],
+                schema.M_CONFIG: asdict(cfg),
                 schema.M_TIMINGS: {"total_s": took}, schema.M_VERSIONS: schema.versions(),
                 schema.M_CREATED: datetime.now(UTC).isoformat(timespec="seconds")}
-    storage.write_manifest(cfg.output, manifest)
+    manifest = out.finish(manifest)
     log.info("report with %d figures in %.1f s: %s", len(figures), took,
              storage.join(cfg.output, INDEX))
     return manifest

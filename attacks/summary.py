@@ -24,7 +24,6 @@ Partitions are read one (method, target) folder at a time, so memory does not gr
 
 from __future__ import annotations
 
-import io
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -35,8 +34,9 @@ import pyarrow.parquet as pq
 
 from attacks.template import TEMPLATE_RES
 from common import cli, schema, storage
+from common.errors import ConfigError
 
-QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
+QUANTILES = schema.QUANTILES
 LEVELS = 256  # linf of a stored uint8 image is an integer 0..255
 GRID = 255 * TEMPLATE_RES + 1  # strengths are multiples of 1 / TEMPLATE_RES in 0..255
 READ_THREADS = 16
@@ -54,7 +54,7 @@ def read_partition(output: str, method: str, target: int) -> pa.Table:
 
 def _quantiles(name: str, values: np.ndarray) -> dict:
     qs = np.quantile(values, QUANTILES) if len(values) else [np.nan] * len(QUANTILES)
-    return {f"{name}_q{int(q * 100):02d}": float(v) for q, v in zip(QUANTILES, qs)}
+    return {schema.quantile_column(name, q): float(v) for q, v in zip(QUANTILES, qs)}
 
 
 def target_stats(table: pa.Table, method: str, target: int) -> list[dict]:
@@ -72,12 +72,14 @@ def target_stats(table: pa.Table, method: str, target: int) -> list[dict]:
         bound = cols[schema.BOUND_LINF][ok].astype(np.float64)
         ratio = linf[bound > 0] / bound[bound > 0]
         row = {schema.ORIGIN: origin, schema.METHOD: method, schema.TARGET: target,
-               "pairs": int(rows.sum()), "fooled": int(fooled.sum()), "moved": int(ok.sum()),
-               "success_rate": float(fooled.sum() / rows.sum()),
+               schema.S_PAIRS: int(rows.sum()), schema.S_FOOLED: int(fooled.sum()),
+               schema.S_MOVED: int(ok.sum()),
+               schema.S_SUCCESS_RATE: float(fooled.sum() / rows.sum()),
                "strength_mean": float(s.mean()) if len(s) else np.nan,
                **_quantiles("strength", s),
-               "linf_mean": float(linf.mean()) if len(linf) else np.nan, **_quantiles("linf", linf),
-               "l2_mean": float(l2.mean()) if len(l2) else np.nan, **_quantiles("l2", l2),
+               schema.S_LINF_MEAN: float(linf.mean()) if len(linf) else np.nan,
+               **_quantiles("linf", linf),
+               schema.S_L2_MEAN: float(l2.mean()) if len(l2) else np.nan, **_quantiles("l2", l2),
                "bound_linf_median": float(np.median(bound)) if len(bound) else np.nan,
                "linf_over_bound_median": float(np.median(ratio)) if len(ratio) else np.nan,
                "_linf_hist": np.bincount(linf.astype(np.int64), minlength=LEVELS),
@@ -115,14 +117,15 @@ def _hist_quantiles(name: str, hist: np.ndarray, scale: float) -> dict:
     """Exact quantiles (numpy's default, linear) of values given as a histogram on a grid."""
     total = hist.sum()
     if total == 0:
-        return {f"{name}_q{int(q * 100):02d}": np.nan for q in QUANTILES}
+        return {schema.quantile_column(name, q): np.nan for q in QUANTILES}
     cum = np.cumsum(hist)
     out = {}
     for q in QUANTILES:
         pos = q * (total - 1)
         lo = np.searchsorted(cum, np.floor(pos), "right")
         hi = np.searchsorted(cum, np.ceil(pos), "right")
-        out[f"{name}_q{int(q * 100):02d}"] = float((lo + (hi - lo) * (pos - np.floor(pos))) / scale)
+        value = (lo + (hi - lo) * (pos - np.floor(pos))) / scale
+        out[schema.quantile_column(name, q)] = float(value)
     return out
 
 
@@ -133,22 +136,25 @@ def method_tables(rows: list[dict]) -> dict[str, pa.Table]:
         groups.setdefault((r[schema.ORIGIN], r[schema.METHOD]), []).append(r)
     methods, budget, sources, strength = [], [], [], []
     for (origin, method), rs in sorted(groups.items()):
-        pairs_, fooled = sum(r["pairs"] for r in rs), sum(r["fooled"] for r in rs)
-        moved = sum(r["moved"] for r in rs)
+        pairs_, fooled = sum(r[schema.S_PAIRS] for r in rs), sum(r[schema.S_FOOLED] for r in rs)
+        moved = sum(r[schema.S_MOVED] for r in rs)
         linf_h = np.sum([r["_linf_hist"] for r in rs], axis=0)
         strength_h = np.sum([r["_strength_hist"] for r in rs], axis=0)
-        methods.append({schema.ORIGIN: origin, schema.METHOD: method, "pairs": pairs_,
-                        "fooled": fooled, "moved": moved, "success_rate": fooled / pairs_,
+        methods.append({schema.ORIGIN: origin, schema.METHOD: method, schema.S_PAIRS: pairs_,
+                        schema.S_FOOLED: fooled, schema.S_MOVED: moved,
+                        schema.S_SUCCESS_RATE: fooled / pairs_,
                         **_hist_quantiles("strength", strength_h, TEMPLATE_RES),
                         **_hist_quantiles("linf", linf_h, 1),
-                        "l2_mean": sum(r["_l2_sum"] for r in rs) / moved if moved else np.nan})
+                        schema.S_L2_MEAN: (sum(r["_l2_sum"] for r in rs) / moved if moved
+                                           else np.nan)})
         curve = np.cumsum(np.sum([r["_budget_hist"] for r in rs], axis=0)) / pairs_
         bound = np.cumsum(np.sum([r["_bound_hist"] for r in rs], axis=0)) / pairs_
-        budget += [{schema.ORIGIN: origin, schema.METHOD: method, "budget": b,
-                    "fooled_fraction": float(curve[b]), "bound_fraction": float(bound[b])}
+        budget += [{schema.ORIGIN: origin, schema.METHOD: method, schema.S_BUDGET: b,
+                    schema.S_FOOLED_FRACTION: float(curve[b]),
+                    schema.S_BOUND_FRACTION: float(bound[b])}
                    for b in range(LEVELS)]
         strength += [{schema.ORIGIN: origin, schema.METHOD: method, "strength": i / TEMPLATE_RES,
-                      "count": int(n)} for i, n in enumerate(strength_h) if n]
+                      schema.S_COUNT: int(n)} for i, n in enumerate(strength_h) if n]
         if origin == "val":
             sources += _source_rows(method, rs)
     return {"methods": pa.Table.from_pylist(methods), "budget": pa.Table.from_pylist(budget),
@@ -157,9 +163,9 @@ def method_tables(rows: list[dict]) -> dict[str, pa.Table]:
 
 
 SOURCES_SCHEMA = pa.schema([(schema.ORIGIN, pa.string()), (schema.METHOD, pa.string()),
-                            (schema.LABEL, pa.int16()), ("pairs", pa.int64()),
-                            ("fooled", pa.int64()), ("success_rate", pa.float64()),
-                            ("linf_mean", pa.float64())])
+                            (schema.LABEL, pa.int16()), (schema.S_PAIRS, pa.int64()),
+                            (schema.S_FOOLED, pa.int64()), (schema.S_SUCCESS_RATE, pa.float64()),
+                            (schema.S_LINF_MEAN, pa.float64())])
 
 
 def _source_rows(method: str, rs: list[dict]) -> list[dict]:
@@ -167,9 +173,9 @@ def _source_rows(method: str, rs: list[dict]) -> list[dict]:
     pairs_, fooled, moved, linf = (_sum_padded([r[k] for r in rs]) for k in (
         "_label_pairs", "_label_fooled", "_label_moved", "_label_linf"))
     return [{schema.ORIGIN: "val", schema.METHOD: method, schema.LABEL: label,
-             "pairs": int(pairs_[label]), "fooled": int(fooled[label]),
-             "success_rate": float(fooled[label] / pairs_[label]),
-             "linf_mean": float(linf[label] / moved[label]) if moved[label] else np.nan}
+             schema.S_PAIRS: int(pairs_[label]), schema.S_FOOLED: int(fooled[label]),
+             schema.S_SUCCESS_RATE: float(fooled[label] / pairs_[label]),
+             schema.S_LINF_MEAN: float(linf[label] / moved[label]) if moved[label] else np.nan}
             for label in range(len(pairs_)) if pairs_[label]]
 
 
@@ -189,18 +195,45 @@ class Settings:
     output: str = field(metadata={"help": "a finished attack output: local path or s3://"})
 
 
+def read_summary(results: str) -> dict[str, pa.Table]:
+    """The summary tables of a finished attack output, each checked for the columns its
+    readers use; a missing or incomplete table is one ConfigError naming it."""
+    m = storage.read_manifest(results, "attack output")
+    if m.get(schema.M_KIND) != "attack":
+        raise ConfigError(f"{results} is not an attack output (kind: {m.get(schema.M_KIND)!r})")
+    out = {}
+    for name, file in schema.SUMMARY_TABLES.items():
+        uri = storage.join(results, schema.SUMMARY_DIR, file)
+        # pyarrow's own file, never a Python file object such as io.BytesIO: pyarrow's I/O
+        # threads touch such an object, and one doing so while the interpreter exits is ended
+        # mid-C++ ("terminate called without an active exception", exit status 134)
+        fs, path = storage.filesystem(uri)
+        try:
+            table = pq.read_table(path, filesystem=fs)
+        except FileNotFoundError:
+            raise ConfigError(f"{uri} is missing: the attack output is incomplete") from None
+        except (OSError, pa.ArrowInvalid) as e:
+            raise ConfigError(f"cannot read {uri}: {str(e).splitlines()[0]}") from None
+        missing = [c for c in schema.SUMMARY_COLUMNS[name] if c not in table.column_names]
+        if missing:
+            raise ConfigError(f"{uri} lacks the columns {', '.join(missing)}")
+        out[name] = table
+    return out
+
+
 def describe(output: str) -> str:
     """A few lines on a finished attack output: per method, success and perturbation sizes."""
     m = storage.read_manifest(output, "attack output")
+    methods = read_summary(output)["methods"]
     c = m[schema.M_COUNTS]
     lines = [f"{output}: {c['pairs']} pairs = ({c['val_images']} validation + {c['noise_images']} "
              f"noise images) x {c['targets']} targets x {len(c['methods'])} methods, "
              f"{m[schema.M_TIMINGS]['total_s']:.0f} s"]
-    raw = storage.read_bytes(storage.join(output, schema.SUMMARY_DIR, schema.SUMMARY_METHODS))
-    for r in pq.read_table(io.BytesIO(raw)).to_pylist():
+    q50, q90 = (schema.quantile_column(schema.LINF, q) for q in (0.5, 0.9))
+    for r in methods.to_pylist():
         lines.append(f"  {r[schema.ORIGIN]:5s} {r[schema.METHOD]:9s} fooled "
-                     f"{r['success_rate']:6.1%} of {r['pairs']} pairs; L-inf median "
-                     f"{r['linf_q50']:.1f}, 90% {r['linf_q90']:.1f}; mean L2 {r['l2_mean']:.0f}")
+                     f"{r[schema.S_SUCCESS_RATE]:6.1%} of {r[schema.S_PAIRS]} pairs; L-inf "
+                     f"median {r[q50]:.1f}, 90% {r[q90]:.1f}; mean L2 {r[schema.S_L2_MEAN]:.0f}")
     pngs = [storage.join(output, f["path"]) for f in m[schema.M_FILES]
             if f["path"].endswith(".png")]
     lines.append("  pictures: " + ", ".join(pngs))

@@ -2,7 +2,7 @@
 their files. No Ray here: the job hands this class to Ray Data's ``map_batches``, which makes one
 per actor, so the model and its Gram matrix are set up once per worker, not once per part.
 
-    >>> worker = FoolWorker(W, b, facts, job)                 # job: see attacks/fool.py
+    >>> worker = FoolWorker(W, b, facts, job)                 # job: a Job, from attacks/fool.py
     >>> worker({"part": np.array([json.dumps(part)])})        # -> {"result": [json of the marker]}
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -25,7 +26,8 @@ from attacks.noise import noise_ids, noise_images
 from attacks.rows import TargetFiles, pair_tables
 from attacks.sign import Sign
 from attacks.template import Template
-from common import schema
+from common import dataset, schema
+from common.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -34,22 +36,46 @@ ATTACKS: dict[str, type[Attack]] = {"template": Template, "sign": Sign, "iterati
 NOISE_CONFIDENCE = 0.99  # noise starts are pushed to this probability unless --confidence says
 
 
+@dataclass(frozen=True)
+class Job:
+    """What every worker needs besides the model: plain data, sent to each actor once."""
+
+    output: str  # absolute URI of the attack output
+    val_files: tuple[str, ...]  # the validation split's Parquet files, in the manifest's order
+    val_counts: tuple[int, ...]  # rows of each
+    n_val: int  # validation images attacked: the first n_val rows
+    image_shape: tuple[int, int, int]
+    keep_images: bool
+    confidence: float | None  # None: the first image classified as the target
+    noise_seed: int
+    batch_size: int  # (image, target) pairs per matrix batch
+    device: str  # "cpu" or "cuda"
+
+    @property
+    def noise_confidence(self) -> float:
+        return self.confidence if self.confidence is not None else NOISE_CONFIDENCE
+
+
 class FoolWorker:
-    """Holds the model on its device and the attacks; ``__call__`` runs a batch of parts.
+    """Holds the model on its device and the attacks; ``__call__`` runs a batch of parts."""
 
-    ``job`` (plain data, from attacks/fool.py): val_files, val_counts, image_shape, output,
-    keep_images, confidence, noise_seed, batch_size, device.
-    """
-
-    def __init__(self, W: np.ndarray, b: np.ndarray, facts: dict, job: dict):
+    def __init__(self, W: np.ndarray, b: np.ndarray, facts: dict, job: Job):
         self.job = job
-        self.model = LinearModel(W, b, job["device"], facts)
-        noise_conf = job["confidence"] if job["confidence"] is not None else NOISE_CONFIDENCE
+        self.model = LinearModel(W, b, job.device, facts)
         self.attacks = {(m, origin): cls(self.model, conf) for m, cls in ATTACKS.items()
-                        for origin, conf in (("val", job["confidence"]), ("noise", noise_conf))}
+                        for origin, conf in (("val", job.confidence),
+                                             ("noise", job.noise_confidence))}
 
     def __call__(self, batch: dict) -> dict:
-        results = [self.run_part(json.loads(p)) for p in batch["part"]]
+        """Run each part; bad data (a ConfigError, e.g. an image of the wrong length) comes back
+        as the part's ``error``, one line for the driver, instead of a retried task failure."""
+        results = []
+        for p in batch["part"]:
+            part = json.loads(p)
+            try:
+                results.append(self.run_part(part))
+            except ConfigError as e:
+                results.append({"key": part["key"], "error": str(e)})
         return {"result": np.array([json.dumps(r) for r in results], dtype=object)}
 
     def run_part(self, part: dict) -> dict:
@@ -57,31 +83,32 @@ class FoolWorker:
         t0 = time.perf_counter()
         chunk, targets = part["chunk"], part["targets"]
         attack = self.attacks[(part["method"], chunk["origin"])]
-        files = TargetFiles(self.job["output"], part["method"], targets, chunk["name"])
-        per_batch = max(1, self.job["batch_size"] // len(targets))
+        files = TargetFiles(self.job.output, part["method"], targets, chunk["name"])
+        per_batch = max(1, self.job.batch_size // len(targets))
         for ids, labels, X in self.images(chunk, per_batch):
             cols = self.attack_batch(attack, chunk["origin"], ids, labels, X, targets)
-            files.add(pair_tables(cols, targets, self.job["keep_images"]))
+            files.add(pair_tables(cols, targets, self.job.keep_images))
         listing = files.close()
         result = {"key": part["key"], "files": listing, "rows": sum(f["rows"] for f in listing),
                   "seconds": round(time.perf_counter() - t0, 3)}
-        parts.write_marker(self.job["output"], part["key"], result)
+        parts.write_marker(self.job.output, part["key"], result)
         log.info("part %s: %d rows in %.1f s", part["key"], result["rows"], result["seconds"])
         return result
 
     def images(self, chunk: dict, rows: int):
         """(image ids, labels, X (n, D) uint8 tensor) batches of a chunk."""
         if chunk["origin"] == "noise":
-            X = noise_images(chunk["stop"], self.job["noise_seed"], self.job["image_shape"])
+            X = noise_images(chunk["stop"], self.job.noise_seed, self.job.image_shape)
             ids = noise_ids(chunk["stop"])
             for i in range(chunk["start"], chunk["stop"], rows):
                 sl = slice(i, min(i + rows, chunk["stop"]))
                 yield ids[sl], np.full(sl.stop - sl.start, -1, np.int16), torch.from_numpy(X[sl])
             return
-        for table in parts.read_images(self.job["val_files"], self.job["val_counts"],
-                                       chunk["start"], chunk["stop"], rows):
+        D = self.model.D
+        for table in parts.read_images(self.job.val_files, self.job.val_counts,
+                                       chunk["start"], chunk["stop"], rows, D):
             yield (table.column(schema.IMAGE_ID).to_pylist(),
-                   table.column(schema.LABEL).to_numpy(), pixels(table.column(schema.IMAGE)))
+                   table.column(schema.LABEL).to_numpy(), pixels(table.column(schema.IMAGE), D))
 
     def attack_batch(self, attack: Attack, origin: str, ids, labels, X, targets) -> dict:
         """Every (image, target) pair of a batch: the stored images and their measurements."""
@@ -107,10 +134,6 @@ class FoolWorker:
         return cpu
 
 
-def pixels(column: pa.ChunkedArray) -> torch.Tensor:
-    """A binary column of equal-length images -> (n, D) uint8 tensor (one copy)."""
-    arr = column.combine_chunks()
-    n = len(arr)
-    offsets = np.frombuffer(arr.buffers()[1], np.int32, n + 1, offset=arr.offset * 4)
-    data = np.frombuffer(arr.buffers()[2], np.uint8)[offsets[0]:offsets[-1]]
-    return torch.from_numpy(data.reshape(n, -1).copy())
+def pixels(column: pa.ChunkedArray, D: int) -> torch.Tensor:
+    """A binary column of D-byte images (checked by parts.read_images) -> (n, D) uint8 tensor."""
+    return torch.from_numpy(np.array(dataset.pixels(column, D)))

@@ -10,8 +10,9 @@ Each field becomes ``--field-name``; its help text and choices come from the fie
     def main(argv=None):
         cli.main(Settings, run, argv, __doc__)
 
-Fields without a default are required flags; bools become ``--flag/--no-flag``; tuples take
-comma-separated values.
+Fields without a default are required flags; a bool that defaults to off is a switch
+(``--overwrite``), one that is on or unset by default also has ``--no-flag``; tuples take
+comma-separated values. Each default is shown once, unless the help text already says it.
 """
 
 from __future__ import annotations
@@ -40,20 +41,24 @@ def _tuple_parser(item: type) -> Callable[[str], tuple]:
     return parse
 
 
-def build_parser(cls: type, description: str | None = None) -> argparse.ArgumentParser:
+def build_parser(cls: type, description: str | None = None,
+                 prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         kind = hints[f.name]
-        if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        optional = typing.get_origin(kind) in (typing.Union, types.UnionType)
+        if optional:
             kind = next(a for a in typing.get_args(kind) if a is not type(None))
         kwargs: dict = {"help": f.metadata.get("help", ""), "dest": f.name}
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
-        if kind is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
+        if kind is bool and f.default is False:
+            kwargs["action"] = "store_true"  # an off switch: no meaningless --no-flag
+        elif kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction  # on by default, or unset (None)
         elif typing.get_origin(kind) is tuple:
             kwargs["type"] = _tuple_parser(typing.get_args(kind)[0])
             kwargs["metavar"] = "A,B,..."
@@ -61,7 +66,7 @@ def build_parser(cls: type, description: str | None = None) -> argparse.Argument
             kwargs["type"] = kind
         if f.default is not dataclasses.MISSING:
             kwargs["default"] = f.default
-            if f.default is not None and kind is not bool:
+            if "default" not in kwargs["help"] and f.default is not False:
                 kwargs["help"] += f" (default: {_show(f.default)})"
         elif f.default_factory is not dataclasses.MISSING:
             kwargs["default"] = f.default_factory()
@@ -72,19 +77,50 @@ def build_parser(cls: type, description: str | None = None) -> argparse.Argument
 
 
 def _show(value: object) -> str:
+    if value is None:
+        return "none"
+    if value is True:
+        return "on"
     return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
-def parse(cls: type, argv: Sequence[str] | None = None, description: str | None = None):
+def parse(cls: type, argv: Sequence[str] | None = None, description: str | None = None,
+          prog: str | None = None):
     """Parse flags into an instance of the settings dataclass ``cls``."""
-    args = build_parser(cls, description).parse_args(argv)
+    prog = prog or f"python -m {module_name(cls)}"
+    args = build_parser(cls, description, prog).parse_args(argv)
     return cls(**vars(args))
 
 
+def module_name(cls: type) -> str:
+    """The importable name of the module that defines ``cls``, also when it runs as ``-m``."""
+    module = sys.modules.get(cls.__module__)
+    spec = getattr(module, "__spec__", None)
+    return spec.name if spec is not None else cls.__module__
+
+
+class _MainName(logging.Filter):
+    """Log records of a module run with ``python -m`` carry its name, not ``__main__``."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.main = name
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "__main__":
+            record.name = self.main
+        return True
+
+
 def setup_logging() -> None:
+    """Our lines at INFO on stderr, named by module (``pipelines.ingest``, also under ``-m``)."""
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
     )
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_MainName(spec.name))
 
 
 def connect_ray() -> None:

@@ -1,4 +1,4 @@
-"""The data contracts between the jobs (../shared/DESIGN.md), defined once and imported everywhere.
+"""The data contracts between the jobs (docs/design.md), defined once and imported everywhere.
 
 Column names, Arrow types and manifest keys live here and nowhere else.
 """
@@ -138,3 +138,36 @@ SUMMARY_METHODS = "methods.parquet"
 SUMMARY_BUDGET = "budget.parquet"  # with the certified bound's curve: no attack does better
 SUMMARY_SOURCES = "sources.parquet"  # per (origin, method, source label) of validation images
 SUMMARY_STRENGTH = "strength.parquet"  # per (origin, method) histogram of the strength needed
+SUMMARY_TABLES = {"targets": SUMMARY_TARGETS, "methods": SUMMARY_METHODS,
+                  "budget": SUMMARY_BUDGET, "sources": SUMMARY_SOURCES,
+                  "strength": SUMMARY_STRENGTH}
+# Their columns, besides ORIGIN, METHOD, TARGET and LABEL:
+S_PAIRS, S_FOOLED, S_MOVED = "pairs", "fooled", "moved"  # all pairs; fooled; fooled and had to move
+S_SUCCESS_RATE = "success_rate"  # fooled / pairs
+S_BUDGET = "budget"  # an L-inf budget 0..255 (budget table)
+S_FOOLED_FRACTION = "fooled_fraction"  # of all pairs, fooled within the budget
+S_BOUND_FRACTION = "bound_fraction"  # of all pairs, certified bound within the budget
+S_COUNT = "count"  # strength table: fooled pairs that needed exactly that strength
+S_LINF_MEAN, S_L2_MEAN = "linf_mean", "l2_mean"
+QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
+
+
+def quantile_column(name: str, q: float) -> str:
+    """``linf`` and 0.5 -> ``linf_q50``: the summary tables' quantile columns."""
+    return f"{name}_q{round(q * 100):02d}"
+
+
+# What each table must hold for its readers (the report, attacks.summary).
+SUMMARY_COLUMNS = {
+    "targets": [ORIGIN, METHOD, TARGET, S_PAIRS, S_FOOLED, S_SUCCESS_RATE,
+                quantile_column(LINF, 0.5)],
+    "methods": [ORIGIN, METHOD, S_PAIRS, S_FOOLED, S_MOVED, S_SUCCESS_RATE, S_L2_MEAN,
+                *(quantile_column(c, q) for c in (STRENGTH, LINF) for q in QUANTILES)],
+    "budget": [ORIGIN, METHOD, S_BUDGET, S_FOOLED_FRACTION, S_BOUND_FRACTION],
+    "sources": [ORIGIN, METHOD, LABEL, S_PAIRS, S_FOOLED, S_SUCCESS_RATE, S_LINF_MEAN],
+    "strength": [ORIGIN, METHOD, STRENGTH, S_COUNT],
+}
+
+# --- A sweep: <out>/sweep.parquet, one row per trained setting ---------------------------------
+SWEEP_COLUMNS = ["reg", "val_top1", "val_top5", "val_loss", "train_loss", "train_top1",
+                 "w_norm", "w_pixels_norm", "epochs", "median_sign_eps", "model"]

@@ -5,8 +5,18 @@
 
 Each node is a `ray start --block` process in a session of its own, on free ports, with its own
 temp dir, so it neither meets nor stops any other Ray on the machine (unlike `ray stop`, which
-stops them all). Jobs go through the Ray Jobs API with `ray job submit --working-dir .`: the
-working directory is uploaded (minus .gitignore and .rayignore) exactly as on a real cluster.
+stops them all).
+
+What listens where: with ``--node-ip-address=127.0.0.1`` and ``--dashboard-host=127.0.0.1``,
+Ray's Python listeners (dashboard and Jobs API, dashboard agent HTTP and gRPC, metrics exporter,
+runtime-env agent, Ray Client server) bind to 127.0.0.1 only. Ray 2.60's C++ gRPC servers do
+not take a bind address: the GCS, each raylet's node manager and object manager, and the
+core-worker server of every worker, driver and job supervisor listen on all interfaces. Token
+authentication (on here) is what guards those: a request without the token is refused.
+``listeners()`` lists them all; tests/test_cluster.py holds the cluster to this.
+
+Jobs go through the Ray Jobs API with `ray job submit --working-dir .`: the working directory is
+uploaded (minus .gitignore and .rayignore) exactly as on a real cluster.
 """
 
 from __future__ import annotations
@@ -28,6 +38,72 @@ log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
 OBJECT_STORE_BYTES = 512 * 2**20  # per node: the test jobs are small, the machine is shared
+
+
+# Processes whose listeners Ray 2.60 binds to all interfaces, with no option to change it:
+# the GCS, the raylet, and core workers (named ray::<task or actor> or, for drivers and the
+# job supervisor, python).
+ALL_INTERFACES = ("gcs_server", "raylet", "ray::", "python")
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return set()
+    out = set()
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            out.add(target[8:-1])
+    return out
+
+
+def _listening() -> dict[str, tuple[str, int]]:
+    """inode -> (address, port) of every listening TCP socket on the machine (Linux /proc)."""
+    out = {}
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        try:
+            lines = open(table).read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] != "0A":  # LISTEN
+                continue
+            addr, port = fields[1].split(":")
+            raw = bytes.fromhex(addr)
+            if width == 8:
+                host = socket.inet_ntop(socket.AF_INET, raw[::-1])
+            else:  # four little-endian 32-bit words
+                host = socket.inet_ntop(socket.AF_INET6, b"".join(
+                    raw[i:i + 4][::-1] for i in range(0, 16, 4)))
+            out[fields[9]] = (host, int(port, 16))
+    return out
+
+
+def _descendants(roots: Sequence[int]) -> dict[int, str]:
+    """pid -> name (/proc/<pid>/comm) of the given processes and all below them."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = {}, list(roots)
+    while todo:
+        pid = todo.pop()
+        try:
+            out[pid] = open(f"/proc/{pid}/comm").read().strip()
+        except OSError:
+            continue
+        todo += children.get(pid, [])
+    return out
 
 
 def free_port() -> int:
@@ -115,6 +191,13 @@ class LocalCluster:
         proc = subprocess.run(args, env=self.env, capture_output=True, text=True,
                               timeout=timeout, check=False)
         return proc.returncode, proc.stdout + proc.stderr, time.monotonic() - t
+
+    def listeners(self) -> list[tuple[str, int, str]]:
+        """(address, port, process name) of every TCP socket the cluster's processes listen on."""
+        sockets = _listening()
+        return sorted((*sockets[inode], name)
+                      for pid, name in _descendants([p.pid for p in self.procs]).items()
+                      for inode in _socket_inodes(pid) if inode in sockets)
 
     def stop(self) -> None:
         for proc in reversed(self.procs):  # workers first, then the head

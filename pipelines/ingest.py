@@ -16,6 +16,7 @@ write it, and send back only small things: counts, pixel sums, and the quarantin
 from __future__ import annotations
 
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -23,12 +24,10 @@ from datetime import UTC, datetime
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from ray.data import Datasink
-from ray.data.block import BlockAccessor
 
-from common import cli, schema, storage
+from common import cli, lifecycle, schema, storage
 from common.errors import ConfigError
 from pipelines import images, sources
 
@@ -64,24 +63,37 @@ class Settings:
         default=True, metadata={"help": "reduced-size JPEG decoding (several times faster)"}
     )
     limit_per_class: int | None = field(
-        default=None, metadata={"help": "ingest at most N images per class and split (quick runs)"}
-    )
+        default=None,
+        metadata={"help": "ingest at most N images per class and split, for quick runs "
+                          "(default: all)"})
     file_size_mb: int = field(default=128, metadata={"help": "target Parquet file size, MiB"})
     batch_size: int = field(default=512, metadata={"help": "files per decode task"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing output"})
+
+
+def unreadable_reason(fs, e: OSError) -> str | None:
+    """The quarantine reason when a local file may not be read (permissions), else None."""
+    if isinstance(fs, pafs.LocalFileSystem) and isinstance(e, (PermissionError,
+                                                                IsADirectoryError)):
+        return f"unreadable: {os.strerror(e.errno)}" if e.errno else "unreadable"
+    return None
 
 
 def decode_batch(batch: pa.Table, root: str, size: int, resize: str, draft: bool) -> pa.Table:
     """Fetch and decode a batch of listed files; failures become rows with a reason and no image."""
     fs, base = storage.filesystem(root)
 
-    def fetch(rel: str) -> bytes:
+    def fetch(rel: str) -> bytes | images.BadImage:
         # Transient S3 errors are retried inside pyarrow (common/storage.py); what still fails is
-        # a storage problem, not a bad image: it stops the job with the URI and the reason.
+        # a storage problem, not a bad image: it stops the job with the URI and the reason. A
+        # local file this process may not read is a bad input: quarantined (unreadable_reason).
         try:
             with fs.open_input_stream(f"{base}/{rel}") as f:
                 return f.read()
         except OSError as e:
+            why = unreadable_reason(fs, e)
+            if why:
+                return images.BadImage(why)
             raise OSError(f"cannot read {storage.join(root, rel)}: {e}") from e
 
     rels = batch.column(schema.SOURCE).to_pylist()
@@ -91,6 +103,8 @@ def decode_batch(batch: pa.Table, root: str, size: int, resize: str, draft: bool
     sums, squares = np.zeros((len(rels), 3), np.int64), np.zeros((len(rels), 3), np.int64)
     for i, data in enumerate(blobs):
         try:
+            if isinstance(data, images.BadImage):
+                raise data
             arr, (w, h) = images.to_pixels(data, size, resize, draft)
             pixels.append(arr.tobytes())
             px = arr.reshape(-1, 3).astype(np.int64)
@@ -113,49 +127,6 @@ def decode_batch(batch: pa.Table, root: str, size: int, resize: str, draft: bool
     return pa.table([cols[f.name] for f in DECODED_SCHEMA], names=DECODED_SCHEMA.names)
 
 
-class ImagesDatasink(Datasink):
-    """Writes one split: each write task gets about one file's worth of rows and writes one file.
-
-    File names are deterministic per task (``part-<task>.parquet``), so a retried task rewrites its
-    own file instead of adding a second. What comes back to the driver is small: the file's name,
-    rows and bytes, the pixel sums, and the quarantine rows of the task's inputs.
-    """
-
-    def __init__(self, output: str, split: str, rows_per_file: int):
-        self.output, self.split, self.rows_per_file = output, split, rows_per_file
-
-    @property
-    def min_rows_per_write(self) -> int:
-        return self.rows_per_file
-
-    def write(self, blocks, ctx) -> dict:
-        tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
-        table = pa.concat_tables(tables) if tables else DECODED_SCHEMA.empty_table()
-        bad = pc.is_valid(table.column(schema.REASON))
-        good = table.filter(pc.invert(bad)) if pc.any(bad).as_py() else table
-        sums = [pc.list_flatten(good.column(c)).to_numpy().reshape(-1, 3).sum(0).tolist()
-                for c in (PX_SUM, PX_SUMSQ)]
-        good = good.select(schema.IMAGES_SCHEMA.names).cast(schema.IMAGES_SCHEMA)
-        result = {
-            "file": None, "rows": good.num_rows, "bytes": 0, "sum": sums[0], "sumsq": sums[1],
-            "quarantine": [
-                {schema.SOURCE: r[schema.SOURCE], schema.SPLIT: self.split,
-                 schema.REASON: r[schema.REASON]}
-                for r in table.filter(bad).select([schema.SOURCE, schema.REASON]).to_pylist()
-            ],
-        }
-        if good.num_rows:
-            rel = f"{self.split}/part-{ctx.task_idx:05d}.parquet"
-            fs, path = storage.filesystem(storage.join(self.output, rel))
-            fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-            pq.write_table(good, path, filesystem=fs, row_group_size=ROW_GROUP_ROWS)
-            result.update(file=rel, bytes=fs.get_file_info(path).size)
-        return result
-
-    def on_write_complete(self, write_result) -> None:
-        self.results = list(write_result.write_returns)
-
-
 def _check(cfg: Settings) -> None:
     """Fail fast, before Ray starts, on settings and outputs that cannot work."""
     unknown = set(cfg.splits) - set(schema.SPLITS)
@@ -167,23 +138,26 @@ def _check(cfg: Settings) -> None:
         raise ConfigError("--file-size-mb and --batch-size must be positive")
     if cfg.limit_per_class is not None and cfg.limit_per_class < 1:
         raise ConfigError(f"--limit-per-class must be positive, got {cfg.limit_per_class}")
-    storage.check_writable(cfg.output)
-    parts = [storage.MANIFEST, *schema.SPLITS, schema.QUARANTINE_DIR]
-    present = [p for p in parts if storage.exists(storage.join(cfg.output, p))]
-    if present and not cfg.overwrite:
-        if storage.MANIFEST in present:
-            raise ConfigError(
-                f"{cfg.output} already holds a complete ingest; pass --overwrite to replace it"
-            )
-        raise ConfigError(
-            f"{cfg.output} holds {', '.join(present)} from an unfinished earlier ingest "
-            f"(no {storage.MANIFEST}); pass --overwrite to replace them"
-        )
+
+
+# Settings that do not change the dataset's rows: a rerun with other values is the same ingest.
+NOT_DEFINING = {"output", "overwrite", "batch_size", "file_size_mb"}
+
+
+def output(cfg: Settings) -> lifecycle.Output:
+    """The ingest output's lifecycle: what it owns, reads and is identified by."""
+    return lifecycle.Output(
+        cfg.output, "ingest", owns=(*schema.SPLITS, schema.QUARANTINE_DIR),
+        inputs={"source": cfg.source},
+        identity={"inputs": {"source": lifecycle.absolute(cfg.source)},
+                  "settings": {k: v for k, v in asdict(cfg).items() if k not in NOT_DEFINING}})
 
 
 def _ingest_split(cfg: Settings, listing: sources.Listing, split: str) -> list[dict]:
     """Decode and write one split with Ray Data; returns the write tasks' results."""
     import ray
+
+    from pipelines.sink import ImagesDatasink
 
     table = listing.files[split]
     if table.num_rows == 0:
@@ -238,16 +212,15 @@ def run(cfg: Settings) -> dict:
     """Ingest ``cfg.source`` into ``cfg.output``; returns the manifest that was written."""
     t0 = time.perf_counter()
     _check(cfg)
+    out = output(cfg)
+    out.check(cfg.overwrite, resumable=False)  # before listing: refuse early, write nothing
     listing = sources.scan(cfg.source, cfg.splits, cfg.limit_per_class)
     timings = {"list_s": round(time.perf_counter() - t0, 3)}
     for split in cfg.splits:
         log.info("%s: %d files to decode, %d quarantined while listing", split,
                  listing.files[split].num_rows,
                  sum(q[schema.SPLIT] == split for q in listing.quarantine))
-    if cfg.overwrite:  # the manifest goes first, so no reader trusts a half-replaced output
-        storage.delete_file(storage.join(cfg.output, storage.MANIFEST))
-        for part in (*schema.SPLITS, schema.QUARANTINE_DIR):
-            storage.delete_dir(storage.join(cfg.output, part))
+    out.prepare(cfg.overwrite, resumable=False)
     cli.connect_ray()
 
     results, files, counts, quarantine = {}, [], {}, list(listing.quarantine)
@@ -273,7 +246,7 @@ def run(cfg: Settings) -> dict:
     timings["total_s"] = round(time.perf_counter() - t0, 3)
     manifest = {
         schema.M_KIND: "ingest",
-        schema.M_SOURCE: cfg.source,
+        schema.M_SOURCE: lifecycle.absolute(cfg.source),
         schema.M_CLASSES: listing.classes,
         schema.M_CLASS_NAMES: listing.class_names,
         schema.M_IMAGE_SHAPE: [cfg.size, cfg.size, 3],
@@ -287,7 +260,7 @@ def run(cfg: Settings) -> dict:
         schema.M_TIMINGS: timings,
         schema.M_CREATED: datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    storage.write_manifest(cfg.output, manifest)
+    manifest = out.finish(manifest)
     log.info("wrote %s (%d files) in %.1f s", cfg.output, len(files), timings["total_s"])
     return manifest
 

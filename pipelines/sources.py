@@ -11,14 +11,30 @@ Layouts read (local or s3://, through pyarrow.fs):
 
 Labels are the index of the WNID in sorted order (ImageNet's standard 0..999). Every file under
 train/ and val/ is accounted for: it is listed for decoding or quarantined here with its reason.
+
+Local trees are walked here rather than by pyarrow's recursive selector, which follows symbolic
+links blindly (``ln -s .. loop`` in a class folder is followed ~40 levels deep). The walk follows
+links, since real ImageNet trees are assembled from them, but enters each real directory once
+(by st_dev/st_ino) and lists each real file once; the plain tree is walked before anything reached
+through a link, so a link never takes a file away from the folder that really holds it. What it
+skips becomes a quarantine row: a dangling or looping link, a folder already listed, a second
+path to the same file, something that is not a regular file (a FIFO, a socket), a folder it may
+not read, and a name that is not valid UTF-8 (stored with the bad bytes written as ``\\xNN``,
+since such a name cannot be a string faithfully). S3 has no links; its listing is pyarrow's.
+
+``image_id`` (the file stem) is unique per split: when two files share a stem, both are
+quarantined if their labels differ, and the later ones (in source order) if they agree.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import io
+import os
 import posixpath
-from collections import defaultdict
+import stat
+from collections import defaultdict, deque
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -52,18 +68,107 @@ class Listing:
     quarantine: list[dict]  # {source, split, reason} for files that never reach the decoder
 
 
-def _list_files(fs: pafs.FileSystem, path: str) -> list[pafs.FileInfo]:
+def _escaped(rel: bytes) -> str:
+    """A path as text; bytes that are not UTF-8 are written as \\xNN."""
+    return rel.decode("utf-8", "backslashreplace")
+
+
+def _link_reason(e: OSError) -> str:
+    if e.errno == errno.ENOENT:
+        return "dangling symlink"
+    if e.errno == errno.ELOOP:
+        return "symlink loop"
+    return f"unreadable: {e.strerror}"
+
+
+def walk_local(top: str, name: str = ".") -> tuple[list[str], list[tuple[str, str]]]:
+    """Regular files under a local folder, following links, each real file and folder once.
+
+    Returns ``(files, skipped)``: paths relative to ``top`` ('/'-separated, sorted), and
+    ``(path, reason)`` for every entry met that is not listed. Nothing else is dropped. Reasons
+    that name another path name it under ``name``, what the caller calls ``top``.
+    """
+
+    def shown(rel: bytes) -> str:
+        return f"{name}/{_escaped(rel)}" if rel else name
+
+    top_b = os.fsencode(top)
+    st = os.stat(top_b)
+    entered = {(st.st_dev, st.st_ino): b""}  # real folders -> the path they were listed at
+    plain, linked = deque([(top_b, b"")]), deque()
+    found: dict[tuple, list[tuple[bool, bytes]]] = defaultdict(list)  # real file -> its paths
+    skipped: list[tuple[bytes, str]] = []
+    while plain or linked:
+        via_link = not plain
+        path, rel = (plain or linked).popleft()
+        if via_link:  # a linked folder: entered only if its real folder was not already
+            st = os.stat(path)
+            key = (st.st_dev, st.st_ino)
+            if key in entered:
+                skipped.append((rel, f"folder already listed as {shown(entered[key])}"))
+                continue
+            entered[key] = rel
+        try:
+            with os.scandir(path) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            skipped.append((rel, f"unreadable folder: {e.strerror}"))
+            continue
+        for entry in entries:
+            sub = rel + b"/" + entry.name if rel else entry.name
+            link = entry.is_symlink()
+            try:
+                st = entry.stat()  # follows links
+            except OSError as e:
+                skipped.append((sub, _link_reason(e)))
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                if link or via_link:
+                    linked.append((entry.path, sub))
+                else:
+                    entered[(st.st_dev, st.st_ino)] = sub
+                    plain.append((entry.path, sub))
+            elif stat.S_ISREG(st.st_mode):
+                found[(st.st_dev, st.st_ino)].append((link or via_link, sub))
+            else:
+                skipped.append((sub, "not a regular file"))
+    files = []
+    for paths in found.values():  # a file's own path wins over one through a link
+        (_, first), *others = sorted(paths)
+        files.append(first)
+        skipped += [(p, f"same file as {shown(first)}") for _, p in others]
+    listed = []
+    for rel in files:
+        try:
+            listed.append(rel.decode("utf-8"))
+        except UnicodeDecodeError:
+            skipped.append((rel, "file name is not valid UTF-8"))
+    return sorted(listed), sorted((_escaped(p), why) for p, why in skipped)
+
+
+def _list_files(fs: pafs.FileSystem, path: str,
+                name: str) -> tuple[list[str], list[tuple[str, str]]]:
+    """(files, skipped) under a split folder, relative to it; see walk_local."""
     if fs.get_file_info(path).type != pafs.FileType.Directory:
-        return []
+        return [], []
+    if isinstance(fs, pafs.LocalFileSystem):
+        return walk_local(path, name)
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-    return sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path)
+    cut = len(path.rstrip("/")) + 1
+    return sorted(i.path[cut:] for i in infos if i.type == pafs.FileType.File), []
 
 
 def _read_text(fs: pafs.FileSystem, path: str) -> str | None:
     if fs.get_file_info(path).type != pafs.FileType.File:
         return None
     with fs.open_input_stream(path) as f:
-        return f.read().decode("utf-8-sig")
+        data = f.read()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{posixpath.basename(path)} line {line}: not UTF-8 text "
+                          f"(byte 0x{data[e.start]:02x})") from None
 
 
 def read_synsets(text: str) -> dict[str, str]:
@@ -76,12 +181,39 @@ def read_synsets(text: str) -> dict[str, str]:
     return out
 
 
-def read_val_csv(text: str) -> dict[str, str]:
-    """Kaggle's LOC_val_solution.csv -> {image_id: wnid} (the first token of PredictionString)."""
+@dataclass(frozen=True)
+class ValLabels:
+    """LOC_val_solution.csv read: labels, and the ids it labels twice with different WNIDs."""
+
+    labels: dict[str, str]  # image_id -> wnid
+    conflicts: dict[str, str]  # image_id -> quarantine reason
+
+
+def read_val_csv(text: str) -> ValLabels:
+    """Kaggle's LOC_val_solution.csv: the WNID is the first token of PredictionString.
+
+    A row without an ImageId or a WNID raises ConfigError naming the line; an ImageId labelled
+    twice the same way counts once, labelled two ways it is a conflict (its image is quarantined).
+    """
     rows = csv.DictReader(io.StringIO(text))
     if rows.fieldnames is None or not {"ImageId", "PredictionString"} <= set(rows.fieldnames):
         raise ConfigError(f"{VAL_CSV} must have the columns ImageId,PredictionString")
-    return {r["ImageId"]: r["PredictionString"].split()[0] for r in rows if r["PredictionString"]}
+    labels: dict[str, str] = {}
+    lines: dict[str, int] = {}
+    conflicts: dict[str, str] = {}
+    for r in rows:
+        line = rows.line_num
+        image_id = (r["ImageId"] or "").strip()
+        tokens = (r["PredictionString"] or "").split()
+        if not image_id or not tokens:
+            raise ConfigError(f"{VAL_CSV} line {line}: needs an ImageId and a PredictionString "
+                              f"starting with a WNID")
+        if image_id in labels and labels[image_id] != tokens[0]:
+            conflicts[image_id] = (f"conflicting labels in {VAL_CSV}: {labels[image_id]} "
+                                   f"(line {lines[image_id]}) and {tokens[0]} (line {line})")
+        elif image_id not in labels:
+            labels[image_id], lines[image_id] = tokens[0], line
+    return ValLabels({k: v for k, v in labels.items() if k not in conflicts}, conflicts)
 
 
 def _stem(path: str) -> str:
@@ -93,23 +225,49 @@ def _image_root(fs: pafs.FileSystem, root: str) -> str:
     return kaggle if fs.get_file_info(kaggle).type == pafs.FileType.Directory else root
 
 
+def _folder(rel: str) -> str | None:
+    """The class folder of a path relative to its split folder (None: directly in the split)."""
+    return rel.split("/", 1)[0] if "/" in rel else None
+
+
+def unique_ids(rows: list[dict]) -> tuple[list[dict], list[tuple[str, str]]]:
+    """Keep rows whose image_id is unique; (kept rows, (source, reason) of the others).
+
+    Copies that agree on the label keep the first (in source order); copies that disagree are
+    all quarantined: which one is right cannot be told.
+    """
+    by_id: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        by_id[r[schema.IMAGE_ID]].append(r)
+    kept, dropped = [], []
+    for image_id, group in by_id.items():
+        group = sorted(group, key=lambda r: r[schema.SOURCE])
+        if len({r[schema.WNID] for r in group}) > 1:
+            for r in group:
+                others = ", ".join(o[schema.SOURCE] for o in group if o is not r)
+                dropped.append((r[schema.SOURCE], f"image_id {image_id!r} has conflicting "
+                                                  f"labels (also at {others})"))
+            continue
+        kept.append(group[0])
+        dropped += [(r[schema.SOURCE], f"duplicate image_id {image_id!r} "
+                                       f"(kept {group[0][schema.SOURCE]})") for r in group[1:]]
+    return sorted(kept, key=lambda r: r[schema.SOURCE]), dropped
+
+
 def scan(source: str, splits: tuple[str, ...], limit_per_class: int | None = None) -> Listing:
     """List the source's files per split with labels; raises ConfigError when nothing is usable."""
     storage.check_readable(source)
     fs, root = storage.filesystem(source)
     images = _image_root(fs, root)
-    by_split = {s: _list_files(fs, f"{images}/{s}") for s in splits}
+    split_prefix = {s: f"{images}/{s}"[len(root) + 1:] for s in splits}
+    listed = {s: _list_files(fs, f"{images}/{s}", split_prefix[s]) for s in splits}
+    by_split = {s: [r for r in listed[s][0] if posixpath.basename(r) != VAL_CSV] for s in splits}
     synsets_text = _read_text(fs, f"{root}/{SYNSETS}")
     names = read_synsets(synsets_text) if synsets_text else None
 
-    def folder_of(split: str, info: pafs.FileInfo) -> str | None:
-        rel = info.path[len(f"{images}/{split}/"):]
-        return rel.split("/", 1)[0] if "/" in rel else None
-
     val_labels = None
     if "val" in splits and by_split["val"]:
-        flat = any(folder_of("val", i) is None for i in by_split["val"])
-        if flat:
+        if any(_folder(r) is None for r in by_split["val"]):
             text = _read_text(fs, f"{root}/{VAL_CSV}") or _read_text(fs, f"{images}/val/{VAL_CSV}")
             if text is None:
                 raise ConfigError(
@@ -121,10 +279,10 @@ def scan(source: str, splits: tuple[str, ...], limit_per_class: int | None = Non
     if names:
         classes = sorted(names)
     else:
-        found = {folder_of("train", i) for i in by_split.get("train", [])}
+        found = {_folder(r) for r in by_split.get("train", [])}
         if not found - {None}:
-            found = {folder_of("val", i) for i in by_split.get("val", [])}
-            found |= set((val_labels or {}).values())
+            found = {_folder(r) for r in by_split.get("val", [])}
+            found |= set(val_labels.labels.values() if val_labels else ())
         classes = sorted(found - {None})
     if not classes or not any(by_split.values()):
         raise ConfigError(
@@ -132,36 +290,41 @@ def scan(source: str, splits: tuple[str, ...], limit_per_class: int | None = Non
             f"(splits asked for: {','.join(splits)})"
         )
     index = {w: i for i, w in enumerate(classes)}
-    prefix = f"{root}/"
     files, quarantine = {}, []
-    for split, infos in by_split.items():
-        rows: dict[str, list] = defaultdict(list)
-        per_class: dict[str, int] = defaultdict(int)
-        for info in infos:
-            rel = info.path[len(prefix):]
-            if posixpath.basename(rel) == VAL_CSV:
-                continue
-            folder = folder_of(split, info)
+    for split, rels in by_split.items():
+        def bad(rel: str, why: str, split: str = split) -> dict:
+            return {schema.SOURCE: f"{split_prefix[split]}/{rel}", schema.SPLIT: split,
+                    schema.REASON: why}
+
+        quarantine.extend(bad(rel, why) for rel, why in listed[split][1])
+        candidates = []
+        for rel in rels:
+            folder = _folder(rel)
             if folder is not None:
                 wnid, why = folder, f"class folder {folder!r} is not a known class"
             elif split == "val" and val_labels is not None:
-                wnid = val_labels.get(_stem(rel))
-                why = (f"no label in {VAL_CSV}" if wnid is None
-                       else f"label {wnid!r} is not a known class")
+                wnid = val_labels.labels.get(_stem(rel))
+                why = val_labels.conflicts.get(_stem(rel)) or (
+                    f"no label in {VAL_CSV}" if wnid is None
+                    else f"label {wnid!r} is not a known class")
             else:
                 wnid, why = None, "not inside a class folder"
             if wnid not in index:
-                quarantine.append({schema.SOURCE: rel, schema.SPLIT: split, schema.REASON: why})
+                quarantine.append(bad(rel, why))
                 continue
-            if limit_per_class is not None and per_class[wnid] >= limit_per_class:
+            candidates.append({schema.SOURCE: f"{split_prefix[split]}/{rel}",
+                               schema.IMAGE_ID: _stem(rel), schema.WNID: wnid,
+                               schema.LABEL: index[wnid]})
+        kept, dropped = unique_ids(candidates)
+        quarantine.extend({schema.SOURCE: src, schema.SPLIT: split, schema.REASON: why}
+                          for src, why in dropped)
+        per_class: dict[str, int] = defaultdict(int)
+        rows = []
+        for row in kept:
+            if limit_per_class is not None and per_class[row[schema.WNID]] >= limit_per_class:
                 continue
-            per_class[wnid] += 1
-            rows[schema.SOURCE].append(rel)
-            rows[schema.IMAGE_ID].append(_stem(rel))
-            rows[schema.WNID].append(wnid)
-            rows[schema.LABEL].append(index[wnid])
-        files[split] = pa.Table.from_pydict(
-            {f.name: rows[f.name] for f in FILES_SCHEMA}, schema=FILES_SCHEMA
-        )
+            per_class[row[schema.WNID]] += 1
+            rows.append(row)
+        files[split] = pa.Table.from_pylist(rows, schema=FILES_SCHEMA)
     class_names = [names.get(w, "") for w in classes] if names else None
     return Listing(source.rstrip("/"), classes, class_names, files, quarantine)

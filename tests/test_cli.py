@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from dataclasses import dataclass, field, fields
@@ -43,11 +44,35 @@ def test_help_explains_every_flag():
     for f in fields(Example):
         assert "--" + f.name.replace("_", "-") in text
         assert f.metadata["help"] in text
-    assert "(default: train,val)" in text and "--no-overwrite" in text
+    assert "(default: train,val)" in text and "(default: none)" in text
+    assert "--overwrite" in text and "--no-overwrite" not in text  # a switch, no negation
+    assert text.count("default:") == sum(f.default is not False for f in fields(Example)
+                                         if f.default is not dataclasses.MISSING)
 
 
 @pytest.mark.parametrize("module", ["pipelines.ingest", "pipelines.sample", "pipelines.summary"])
 def test_job_help_runs(module):
     out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True,
                          timeout=120, check=True).stdout
-    assert "usage:" in out and "--" in out
+    assert out.startswith(f"usage: python -m {module} ") and "--" in out
+    assert "(default: all) (default" not in out
+
+
+JOBS = ["pipelines.ingest", "pipelines.sample", "pipelines.summary", "training.train",
+        "training.sweep", "attacks.fool", "attacks.summary", "attacks.report"]
+
+
+def test_help_answers_without_importing_ray_or_pyplot():
+    """Every job's flags come from its module alone: --help needs no Ray, and no module selects a
+    matplotlib backend or loads pyplot's global state."""
+    code = "\n".join([
+        "import importlib, sys",
+        "from common import cli",
+        f"for name in {JOBS!r}:",
+        "    cli.build_parser(importlib.import_module(name).Settings).format_help()",
+        "import attacks.charts, attacks.figures, training.templates",
+        "print(sorted(m for m in ('ray', 'matplotlib.pyplot') if m in sys.modules))",
+    ])
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from common import schema
-from infra import cluster_demo, local_s3
+from infra import cluster_demo, local_cluster, local_s3
 from infra.local_cluster import LocalCluster
 
 pytestmark = pytest.mark.slow
@@ -48,3 +48,15 @@ def test_a_bad_argument_fails_the_submission_with_the_jobs_one_line_error(cluste
     failed = next(i for i, line in enumerate(lines) if "ERR cli.py" in line and i > started)
     job_log = [line for line in lines[started + 1:failed] if line.strip()]
     assert job_log[-1] == f"error: {bucket}/no-such-prefix does not exist"
+
+
+def test_what_cannot_listen_on_localhost_only_is_rays_cpp_servers(cluster, bucket):
+    """Every listener of the cluster's processes is on 127.0.0.1, except those Ray 2.60 binds to
+    all interfaces with no option (infra/local_cluster.py names them), which the token guards."""
+    rc, _, _ = cluster.submit(["python", "-c", "print('ok')"])  # a driver and a job supervisor
+    assert rc == 0
+    found = cluster.listeners()
+    assert any(name == "gcs_server" for _, _, name in found)
+    assert any(host == "127.0.0.1" and port == cluster.dashboard_port for host, port, _ in found)
+    open_ = sorted({(name, host) for host, _, name in found if host != "127.0.0.1"})
+    assert [n for n, _ in open_ if not n.startswith(local_cluster.ALL_INTERFACES)] == [], open_

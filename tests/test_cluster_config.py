@@ -85,7 +85,7 @@ def test_cloudformation_template_passes_cfn_lint():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_cloudformation_bucket_is_private_encrypted_and_tls_only():
+def load_cloudformation(rel: str = "infra/aws/storage.yaml") -> dict:
     class Loader(yaml.SafeLoader):  # CloudFormation's short tags (!Ref, !Sub, !GetAtt)
         pass
 
@@ -97,7 +97,11 @@ def test_cloudformation_bucket_is_private_encrypted_and_tls_only():
         return {f"!{suffix}": loader.construct_mapping(node, deep=True)}
 
     Loader.add_multi_constructor("!", short_tag)
-    template = yaml.load((ROOT / "infra/aws/storage.yaml").read_text(), Loader=Loader)
+    return yaml.load((ROOT / rel).read_text(), Loader=Loader)
+
+
+def test_cloudformation_bucket_is_private_encrypted_and_tls_only():
+    template = load_cloudformation()
     res = template["Resources"]
     bucket = res["ResultsBucket"]["Properties"]
     assert all(bucket["PublicAccessBlockConfiguration"].values())
@@ -126,3 +130,50 @@ def test_kuberay_manifest_runs_the_documented_commands():
     for command in commands:
         assert command in readme, command
     assert docs["ServiceAccount"]["metadata"]["annotations"]["eks.amazonaws.com/role-arn"]
+
+
+def test_cluster_names_a_security_group_open_to_a_given_range_only():
+    """Ray creates a group with SSH open to 0.0.0.0/0 unless cluster.yaml names one; the one
+    named is the template's, whose SSH range is a parameter without a default."""
+    config = load_yaml("cluster.yaml")[0]
+    template = load_cloudformation()
+    prefix = template["Parameters"]["NamePrefix"]["Default"]
+    group = template["Resources"]["ClusterSecurityGroup"]["Properties"]
+    assert group["GroupName"] == "!Sub ${NamePrefix}-nodes"
+    assert config["provider"]["security_group"] == {"GroupName": f"{prefix}-nodes"}
+    assert "IpPermissions" not in config["provider"]["security_group"]  # Ray would add its own
+    assert "Default" not in template["Parameters"]["SshIngressCidr"]
+    [ssh] = group["SecurityGroupIngress"]
+    assert ssh["CidrIp"] == "!Ref SshIngressCidr" and (ssh["FromPort"], ssh["ToPort"]) == (22, 22)
+    assert "0.0.0.0/0" not in json.dumps(template["Resources"])
+    pattern = re.compile(template["Parameters"]["SshIngressCidr"]["AllowedPattern"])
+    assert pattern.match("203.0.113.7/32") and not pattern.match("0.0.0.0")
+
+
+def test_the_head_tags_only_at_launch_or_its_own_instances_never_the_cluster_tag():
+    """CreateTags on any instance would let the head give another instance the cluster's tag,
+    and so stop or terminate it under the tag condition."""
+    res = load_cloudformation()["Resources"]
+    [policy] = res["HeadRole"]["Properties"]["Policies"]
+    statements = policy["PolicyDocument"]["Statement"]
+    cluster = load_yaml("cluster.yaml")[0]["cluster_name"]
+    tagging = [s for s in statements if "ec2:CreateTags" in (
+        s["Action"] if isinstance(s["Action"], list) else [s["Action"]])]
+    assert tagging
+    for s in tagging:
+        cond = s.get("Condition", {})
+        at_launch = cond.get("StringEquals", {}).get("ec2:CreateAction") == "RunInstances"
+        own = (cond.get("StringEquals", {}).get("ec2:ResourceTag/ray-cluster-name") == cluster
+               and cond.get("ForAllValues:StringNotEquals", {}).get("aws:TagKeys")
+               == ["ray-cluster-name"])
+        assert at_launch or own, s
+        assert s["Resource"] != "*"
+    stop = next(s for s in statements if "ec2:TerminateInstances" in s["Action"])
+    assert stop["Condition"]["StringEquals"]["ec2:ResourceTag/ray-cluster-name"] == cluster
+
+
+def test_kuberay_dashboard_on_the_pod_network_requires_a_token():
+    job = {d["kind"]: d for d in load_yaml("infra/k8s/rayjob.yaml")}["RayJob"]
+    spec = job["spec"]["rayClusterSpec"]
+    host = spec["headGroupSpec"]["rayStartParams"].get("dashboard-host", "127.0.0.1")
+    assert host == "127.0.0.1" or spec["authOptions"]["mode"] == "token"

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import uuid
 
 import numpy as np
@@ -18,6 +21,7 @@ import pytest
 from common import schema, storage
 from common.errors import ConfigError
 from pipelines import images, ingest, sample, sources
+from tests.trees import tree_digest
 
 pytestmark = pytest.mark.slow
 
@@ -107,16 +111,41 @@ def test_pixel_statistics_match_numpy(ingested):
 
 
 def test_rerun_refuses_and_overwrite_replaces(ingested, sample_dir, tmp_path):
-    with pytest.raises(ConfigError, match="already holds a complete ingest.*--overwrite"):
+    with pytest.raises(ConfigError, match="already holds a finished ingest output.*--overwrite"):
         ingest.run(ingest.Settings(source=str(sample_dir), output=ingested))
+    stale = tmp_path / "stale"
+    (stale / "train").mkdir(parents=True)  # data no ingest recorded writing: never adopted
+    for overwrite in (False, True):
+        with pytest.raises(ConfigError, match="holds train without _identity.json"):
+            ingest.run(ingest.Settings(source=str(sample_dir), output=str(stale),
+                                       overwrite=overwrite))
+    assert os.listdir(stale) == ["train"]
     out = str(tmp_path / "partial")
-    os.makedirs(os.path.join(out, "train"))  # what a killed run leaves: data, no manifest
-    with pytest.raises(ConfigError, match="unfinished earlier ingest"):
-        ingest.run(ingest.Settings(source=str(sample_dir), output=out))
-    m = ingest.run(ingest.Settings(source=str(sample_dir), output=out, overwrite=True,
-                                   splits=("val",), resize="crop", size=32))
+    cfg = ingest.Settings(source=str(sample_dir), output=out, splits=("val",), size=32)
+    ingest.output(cfg).prepare(False)  # what a killed run leaves: its record and some data
+    os.makedirs(os.path.join(out, "val"))
+    open(os.path.join(out, "val", "part-09999.parquet"), "wb").write(b"half a file")
+    open(os.path.join(out, "notes.txt"), "w").write("the user's own")
+    m = ingest.run(cfg)  # the same ingest starts again from scratch
     assert m[schema.M_IMAGE_SHAPE] == [32, 32, 3] and set(m[schema.M_COUNTS]) == {"val"}
-    assert sorted(os.listdir(out)) == ["manifest.json", "quarantine", "val"]
+    assert "part-09999.parquet" not in os.listdir(os.path.join(out, "val"))
+    m = ingest.run(ingest.Settings(source=str(sample_dir), output=out, overwrite=True,
+                                   splits=("val",), resize="crop", size=16))
+    assert m[schema.M_IMAGE_SHAPE] == [16, 16, 3]
+    assert sorted(os.listdir(out)) == ["_identity.json", "manifest.json", "notes.txt",
+                                       "quarantine", "val"]
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "parent"])
+def test_an_output_overlapping_the_source_is_refused_and_the_source_untouched(
+        sample_dir, tmp_path, where):
+    src = tmp_path / "src"
+    shutil.copytree(sample_dir / "val", src / "val")
+    before = tree_digest(src)
+    output = {"same": src, "inside": src / "val" / "out", "parent": tmp_path}[where]
+    with pytest.raises(ConfigError, match="choose an output apart from the job's inputs"):
+        ingest.run(ingest.Settings(source=str(src), output=str(output), overwrite=True))
+    assert tree_digest(src) == before
 
 
 def test_file_size_option_splits_files(sample_dir, ray_local, tmp_path):
@@ -181,3 +210,83 @@ def test_unreadable_file_stops_the_job_with_its_uri(sample_dir):
     missing = batch.set_column(0, schema.SOURCE, pa.array(["val/gone.JPEG", "val/x.JPEG"]))
     with pytest.raises(OSError, match=f"cannot read {sample_dir}/val/gone.JPEG"):
         ingest.decode_batch(missing, str(sample_dir), 64, "squash", True)
+
+
+@contextlib.contextmanager
+def as_user_nobody():
+    """Drop the effective uid to nobody when running as root (root reads a chmod 000 file);
+    the saved uid stays root, so it is restored afterwards."""
+    if os.geteuid() != 0:
+        yield
+        return
+    os.seteuid(65534)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+
+
+def test_a_local_file_without_read_permission_is_quarantined(sample_dir):
+    """chmod 000 on a local file is a bad input: a quarantine row, and the batch goes on."""
+    batch = sources.scan(str(sample_dir), ("val",)).files["val"].slice(0, 2)
+    rels = batch.column(schema.SOURCE).to_pylist()
+    with tempfile.TemporaryDirectory() as tmp:  # not under pytest's 0700 folders: nobody walks it
+        os.chmod(tmp, 0o755)
+        for rel in rels:
+            os.makedirs(os.path.join(tmp, os.path.dirname(rel)), mode=0o755, exist_ok=True)
+            with open(os.path.join(tmp, rel), "wb") as f:
+                f.write((sample_dir / rel).read_bytes())
+        os.chmod(os.path.join(tmp, rels[0]), 0)
+        with as_user_nobody():
+            rows = ingest.decode_batch(batch, tmp, 64, "squash", True)
+    assert rows.column(schema.REASON).to_pylist() == ["unreadable: Permission denied", None]
+
+
+def test_a_missing_object_on_s3_stops_the_job_with_its_uri(sample_dir, bucket):
+    """On S3 a listed object that cannot be fetched (after the SDK's retries) is a storage
+    failure, never a quarantined image."""
+    root = f"{bucket}/missing-object-{uuid.uuid4().hex[:8]}"
+    batch = sources.scan(str(sample_dir), ("val",)).files["val"].slice(0, 1)
+    rel = batch.column(schema.SOURCE)[0].as_py()
+    storage.write_bytes(storage.join(root, rel), (sample_dir / rel).read_bytes())
+    assert ingest.decode_batch(batch, root, 64, "squash", True).column(schema.REASON)[0].as_py() \
+        is None
+    missing = batch.set_column(0, schema.SOURCE, pa.array(["val/gone.JPEG"]))
+    with pytest.raises(OSError, match=f"cannot read {root}/val/gone.JPEG"):
+        ingest.decode_batch(missing, root, 64, "squash", True)
+
+
+def test_a_hostile_tree_is_written_or_quarantined_entry_by_entry(sample_dir, ray_local, tmp_path):
+    """A symlink loop, a dangling link, a FIFO, a non-UTF-8 name and a stem in two classes:
+    each real image written once with its folder's label, every other entry a quarantine row."""
+    src = tmp_path / "src"
+    classes = sorted(os.listdir(sample_dir / "train"))[:2]
+    for wnid in classes:
+        os.makedirs(src / "train" / wnid)
+        for n in range(3):
+            name = f"{wnid}_{n}.JPEG"
+            (src / "train" / wnid / name).write_bytes((sample_dir / "train" / wnid / name)
+                                                      .read_bytes())
+    a, b = (src / "train" / w for w in classes)
+    os.symlink("..", a / "loop")
+    os.symlink("nowhere.JPEG", a / "dangling.JPEG")
+    os.mkfifo(a / "fifo.JPEG")
+    (b / f"{classes[0]}_0.JPEG").write_bytes((a / f"{classes[0]}_0.JPEG").read_bytes())
+    with open(os.fsencode(b) + b"/\xff.JPEG", "wb") as f:
+        f.write((a / f"{classes[0]}_1.JPEG").read_bytes())
+    out = str(tmp_path / "out")
+    m = ingest.run(ingest.Settings(source=str(src), output=out, splits=("train",)))
+    assert m[schema.M_COUNTS]["train"] == {"seen": 11, "written": 5, "quarantined": 6}
+    rows = read_split(out, "train").select([schema.SOURCE, schema.WNID]).to_pylist()
+    assert all(r[schema.SOURCE].split("/")[1] == r[schema.WNID] for r in rows)
+    q = pq.read_table(os.path.join(out, schema.QUARANTINE_DIR)).to_pylist()
+    assert {r[schema.SOURCE]: r[schema.REASON].split(" (")[0] for r in q} == {
+        f"train/{classes[0]}/loop": "folder already listed as train",
+        f"train/{classes[0]}/dangling.JPEG": "dangling symlink",
+        f"train/{classes[0]}/fifo.JPEG": "not a regular file",
+        f"train/{classes[1]}/\\xff.JPEG": "file name is not valid UTF-8",
+        f"train/{classes[0]}/{classes[0]}_0.JPEG":
+            f"image_id '{classes[0]}_0' has conflicting labels",
+        f"train/{classes[1]}/{classes[0]}_0.JPEG":
+            f"image_id '{classes[0]}_0' has conflicting labels",
+    }

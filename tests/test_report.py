@@ -9,7 +9,6 @@ import shutil
 import subprocess
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -17,6 +16,7 @@ from PIL import Image
 from attacks import fool, report
 from common import schema, storage
 from common.errors import ConfigError
+from common.sweep import write_sweep
 from tests.attack_models import fit_softmax, load_split, write_model
 
 pytestmark = pytest.mark.slow
@@ -28,20 +28,23 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 def run_dirs(ingested, tmp_path_factory):
     """A model, a two-setting sweep in training.sweep's layout, and an attack run."""
     root = tmp_path_factory.mktemp("report")
+    sweep = root / "sweep"
     X, y, _ = load_split(ingested, "train")
     classes = storage.read_manifest(ingested)[schema.M_CLASSES]
     rows = []
     for reg in (1e-4, 1.0):
         W, b = fit_softmax(X, y, len(classes), reg, steps=60)
-        model = write_model(str(root / f"reg={reg:g}"), W, b, classes)
+        model = write_model(str(sweep / f"reg={reg:g}"), W, b, classes)
         rows.append({"reg": reg, "val_top1": float(np.mean((X @ W.T + b).argmax(1) == y)),
-                     "val_top5": 1.0, "model": model})
-    pq.write_table(pa.Table.from_pylist(rows), str(root / "sweep.parquet"))
-    storage.write_manifest(str(root), {schema.M_KIND: "sweep"})
+                     "val_top5": 1.0, "val_loss": 1.0, "train_loss": 1.0, "train_top1": 1.0,
+                     "w_norm": 1.0, "w_pixels_norm": float(np.linalg.norm(W)), "epochs": 1,
+                     "median_sign_eps": 10.0 * (1 + reg), "model": model})
+    write_sweep(str(sweep), rows)
+    storage.write_manifest(str(sweep), {schema.M_KIND: "sweep"})
     results = str(root / "fooling")
     fool.run(fool.Settings(data=ingested, model=rows[0]["model"], output=results,
                            noise_images=2))
-    return {"model": rows[0]["model"], "sweep": str(root), "results": results, "root": root}
+    return {"model": rows[0]["model"], "sweep": str(sweep), "results": results, "root": root}
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +57,7 @@ def built(run_dirs):
 
 def test_every_figure_exists_and_is_a_valid_image(built):
     out, manifest = built
-    figures = [f for f in manifest[schema.M_FILES] if f.endswith(".png")]
+    figures = [f["path"] for f in manifest[schema.M_FILES] if f["path"].endswith(".png")]
     names = {os.path.basename(f) for f in figures}
     assert {"templates.png", "budget.png", "strength.png", "targets.png", "sources.png",
             "tradeoff.png"} <= names
@@ -99,7 +102,7 @@ def test_page_opens_in_headless_chromium(built, tmp_path):
 
 def test_report_to_s3_matches_local(built, run_dirs, bucket):
     out = f"{bucket}/report-test"
-    report.run(report.Settings(results=run_dirs["results"], output=out))
+    report.run(report.Settings(results=run_dirs["results"], output=out, overwrite=True))
     page = storage.read_bytes(f"{out}/index.html").decode()
     assert "budget" in page and storage.exists(f"{out}/{schema.FIGURES_DIR}/budget.png")
     png = storage.read_bytes(f"{out}/{schema.FIGURES_DIR}/budget.png")
@@ -140,3 +143,53 @@ def test_readme_analyst_queries_run_as_written(run_dirs, tmp_path, monkeypatch):
     rows = duckdb.sql(sql.replace("out/fooling", results)).fetchall()
     assert {(m, t) for m, t, *_ in rows} == {(r["method"], r["target"]) for r in pairs.to_pylist()
                                              if r["origin"] == "val"}
+
+
+def test_another_model_than_the_attacks_is_refused(run_dirs, tmp_path):
+    """--model must be the model the attack used: its weights' sha256 is checked."""
+    other = os.path.join(run_dirs["sweep"], "reg=1")
+    with pytest.raises(ConfigError, match=r"reg=1 is not the model the attack .* used"):
+        report.run(report.Settings(results=run_dirs["results"], output=str(tmp_path / "r"),
+                                   model=other))
+    assert not os.path.exists(tmp_path / "r")
+
+
+def _copy(run_dirs, tmp_path) -> tuple[str, str]:
+    results, model = str(tmp_path / "fooling"), str(tmp_path / "model")
+    shutil.copytree(run_dirs["results"], results)
+    shutil.copytree(run_dirs["model"], model)
+    return results, model
+
+
+def test_a_missing_summary_table_is_one_line(run_dirs, tmp_path):
+    results, _ = _copy(run_dirs, tmp_path)
+    os.remove(os.path.join(results, schema.SUMMARY_DIR, schema.SUMMARY_BUDGET))
+    with pytest.raises(ConfigError, match=r"budget.parquet is missing: the attack output is "
+                                          "incomplete"):
+        report.run(report.Settings(results=results, output=str(tmp_path / "r")))
+
+
+@pytest.mark.parametrize("arrays, message", [
+    (lambda W, b: {"W": W[:, :-1].reshape(-1), "b": b}, "do not match"),
+    (lambda W, b: {"W": W, "b": b[:-1]}, "do not match"),
+    (lambda W, b: {"W": np.array([{"evil": 1}], dtype=object), "b": b}, "without pickled"),
+])
+def test_a_bad_weights_file_is_one_line(run_dirs, tmp_path, arrays, message):
+    results, model = _copy(run_dirs, tmp_path)
+    path = os.path.join(model, schema.WEIGHTS_FILE)
+    with np.load(path) as z:
+        W, b, classes = z["W"], z["b"], z["classes"]
+    np.savez(path, **arrays(W, b), classes=classes)
+    with pytest.raises(ConfigError, match=message) as e:
+        report.run(report.Settings(results=results, output=str(tmp_path / "r"), model=model))
+    assert "\n" not in str(e.value)
+
+
+def test_rerun_refuses_and_overwrite_replaces_the_report(run_dirs, tmp_path):
+    out = str(tmp_path / "r")
+    report.run(report.Settings(results=run_dirs["results"], output=out))
+    with pytest.raises(ConfigError, match="already holds a finished report output"):
+        report.run(report.Settings(results=run_dirs["results"], output=out))
+    (tmp_path / "r" / "figures" / "budget.png").write_bytes(b"stale")
+    report.run(report.Settings(results=run_dirs["results"], output=out, overwrite=True))
+    assert Image.open(tmp_path / "r" / "figures" / "budget.png").format == "PNG"

@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
 from common import schema, storage
 from common.errors import ConfigError
-from training import sweep, weights
+from common.model import read_model
+from training import sweep
 
 
 def test_trial_settings_carry_the_sweep_flags(tmp_path):
@@ -24,7 +26,7 @@ def test_trial_settings_carry_the_sweep_flags(tmp_path):
 
 def test_markdown_has_a_row_per_setting():
     rows = [{"reg": r, "val_top1": 0.5, "val_top5": 1.0, "val_loss": 1.0, "train_loss": 0.9,
-             "w_norm": 2.0, "w_pixels_norm": 0.1} for r in (1e-4, 100.0)]
+             "w_norm": 2.0, "w_pixels_norm": 0.1, "median_sign_eps": 7.0} for r in (1e-4, 100.0)]
     lines = sweep.markdown(rows).strip().splitlines()
     assert len(lines) == 4 and lines[2].startswith("| 0.0001 |") and "50.0%" in lines[3]
 
@@ -49,10 +51,68 @@ def test_sweep_writes_one_row_per_setting(ingested, tmp_path):
     assert len(md) == 2 + len(regs)
     for row in table:  # each training has its own complete model
         m = storage.read_manifest(row["model"], "model")
-        W, _, _ = weights.read_weights(row["model"])
+        W = read_model(row["model"]).W
         assert m[schema.M_CONFIG]["reg"] == row["reg"]
         assert row["w_pixels_norm"] == pytest.approx(float(np.linalg.norm(W)), rel=1e-5)
         assert os.path.exists(os.path.join(row["model"], schema.TEMPLATES_FILE))
     weak, strong = table
     assert strong["w_norm"] < weak["w_norm"]  # L2 shrinks the weights: the blog's trade-off
+    # each model's median sign strength over the first validation images (the trade-off itself
+    # needs trained-to-convergence models: tests/test_fooling.py checks it on fitted ones)
+    assert all(0 < r["median_sign_eps"] <= 255 for r in table)
     assert storage.read_manifest(out, "sweep")[schema.M_KIND] == "sweep"
+
+
+@pytest.mark.slow
+def test_a_diverging_sweep_is_one_line_and_publishes_nothing(ingested, tmp_path):
+    out = tmp_path / "sweep"
+    with pytest.raises(ConfigError, match=r"2 of 2 trainings failed; the first: training "
+                                          r"diverged in epoch 1") as e:
+        sweep.run(sweep.Settings(data=ingested, output=str(out), reg=(1e-4, 1.0), epochs=2,
+                                 batch_size=16, cpus_per_worker=0.5, lr=1e30))
+    assert "\n" not in str(e.value)
+    assert not (out / storage.MANIFEST).exists() and not (out / "sweep.parquet").exists()
+
+
+def every_file(top: str):
+    for folder, _, names in os.walk(top):
+        for name in names:
+            path = os.path.join(folder, name)
+            if os.path.isfile(path) and not os.path.islink(path):
+                yield path
+
+
+@pytest.mark.slow
+def test_no_credential_in_any_log_output_or_object(sample_dir, s3_server, bucket, ray_local,
+                                                   capfd):
+    """Every job with AWS credentials in the environment against the real local S3 server, then
+    a search for the access key and the secret in: the Ray session folder (runtime_env agent,
+    raylet, GCS, workers' logs), what the jobs printed, and every object they wrote."""
+    import ray
+
+    from attacks import fool, report
+    from pipelines import ingest
+
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] == s3_server.secret_key  # set as a user would
+    root = f"{bucket}/secrets-{os.getpid()}"
+    data, swept, fooled = (f"{root}/{p}" for p in ("data", "sweep", "fooling"))
+    ingest.run(ingest.Settings(source=str(sample_dir), output=data, limit_per_class=4))
+    # the sweep is the one job that runs training.train, as Tune trials: its model is the attack's
+    sweep.run(sweep.Settings(data=data, output=swept, reg=(1.0,), epochs=1, batch_size=16,
+                             cpus_per_worker=0.5))
+    fool.run(fool.Settings(data=data, model=sweep.trial_output(swept, 1.0), output=fooled,
+                           targets=("0", "1"), methods=("sign",), limit_images=4))
+    report.run(report.Settings(results=fooled, output=f"{root}/report", sweep=swept))
+
+    secrets = [s3_server.secret_key.encode(), s3_server.access_key.encode()]
+    printed = capfd.readouterr()
+    session = ray._private.worker._global_node.get_session_dir_path()
+    fs, path = storage.filesystem(root)
+    objects = [i.path for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+               if i.type == pafs.FileType.File]
+    assert len(objects) > 20 and any("runtime_env" in p for p in every_file(session))
+    leaks = [p for p in every_file(session) if any(s in open(p, "rb").read() for s in secrets)]
+    leaks += [o for o in objects if any(s in fs.open_input_stream(o).read() for s in secrets)]
+    leaks += [n for n, text in (("stdout", printed.out), ("stderr", printed.err))
+              if any(s.decode() in text for s in secrets)]
+    assert leaks == []

@@ -24,6 +24,8 @@ from PIL import Image
 
 from common import dataset, schema, storage
 from common.errors import ConfigError
+from common.model import read_model, write_weights
+from tests.trees import tree_digest
 from training import batches, softmax, train, weights
 
 SMALL = {"epochs": 2, "batch_size": 16}  # 48 training rows: 3 steps an epoch
@@ -36,12 +38,16 @@ def test_pixels_reads_arrow_buffers_exactly():
     rng = np.random.default_rng(0)
     rows = rng.integers(0, 256, (7, 12), dtype=np.uint8)
     arr = pa.array([r.tobytes() for r in rows], pa.binary())
-    np.testing.assert_array_equal(batches.pixels(arr, 12), rows)
-    np.testing.assert_array_equal(batches.pixels(arr.slice(2, 4), 12), rows[2:6])  # offsets
+    np.testing.assert_array_equal(dataset.pixels(arr, 12), rows)
+    np.testing.assert_array_equal(dataset.pixels(arr.slice(2, 4), 12), rows[2:6])  # offsets
     chunked = pa.chunked_array([arr.slice(0, 3), arr.slice(3)]).cast(pa.large_binary())
-    np.testing.assert_array_equal(batches.pixels(chunked, 12), rows)
-    with pytest.raises(ValueError, match="exactly 12 bytes"):
-        batches.pixels(pa.array([b"x" * 12, b"y" * 11], pa.binary()), 12)
+    np.testing.assert_array_equal(dataset.pixels(chunked, 12), rows)
+    bad = pa.array([b"x" * 12, b"y" * 11], pa.binary())
+    with pytest.raises(ConfigError, match=r"image 'b' in f.parquet is 11 bytes, not the 12 "
+                                          r"bytes every image of the data has \(\[2, 2, 3\]\)"):
+        dataset.pixels(bad, 12, ["a", "b"], "f.parquet", [2, 2, 3])
+    with pytest.raises(ConfigError, match="image 'b' .* null"):
+        dataset.pixels(pa.array([b"x" * 12, None], pa.binary()), 12, pa.array(["a", "b"]))
 
 
 def test_cache_draws_every_row_once_per_epoch():
@@ -69,16 +75,17 @@ def test_epoch_seeds_differ_by_epoch_and_rank_only():
 def test_weights_round_trip(tmp_path):
     W = np.random.default_rng(0).normal(size=(3, 12)).astype(np.float32)
     b = np.arange(3, dtype=np.float32)
-    entry = weights.write_weights(str(tmp_path), W, b, ["a", "b", "c"])
+    entry = write_weights(str(tmp_path), W, b, ["a", "b", "c"])
     data = (tmp_path / schema.WEIGHTS_FILE).read_bytes()
     assert entry["sha256"] == hashlib.sha256(data).hexdigest()
     with np.load(io.BytesIO(data), allow_pickle=False) as z:  # what analysts do
         assert z[schema.W_KEY].dtype == np.float32 and list(z[schema.CLASSES_KEY]) == list("abc")
     with pytest.raises(ConfigError, match="manifest"):  # no manifest: not a complete model
-        weights.read_weights(str(tmp_path))
+        read_model(str(tmp_path))
     storage.write_manifest(str(tmp_path), {"kind": "train"})
-    W2, b2, classes = weights.read_weights(str(tmp_path))
-    assert np.array_equal(W2, W) and np.array_equal(b2, b) and classes == ["a", "b", "c"]
+    m = read_model(str(tmp_path))
+    assert np.array_equal(m.W, W) and np.array_equal(m.b, b) and m.classes == ["a", "b", "c"]
+    assert m.sha256 == entry["sha256"]
 
 
 class _Payload:
@@ -100,7 +107,10 @@ def fake_ingest(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("fake-ingest")
     for split in schema.SPLITS:
         (out / split).mkdir()
-        pq.write_table(pa.table({"image": [b"\0" * 12], "label": pa.array([0], pa.int16())}),
+        row = {schema.IMAGE_ID: ["x"], schema.LABEL: [0], schema.WNID: ["n1"],
+               schema.IMAGE: [b"\0" * 12], schema.SOURCE: ["x.JPEG"], schema.ORIG_WIDTH: [2],
+               schema.ORIG_HEIGHT: [2]}
+        pq.write_table(pa.Table.from_pydict(row, schema=schema.IMAGES_SCHEMA),
                        out / split / "part-00000.parquet")
     storage.write_manifest(str(out), {
         schema.M_KIND: "ingest", schema.M_CLASSES: ["n1"], schema.M_IMAGE_SHAPE: [2, 2, 3],
@@ -116,7 +126,6 @@ def fake_ingest(tmp_path_factory) -> str:
     ({"reg": -0.1}, "--reg"),
     ({"momentum": 1.0}, "--momentum"),
     ({"num_workers": 3}, "multiple of --num-workers"),
-    ({"fail_at_epoch": 1}, "--fail-at-epoch"),
     ({"optimizer": "lbfgs"}, "unknown --optimizer"),
 ])
 def test_bad_settings_fail_before_ray(fake_ingest, tmp_path, change, message):
@@ -139,11 +148,12 @@ def test_unwritable_output_is_refused(fake_ingest, tmp_path):
 
 def test_unfinished_run_with_other_settings_is_refused(fake_ingest, tmp_path):
     out = str(tmp_path / "m")
-    train._prepare_output(train.Settings(data=fake_ingest, output=out, reg=1.0))
+    train.output(train.Settings(data=fake_ingest, output=out, reg=1.0)).prepare(False)
     with pytest.raises(ConfigError, match="reg: 1.0 -> 2.0"):
-        train._prepare_output(train.Settings(data=fake_ingest, output=out, reg=2.0))
-    # settings that do not change the model may differ
-    train._prepare_output(train.Settings(data=fake_ingest, output=out, reg=1.0, num_workers=2))
+        train.output(train.Settings(data=fake_ingest, output=out, reg=2.0)).prepare(False)
+    # settings that do not change the model may differ: the run resumes
+    assert train.output(train.Settings(data=fake_ingest, output=out, reg=1.0,
+                                       num_workers=2)).prepare(False)
 
 
 # --- with Ray ------------------------------------------------------------------------------------
@@ -159,8 +169,8 @@ def _val_rows(data: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _weights(out: str) -> tuple[np.ndarray, np.ndarray]:
-    W, b, _ = weights.read_weights(out)
-    return W, b
+    m = read_model(out)
+    return m.W, m.b
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +222,7 @@ def test_outputs_are_complete(trained):
         path = os.path.join(out, schema.CHECKPOINTS_DIR, f"epoch-{epoch:04d}",
                             schema.CHECKPOINT_FILE)
         assert torch.load(path, weights_only=True)["epoch"] == epoch
-    with pytest.raises(ConfigError, match="already holds a finished model"):
+    with pytest.raises(ConfigError, match="already holds a finished train output"):
         train.run(train.Settings(data=m[schema.M_DATA], output=out, **SMALL))
 
 
@@ -242,8 +252,8 @@ def test_killed_worker_resumes_from_checkpoint_on_s3(trained, ingested, bucket):
     pafs.copy_files(ingested, path, source_filesystem=pafs.LocalFileSystem(),
                     destination_filesystem=fs)
     model = f"{bucket}/train-test/model"
-    m = train.run(train.Settings(data=data, output=model, fail_at_epoch=2, max_failures=1,
-                                 **SMALL))
+    m = train.run(train.Settings(data=data, output=model, max_failures=1, **SMALL),
+                  fail_at_epoch=2)
     assert m[schema.M_FINAL]["epoch"] == SMALL["epochs"]
     assert _metrics(model)["resumed_after"] == [1]  # the failure happened, and was recovered
     W, b = _weights(model)
@@ -289,3 +299,72 @@ def test_training_on_the_gpu_caches_and_beats_chance(ingested, tmp_path):
     state = torch.load(os.path.join(str(tmp_path), schema.CHECKPOINTS_DIR, "epoch-0002",
                                     schema.CHECKPOINT_FILE), weights_only=True)
     assert state["model"]["weight"].device.type == "cpu"
+
+
+# --- the output lifecycle, bad data and divergence -------------------------------------------
+
+
+@pytest.mark.parametrize("inside", [False, True])
+def test_output_at_or_inside_the_data_is_refused_and_the_data_untouched(fake_ingest, tmp_path,
+                                                                        inside):
+    data = str(tmp_path / "data")
+    shutil.copytree(fake_ingest, data)
+    before = tree_digest(data)
+    out = os.path.join(data, "model") if inside else data
+    with pytest.raises(ConfigError, match="choose an output apart from the job's inputs"):
+        train.run(train.Settings(data=data, output=out, overwrite=True))
+    assert tree_digest(data) == before
+
+
+def test_foreign_checkpoints_are_never_adopted(fake_ingest, tmp_path):
+    """Another run's checkpoints without this job's identity record: refused, even with
+    --overwrite (they are not this job's to delete), before Ray starts."""
+    out = tmp_path / "m"
+    (out / schema.CHECKPOINTS_DIR / "epoch-0002").mkdir(parents=True)
+    (out / schema.CHECKPOINTS_DIR / "epoch-0002" / schema.CHECKPOINT_FILE).write_bytes(b"x")
+    for overwrite in (False, True):
+        with pytest.raises(ConfigError, match="holds checkpoints without _identity.json"):
+            train.run(train.Settings(data=fake_ingest, output=str(out), overwrite=overwrite))
+    assert sorted(os.listdir(out)) == [schema.CHECKPOINTS_DIR]
+
+
+def test_a_rerun_on_other_data_is_refused(fake_ingest, tmp_path):
+    other = str(tmp_path / "other")
+    shutil.copytree(fake_ingest, other)
+    m = storage.read_manifest(other)
+    storage.write_manifest(other, {**m, schema.M_CREATED: "another ingest"})
+    out = str(tmp_path / "m")
+    train.output(train.Settings(data=fake_ingest, output=out)).prepare(False)
+    with pytest.raises(ConfigError, match="inputs.data.manifest_sha256"):
+        train.output(train.Settings(data=other, output=out)).prepare(False)
+
+
+@pytest.mark.slow
+def test_divergence_stops_with_the_epoch_and_publishes_nothing(ingested, tmp_path):
+    out = tmp_path / "m"
+    with pytest.raises(ConfigError, match=r"training diverged in epoch 1: .*lower --lr"):
+        train.run(train.Settings(data=ingested, output=str(out), lr=1e30, schedule="constant",
+                                 **SMALL))
+    left = set(os.listdir(out))
+    assert not left & {storage.MANIFEST, schema.WEIGHTS_FILE, schema.METRICS_FILE}
+    assert not os.path.exists(out / schema.CHECKPOINTS_DIR / "epoch-0001")
+
+
+@pytest.mark.slow
+def test_an_image_of_the_wrong_length_is_named_with_its_file(ingested, tmp_path):
+    data = str(tmp_path / "data")
+    shutil.copytree(ingested, data)
+    m = dataset.open_ingest(data)
+    path = dataset.split_files(data, m, "train")[0]
+    table = pq.read_table(path)
+    images = table.column(schema.IMAGE).to_pylist()
+    images[5] = images[5][:-3]  # not the first row: the up-front check reads only that one
+    table = table.set_column(table.schema.get_field_index(schema.IMAGE), schema.IMAGE,
+                             pa.array(images, pa.binary()))
+    pq.write_table(table, path)
+    bad_id = table.column(schema.IMAGE_ID)[5].as_py()
+    with pytest.raises(ConfigError) as e:
+        train.run(train.Settings(data=data, output=str(tmp_path / "m"), max_failures=0,
+                                 **SMALL))
+    assert f"image {bad_id!r} in " in str(e.value) and "part-" in str(e.value)
+    assert "12285 bytes, not the 12288 bytes" in str(e.value) and "\n" not in str(e.value)

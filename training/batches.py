@@ -1,6 +1,5 @@
-"""Batches of pixels for training, without Ray: from Arrow columns, and from an in-memory cache.
+"""Batches of pixels for training, without Ray: from an in-memory cache of a shard.
 
-    >>> X = pixels(table.column("image"), 12288)        # (N, 12288) uint8, one copy at most
     >>> cache = Cache.allocate(rows, 12288, device)     # a whole shard, filled batch by batch
     >>> for X, y in cache.batches(256, epoch_seed):     # a fresh permutation every epoch
 """
@@ -10,32 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import numpy as np
-import pyarrow as pa
 import torch
-
-
-def pixels(column: pa.ChunkedArray | pa.Array, D: int) -> np.ndarray:
-    """The ``image`` column (binary, exactly D bytes a row) as a (N, D) uint8 array.
-
-    Reads the Arrow value buffers directly: no Python objects per row.
-    """
-    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
-    parts = []
-    for chunk in chunks:
-        n = len(chunk)
-        if n == 0:
-            continue
-        if chunk.null_count:
-            raise ValueError("the image column has nulls")
-        _, offsets_buf, data_buf = chunk.buffers()
-        width = np.int64 if pa.types.is_large_binary(chunk.type) else np.int32
-        offsets = np.frombuffer(offsets_buf, width)[chunk.offset: chunk.offset + n + 1]
-        if offsets[-1] - offsets[0] != n * D or np.any(np.diff(offsets) != D):
-            raise ValueError(f"an image is not exactly {D} bytes")
-        parts.append(np.frombuffer(data_buf, np.uint8)[offsets[0]: offsets[-1]].reshape(n, D))
-    if not parts:
-        return np.empty((0, D), np.uint8)
-    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def fits(nbytes: int, device: torch.device, reserve: float = 0.2) -> bool:

@@ -12,6 +12,7 @@ Rerunning on the same --output keeps the finished trainings and resumes the unfi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -19,21 +20,16 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-import ray
-from ray import tune
-
-from common import cli, schema, storage
-from common.errors import ConfigError
+from common import cli, dataset, lifecycle, schema, storage
+from common.errors import ConfigError, find_config_error
+from common.model import read_model
+from common.sweep import TABLE, markdown, write_sweep
 from training import train
 
 log = logging.getLogger(__name__)
 
-TABLE = schema.SWEEP_TABLE  # <output>/sweep.parquet and sweep.md
 TRIAL_MEMORY = 256 * 2**20  # bytes reserved for each trial's driver process
-COLUMNS = ["reg", "val_top1", "val_top5", "val_loss", "train_loss", "train_top1", "w_norm",
-           "w_pixels_norm", "epochs", "model"]
+SWEEP_IMAGES = 64  # validation images x every target: each model's median sign strength
 
 
 @dataclass(frozen=True)
@@ -61,9 +57,13 @@ class Settings:
     overwrite: bool = field(default=False, metadata={"help": "replace an existing sweep"})
 
 
+def trial_name(reg: float) -> str:
+    return f"reg={reg:g}"
+
+
 def trial_output(output: str, reg: float) -> str:
     """``<output>/reg=<value>``: where the training with that strength writes its model."""
-    return storage.join(output, f"reg={reg:g}")
+    return storage.join(output, trial_name(reg))
 
 
 def _absolute(uri: str) -> str:
@@ -81,6 +81,8 @@ def train_settings(cfg: Settings, reg: float) -> train.Settings:
 
 def train_one(config: dict) -> None:
     """A Tune trial: one training (or its finished model, when rerun), reported to Tune."""
+    from ray import tune
+
     cfg = train.Settings(**config["settings"])
     try:
         manifest = storage.read_manifest(cfg.output, "model")
@@ -90,25 +92,45 @@ def train_one(config: dict) -> None:
     tune.report({k: final[k] for k in ("val_top1", "val_top5", "val_loss", "train_loss")})
 
 
-def _row(cfg: Settings, reg: float) -> dict:
-    out = trial_output(cfg.output, reg)
+def _row(cfg: Settings, reg: float, X) -> dict:
+    out = lifecycle.absolute(trial_output(cfg.output, reg))
     m = storage.read_manifest(out, "model")
     final, norms = m[schema.M_FINAL], m[schema.M_WEIGHT_NORMS]
     return {"reg": reg, "val_top1": final["val_top1"], "val_top5": final["val_top5"],
             "val_loss": final["val_loss"], "train_loss": final["train_loss"],
             "train_top1": final["train_top1"], "w_norm": norms["W"],
-            "w_pixels_norm": norms["W_pixels"], "epochs": final["epoch"], "model": out}
+            "w_pixels_norm": norms["W_pixels"], "epochs": final["epoch"],
+            "median_sign_eps": median_sign_eps(out, X), "model": out}
 
 
-def markdown(rows: list[dict]) -> str:
-    """The table as Markdown: reg vs accuracy and weight norms."""
-    lines = ["| reg | val top-1 | val top-5 | val loss | train loss | ‖W‖ | ‖W‖ (pixels) |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['reg']:g} | {r['val_top1']:.1%} | {r['val_top5']:.1%} | "
-                     f"{r['val_loss']:.3f} | {r['train_loss']:.3f} | {r['w_norm']:.4g} | "
-                     f"{r['w_pixels_norm']:.4g} |")
-    return "\n".join(lines) + "\n"
+def median_sign_eps(model: str, X) -> float:
+    """The median strength of the sign method that fools ``model`` over the images ``X`` (N, D)
+    uint8 and every target, fooled pairs only: how hard the model is to fool."""
+    import numpy as np
+    import torch
+
+    from attacks.linear import LinearModel
+    from attacks.sign import Sign
+
+    m = read_model(model)
+    lin = LinearModel(m.W, m.b)
+    X = torch.from_numpy(X)
+    targets = torch.arange(lin.C)
+    fooled = Sign(lin)(X, lin.scores(X), targets)
+    ok = (fooled.scores.argmax(1) == targets.repeat(len(X))).numpy()
+    return float(np.median(fooled.strength.numpy()[ok])) if ok.any() else float("nan")
+
+
+def _val_images(data: str):
+    """The first SWEEP_IMAGES validation images of the data, (N, D) uint8."""
+    import pyarrow.parquet as pq
+
+    m = dataset.open_ingest(data)
+    fs, path = storage.filesystem(dataset.split_files(data, m, "val")[0])
+    batch = next(pq.ParquetFile(path, filesystem=fs).iter_batches(
+        SWEEP_IMAGES, columns=[schema.IMAGE_ID, schema.IMAGE]))
+    return dataset.pixels(batch.column(schema.IMAGE), dataset.num_features(m),
+                          batch.column(schema.IMAGE_ID), path)
 
 
 def _check(cfg: Settings) -> None:
@@ -118,15 +140,14 @@ def _check(cfg: Settings) -> None:
         raise ConfigError(f"--max-concurrent must be positive, got {cfg.max_concurrent}")
     if any(r < 0 or not math.isfinite(r) for r in cfg.reg):
         raise ConfigError(f"--reg values must be >= 0, got {cfg.reg}")
-    for reg in cfg.reg:  # every training's settings, data and output, before Ray starts
+    for reg in cfg.reg:  # every training's settings and data, before Ray starts
         train.check(train_settings(cfg, reg))
-    if storage.exists(storage.join(cfg.output, storage.MANIFEST)) and not cfg.overwrite:
-        raise ConfigError(f"{cfg.output} already holds a finished sweep; pass --overwrite to "
-                          "replace it")
 
 
 def _concurrency(cfg: Settings) -> int:
     """Trainings at once: each needs its workers, and Ray Data a CPU to read with."""
+    import ray
+
     if cfg.max_concurrent:
         return cfg.max_concurrent
     total = ray.cluster_resources()
@@ -135,7 +156,31 @@ def _concurrency(cfg: Settings) -> int:
     return max(1, int((total.get("CPU", 0) - 1) // (cfg.num_workers * cfg.cpus_per_worker)))
 
 
+# Ray Tune 2.60 copies these from the driver's environment into every trial actor's runtime_env
+# (ray/tune/execution/class_cache.py, ENV_VARS_TO_PROPAGATE); Ray's runtime-env agent then logs
+# that runtime_env, secret included, into the session folder, and the dashboard shows it. Ray
+# offers no setting to turn it off. Trials need no such copy: Ray's workers get credentials
+# from their node's environment or instance profile, as every other task of these jobs does.
+CREDENTIAL_VARS = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                             "AWS_SECURITY_TOKEN"})
+
+
+@contextlib.contextmanager
+def no_credentials_in_trials():
+    """While Tune runs, leave credentials out of what it copies into the trials' runtime_env."""
+    from ray.tune.execution import class_cache
+
+    saved = class_cache.ENV_VARS_TO_PROPAGATE
+    class_cache.ENV_VARS_TO_PROPAGATE = frozenset(saved) - CREDENTIAL_VARS
+    try:
+        yield
+    finally:
+        class_cache.ENV_VARS_TO_PROPAGATE = saved
+
+
 def _tune(cfg: Settings) -> None:
+    from ray import tune
+
     fs, path = storage.filesystem(_absolute(cfg.output))
     settings = [asdict(train_settings(cfg, reg)) for reg in cfg.reg]
     tuner = tune.Tuner(
@@ -146,37 +191,46 @@ def _tune(cfg: Settings) -> None:
         run_config=tune.RunConfig(name="tune", storage_path=path,
                                   storage_filesystem=fs if storage.is_s3(cfg.output) else None,
                                   verbose=0))
-    results = tuner.fit()
+    with no_credentials_in_trials():
+        results = tuner.fit()
     failed = [r.error for r in results if r.error]
     if failed:
+        cause = find_config_error(failed[0])  # e.g. a training that diverged: its one line
+        if cause is not None:
+            raise ConfigError(f"{len(failed)} of {len(cfg.reg)} trainings failed; the first: "
+                              f"{cause}")
         raise RuntimeError(f"{len(failed)} of {len(cfg.reg)} trainings failed: {failed[0]}")
+
+
+def output(cfg: Settings) -> lifecycle.Output:
+    """The sweep's lifecycle: it owns the trainings' folders, Tune's and the table; a rerun with
+    the same settings keeps the finished trainings and resumes the others."""
+    owns = ("tune", f"{TABLE}.parquet", f"{TABLE}.md",
+            *(trial_name(reg) for reg in cfg.reg))
+    settings = {k: v for k, v in asdict(cfg).items()
+                if k not in train.RESUMABLE | {"data", "max_concurrent"}}
+    return lifecycle.Output(cfg.output, "sweep", owns=owns, inputs={"data": cfg.data},
+                            identity={"inputs": {"data": lifecycle.input_identity(cfg.data)},
+                                      "settings": settings})
 
 
 def run(cfg: Settings) -> dict:
     """Train once per --reg value, then write the table; returns the manifest."""
     t0 = time.perf_counter()
     _check(cfg)
-    if cfg.overwrite:  # the manifest goes first, so no reader trusts a half-replaced output
-        storage.delete_file(storage.join(cfg.output, storage.MANIFEST))
-        for reg in cfg.reg:
-            storage.delete_dir(trial_output(cfg.output, reg))
-        storage.delete_dir(storage.join(cfg.output, "tune"))
+    output(cfg).prepare(cfg.overwrite)
     cli.connect_ray()
     _tune(cfg)
-    rows = sorted((_row(cfg, reg) for reg in cfg.reg), key=lambda r: r["reg"])
-    table = pa.Table.from_pylist(rows).select(COLUMNS)
-    fs, path = storage.filesystem(storage.join(cfg.output, f"{TABLE}.parquet"))
-    pq.write_table(table, path, filesystem=fs)
-    storage.write_bytes(storage.join(cfg.output, f"{TABLE}.md"), markdown(rows).encode())
+    X = _val_images(cfg.data)
+    rows = sorted((_row(cfg, reg, X) for reg in cfg.reg), key=lambda r: r["reg"])
+    files = write_sweep(cfg.output, rows)
     manifest = {
-        schema.M_KIND: "sweep", schema.M_DATA: cfg.data, "rows": rows,
-        schema.M_FILES: [{"path": f"{TABLE}.parquet", "rows": len(rows)},
-                         {"path": f"{TABLE}.md"}],
-        schema.M_CONFIG: asdict(cfg), schema.M_VERSIONS: schema.versions(),
+        schema.M_KIND: "sweep", schema.M_DATA: lifecycle.absolute(cfg.data), "rows": rows,
+        schema.M_FILES: files, schema.M_CONFIG: asdict(cfg), schema.M_VERSIONS: schema.versions(),
         schema.M_TIMINGS: {"total_s": round(time.perf_counter() - t0, 3)},
         schema.M_CREATED: datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    storage.write_manifest(cfg.output, manifest)
+    manifest = output(cfg).finish(manifest)
     log.info("sweep of %d trainings written to %s:\n%s", len(rows), cfg.output, markdown(rows))
     return manifest
 

@@ -12,11 +12,8 @@ from __future__ import annotations
 import io
 import math
 
-import matplotlib
-
-matplotlib.use("Agg")  # no display: render to memory only
-import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # no pyplot: no global state, no backend to pick
 
 CELL_INCHES = 1.3  # size of one class's picture and its title in the grid
 MAX_TITLE = 18  # characters of a class name shown under its picture
@@ -60,7 +57,7 @@ def render(W: np.ndarray, shape: tuple[int, int, int], names: list[str],
     rows = math.ceil(C / cols)
     pad, label = max(2, Wd // 16), max(4, H // 4)
     top = 0.4 if title else 0.0
-    fig = plt.figure(figsize=(cols * CELL_INCHES, rows * CELL_INCHES * (H + label) / H + top))
+    fig = Figure(figsize=(cols * CELL_INCHES, rows * CELL_INCHES * (H + label) / H + top))
     ax = fig.add_axes((0, 0, 1, 1 - top / fig.get_figheight()))
     ax.imshow(mosaic(images, cols, pad, label), interpolation="nearest", aspect="auto")
     ax.axis("off")
@@ -73,5 +70,4 @@ def render(W: np.ndarray, shape: tuple[int, int, int], names: list[str],
         fig.suptitle(title, y=1 - 0.1 / fig.get_figheight(), fontsize=10)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
     return buf.getvalue()

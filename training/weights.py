@@ -1,7 +1,6 @@
-"""The model output's files: ``weights.npz`` (DESIGN.md's convention), the checkpoints,
-``metrics.json``, ``templates.png`` and the manifest.
+"""The model output's files: ``weights.npz`` (through common/model.py, the one place that
+reads and writes it), the checkpoints, ``metrics.json``, ``templates.png`` and the manifest.
 
-    >>> W, b, classes = read_weights("s3://bucket/model")   # scores = x @ W.T + b, x in 0..255
     >>> state = read_checkpoint(data)                       # torch.load(weights_only=True)
     >>> manifest = write_model(out, ingest_manifest, state, config, timings)
 
@@ -20,35 +19,10 @@ from datetime import UTC, datetime
 import numpy as np
 import torch
 
-from common import dataset, schema, storage
-from common.errors import ConfigError
+from common import dataset, lifecycle, schema, storage
+from common.model import write_weights
 from training import softmax, templates
 from training.epochs import significant
-
-
-def write_weights(out: str, W: np.ndarray, b: np.ndarray, classes: list[str]) -> dict:
-    """Write ``<out>/weights.npz``: W float32 (C, D), b float32 (C,), classes str (C,).
-
-    Returns the manifest's file entry ``{path, bytes, sha256}``.
-    """
-    C = len(classes)
-    if W.shape[0] != C or b.shape != (C,):
-        raise ValueError(f"W {W.shape} and b {b.shape} do not match {C} classes")
-    buf = io.BytesIO()
-    np.savez(buf, **{schema.W_KEY: W.astype(np.float32), schema.B_KEY: b.astype(np.float32),
-                     schema.CLASSES_KEY: np.array(classes, dtype=str)})
-    return write_file(out, schema.WEIGHTS_FILE, buf.getvalue())
-
-
-def read_weights(model: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """``(W, b, classes)`` of a complete model output (one with a manifest)."""
-    storage.read_manifest(model, "model")
-    try:
-        with np.load(io.BytesIO(storage.read_bytes(storage.join(model, schema.WEIGHTS_FILE))),
-                     allow_pickle=False) as z:
-            return z[schema.W_KEY], z[schema.B_KEY], [str(c) for c in z[schema.CLASSES_KEY]]
-    except (OSError, KeyError, ValueError) as e:
-        raise ConfigError(f"cannot read {schema.WEIGHTS_FILE} of {model}: {e}") from e
 
 
 def write_file(out: str, name: str, data: bytes) -> dict:
@@ -69,7 +43,8 @@ def read_checkpoint(data: bytes) -> dict:
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
-def write_model(out: str, data: dict, state: dict, config: dict, timings: dict) -> dict:
+def write_model(output: lifecycle.Output, data: dict, state: dict, config: dict,
+                timings: dict) -> dict:
     """Write a trained state's weights.npz, metrics.json, templates.png and, last, manifest.json.
 
     ``data`` is the ingest manifest (classes, image shape, the normalization to fold in),
@@ -78,7 +53,7 @@ def write_model(out: str, data: dict, state: dict, config: dict, timings: dict) 
     shift, scale = softmax.channel_stats(data[schema.M_PIXEL_MEAN], data[schema.M_PIXEL_STD],
                                          dataset.num_features(data))
     W, b = softmax.fold(state["model"]["weight"], state["model"]["bias"], shift, scale)
-    classes, history = data[schema.M_CLASSES], state["history"]
+    out, classes, history = output.uri, data[schema.M_CLASSES], state["history"]
     final = history[-1]
     files = [write_weights(out, W, b, classes)]
     metrics = {"history": history, schema.M_INITIAL_LOSS: state["initial_loss"],
@@ -104,5 +79,4 @@ def write_model(out: str, data: dict, state: dict, config: dict, timings: dict) 
         schema.M_TIMINGS: timings,
         schema.M_CREATED: datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    storage.write_manifest(out, manifest)
-    return manifest
+    return output.finish(manifest)

@@ -1,0 +1,58 @@
+"""The ingest job's Ray Data sink: write tasks that each write one Parquet file of a split.
+
+Ray lives here and in pipelines/ingest.py's driver only; ``--help`` answers without importing it.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from ray.data import Datasink
+from ray.data.block import BlockAccessor
+
+from common import schema, storage
+from pipelines.ingest import DECODED_SCHEMA, PX_SUM, PX_SUMSQ, ROW_GROUP_ROWS
+
+
+class ImagesDatasink(Datasink):
+    """Writes one split: each write task gets about one file's worth of rows and writes one file.
+
+    File names are deterministic per task (``part-<task>.parquet``), so a retried task rewrites its
+    own file instead of adding a second. What comes back to the driver is small: the file's name,
+    rows and bytes, the pixel sums, and the quarantine rows of the task's inputs.
+    """
+
+    def __init__(self, output: str, split: str, rows_per_file: int):
+        self.output, self.split, self.rows_per_file = output, split, rows_per_file
+
+    @property
+    def min_rows_per_write(self) -> int:
+        return self.rows_per_file
+
+    def write(self, blocks, ctx) -> dict:
+        tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
+        table = pa.concat_tables(tables) if tables else DECODED_SCHEMA.empty_table()
+        bad = pc.is_valid(table.column(schema.REASON))
+        good = table.filter(pc.invert(bad)) if pc.any(bad).as_py() else table
+        sums = [pc.list_flatten(good.column(c)).to_numpy().reshape(-1, 3).sum(0).tolist()
+                for c in (PX_SUM, PX_SUMSQ)]
+        good = good.select(schema.IMAGES_SCHEMA.names).cast(schema.IMAGES_SCHEMA)
+        result = {
+            "file": None, "rows": good.num_rows, "bytes": 0, "sum": sums[0], "sumsq": sums[1],
+            "quarantine": [
+                {schema.SOURCE: r[schema.SOURCE], schema.SPLIT: self.split,
+                 schema.REASON: r[schema.REASON]}
+                for r in table.filter(bad).select([schema.SOURCE, schema.REASON]).to_pylist()
+            ],
+        }
+        if good.num_rows:
+            rel = f"{self.split}/part-{ctx.task_idx:05d}.parquet"
+            fs, path = storage.filesystem(storage.join(self.output, rel))
+            fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+            pq.write_table(good, path, filesystem=fs, row_group_size=ROW_GROUP_ROWS)
+            result.update(file=rel, bytes=fs.get_file_info(path).size)
+        return result
+
+    def on_write_complete(self, write_result) -> None:
+        self.results = list(write_result.write_returns)

@@ -1,0 +1,120 @@
+"""The output lifecycle (common/lifecycle.py) without Ray: overlap, identity, overwrite, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+
+from common import lifecycle, storage
+from common.errors import ConfigError
+from tests.trees import tree_digest
+
+
+def output(uri, settings=None, inputs=None, kind="train", owns=("weights.npz", "checkpoints")):
+    return lifecycle.Output(str(uri), kind, owns=owns, inputs=inputs or {},
+                            identity={"settings": settings or {"reg": 0.1}})
+
+
+@pytest.mark.parametrize("out, src, where", [
+    ("d", "d", "is"), ("d/sub", "d", "is inside"), ("d", "d/sub", "contains"),
+    ("d/", "./d", "is"),
+])
+def test_an_output_overlapping_an_input_is_refused(tmp_path, out, src, where):
+    os.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=f"the output .* {where} the data"):
+        lifecycle.refuse_overlap(out, {"data": src})
+
+
+def test_overlap_sees_through_symlinks_and_s3_prefixes(tmp_path):
+    (tmp_path / "real").mkdir()
+    os.symlink(tmp_path / "real", tmp_path / "link")
+    with pytest.raises(ConfigError, match="is inside"):
+        lifecycle.refuse_overlap(str(tmp_path / "link" / "out"), {"data": str(tmp_path / "real")})
+    with pytest.raises(ConfigError, match="contains"):
+        lifecycle.refuse_overlap("s3://b/x", {"model": "s3://b/x/model/"})
+    lifecycle.refuse_overlap("s3://b/x2", {"model": "s3://b/x"})  # a sibling, not inside
+    lifecycle.refuse_overlap(str(tmp_path / "a"), {"data": str(tmp_path / "ab"), "none": None})
+
+
+def test_fresh_output_records_its_identity_first(tmp_path):
+    out = output(tmp_path / "m")
+    assert out.prepare(overwrite=False) is False
+    record = json.loads((tmp_path / "m" / lifecycle.IDENTITY_FILE).read_text())
+    assert record == {"kind": "train", "settings": {"reg": 0.1},
+                      "owns": ["checkpoints", "weights.npz"]}
+
+
+def test_same_identity_resumes_other_settings_are_refused(tmp_path):
+    output(tmp_path, {"reg": 1.0}).prepare(False)
+    (tmp_path / "checkpoints").mkdir()
+    assert output(tmp_path, {"reg": 1.0}).prepare(False) is True  # resumes: nothing cleared
+    assert (tmp_path / "checkpoints").exists()
+    with pytest.raises(ConfigError, match=r"other settings or inputs \(reg: 1.0 -> 2.0\)"):
+        output(tmp_path, {"reg": 2.0}).prepare(False)
+    assert output(tmp_path, {"reg": 1.0}).prepare(False, resumable=False) is False
+    assert not (tmp_path / "checkpoints").exists()  # a job that cannot resume starts again
+
+
+def test_files_without_a_record_are_refused_even_with_overwrite(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "epoch-0002").mkdir()
+    before = tree_digest(tmp_path)
+    for overwrite in (False, True):
+        with pytest.raises(ConfigError, match="holds checkpoints without _identity.json"):
+            output(tmp_path).prepare(overwrite)
+    assert tree_digest(tmp_path) == before and os.listdir(tmp_path) == ["checkpoints"]
+
+
+def test_another_jobs_output_is_refused_even_with_overwrite(tmp_path):
+    storage.write_manifest(str(tmp_path), {"kind": "ingest"})
+    (tmp_path / "train").mkdir()
+    before = tree_digest(tmp_path)
+    with pytest.raises(ConfigError, match="holds a ingest output .*replaces only a train output"):
+        output(tmp_path).prepare(True)
+    assert tree_digest(tmp_path) == before
+
+
+def test_overwrite_removes_only_what_the_record_lists(tmp_path):
+    first = output(tmp_path, owns=("weights.npz", "checkpoints", "old.png"))
+    first.prepare(False)
+    for name in ("weights.npz", "old.png", "notes.txt"):
+        (tmp_path / name).write_text(name)
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "x").write_text("x")
+    first.finish({"kind": "train", "n": 1})
+    with pytest.raises(ConfigError, match="already holds a finished train output.*--overwrite"):
+        output(tmp_path).prepare(False)
+    output(tmp_path, {"reg": 5.0}).prepare(True)
+    assert sorted(os.listdir(tmp_path)) == [lifecycle.IDENTITY_FILE, "notes.txt"]
+
+
+def test_a_record_naming_paths_outside_is_refused(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "precious").write_text("keep")
+    (out / lifecycle.IDENTITY_FILE).write_text(json.dumps(
+        {"kind": "train", "owns": ["../precious"], "settings": {"reg": 0.1}}))
+    with pytest.raises(ConfigError, match="not names inside the output"):
+        output(out).prepare(True)
+    assert (tmp_path / "precious").read_text() == "keep"
+
+
+def test_the_manifest_is_written_last_with_finite_numbers_only(tmp_path):
+    out = output(tmp_path)
+    out.prepare(False)
+    with pytest.raises(ValueError, match=r"manifest.final.val_loss is nan"):
+        out.finish({"kind": "train", "final": {"val_loss": math.nan}})
+    with pytest.raises(ValueError, match=r"manifest.W\[1\] is inf"):
+        out.finish({"kind": "train", "W": [1.0, math.inf]})
+    assert not (tmp_path / storage.MANIFEST).exists()
+    m = out.finish({"kind": "train", "n": 3})
+    assert storage.read_manifest(str(tmp_path))[lifecycle.M_IDENTITY] == m[lifecycle.M_IDENTITY]
+
+
+def test_absolute_uris(tmp_path):
+    os.chdir(tmp_path)
+    assert lifecycle.absolute("x/y") == os.path.join(os.path.realpath(tmp_path), "x", "y")
+    assert lifecycle.absolute("s3://b/p/") == "s3://b/p"
