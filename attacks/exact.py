@@ -268,13 +268,13 @@ class Problem:
         xi = x.to(torch.int16)
         self.up, self.dn = (255 - xi).long(), xi.long()  # rooms towards 255 and 0
 
-    def raised(self, rho: torch.Tensor) -> "Problem":
+    def raised(self, rho: torch.Tensor) -> Problem:
         """The same pairs with every rival to be beaten by rho (P,) more."""
         sub = self.subset(slice(None))
         sub.q = self.q - rho[:, None]
         return sub
 
-    def subset(self, rows) -> "Problem":
+    def subset(self, rows) -> Problem:
         sub = object.__new__(Problem)
         sub.model, sub.margin, sub.K, sub.dense = self.model, self.margin, self.K, self.dense
         for key in ("x", "t", "rivals", "q", "Wt", "Wr", "up", "dn"):

@@ -317,7 +317,8 @@ def exact_report(args, W: np.ndarray, b: np.ndarray, X_all: np.ndarray) -> None:
     lp_rate = len(sample) / (time.perf_counter() - t0)
     lp = np.array(lp)
     cert, linf = bound[sample], res["exact"]["linf"].numpy()[sample]
-    print(f"{'LP solver, scipy HiGHS (per core)':44s} {lp_rate:9.3f} pairs/s  ({len(sample)} pairs)")
+    print(f"{'LP solver, scipy HiGHS (per core)':44s} {lp_rate:9.3f} pairs/s  "
+          f"({len(sample)} pairs)")
     print(f"exact / sign = {res['exact']['rate'] / res['sign']['rate']:.2f}x pairs/s (goal >= "
           f"0.33), exact / iterative = {res['exact']['rate'] / res['iterative']['rate']:.2f}x "
           f"(goal > 1), exact / LP = {res['exact']['rate'] / lp_rate:.0f}x (goal >= 10)")
@@ -328,8 +329,8 @@ def exact_report(args, W: np.ndarray, b: np.ndarray, X_all: np.ndarray) -> None:
     print(f"gap linf - bound_linf over {moved.sum()} pairs that move: median {q[0]:.2f}, 90% "
           f"{q[1]:.2f}, 99% {q[2]:.2f}, max {q[3]:.2f}; < 1 level (minimal, proved) "
           f"{np.mean(gap < 1):.1%}, <= 1 level {np.mean(gap <= 1):.1%}")
-    print(f"exact above sign on {above.sum()} pairs; success exact {res['exact']['ok'].float().mean():.1%}"
-          f", sign {sign_ok.mean():.1%}")
+    print(f"exact above sign on {above.sum()} pairs; success exact "
+          f"{res['exact']['ok'].float().mean():.1%}, sign {sign_ok.mean():.1%}")
     for m in ("exact", "sign", "iterative"):
         hours = FULL_PAIRS / res[m]["rate"] / 3600
         print(f"50,000 x 1,000 {m:9s}: {hours:8.1f} core-hours at {res[m]['rate']:.0f} "
