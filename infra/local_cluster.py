@@ -7,12 +7,15 @@ Each node is a `ray start --block` process in a session of its own, on free port
 temp dir, so it neither meets nor stops any other Ray on the machine (unlike `ray stop`, which
 stops them all).
 
-What listens where: with ``--node-ip-address=127.0.0.1`` and ``--dashboard-host=127.0.0.1``,
-Ray's Python listeners (dashboard and Jobs API, dashboard agent HTTP and gRPC, metrics exporter,
-runtime-env agent, Ray Client server) bind to 127.0.0.1 only. Ray 2.60's C++ gRPC servers do
-not take a bind address: the GCS, each raylet's node manager and object manager, and the
-core-worker server of every worker, driver and job supervisor listen on all interfaces. Token
-authentication (on here) is what guards those: a request without the token is refused.
+What listens where: the dashboard and Jobs API bind to 127.0.0.1 (``--dashboard-host``). The rest
+cannot be bound to 127.0.0.1 in Ray 2.60: ``ray start`` turns ``--node-ip-address=127.0.0.1`` into
+the machine's reachable address (``services.resolve_ip_for_localhost``; the only way around it,
+``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, refuses a second node), so the Ray Client server (which
+``ray start --head`` always runs: its port must be 1024-65535), the dashboard agent (HTTP, gRPC,
+metrics) and the runtime-env agent listen on that address or on all interfaces; and the C++ gRPC
+servers take no bind address at all: the GCS, each raylet's node manager and object manager, and
+the core-worker server of every worker, driver and job supervisor. Token authentication (on
+here) is what guards them all: a request without the token is refused.
 ``listeners()`` lists them all; tests/test_cluster.py holds the cluster to this.
 
 Jobs go through the Ray Jobs API with `ray job submit --working-dir .`: the working directory is
@@ -40,9 +43,9 @@ HOST = "127.0.0.1"
 OBJECT_STORE_BYTES = 512 * 2**20  # per node: the test jobs are small, the machine is shared
 
 
-# Processes whose listeners Ray 2.60 binds to all interfaces, with no option to change it:
-# the GCS, the raylet, and core workers (named ray::<task or actor> or, for drivers and the
-# job supervisor, python).
+# Processes whose listeners Ray 2.60 binds beyond 127.0.0.1 with no option to change it: the
+# GCS, the raylet, the dashboard and runtime-env agents, core workers (ray::IDLE or
+# ray::<task or actor>), and python: drivers, the job supervisor and the Ray Client server.
 ALL_INTERFACES = ("gcs_server", "raylet", "ray::", "python")
 
 

@@ -51,8 +51,8 @@ def test_a_bad_argument_fails_the_submission_with_the_jobs_one_line_error(cluste
 
 
 def test_what_cannot_listen_on_localhost_only_is_rays_cpp_servers(cluster, bucket):
-    """Every listener of the cluster's processes is on 127.0.0.1, except those Ray 2.60 binds to
-    all interfaces with no option (infra/local_cluster.py names them), which the token guards."""
+    """Every listener of the cluster's processes is on 127.0.0.1, except those Ray 2.60 binds
+    beyond it with no option (infra/local_cluster.py names them), which the token guards."""
     rc, _, _ = cluster.submit(["python", "-c", "print('ok')"])  # a driver and a job supervisor
     assert rc == 0
     found = cluster.listeners()
