@@ -32,7 +32,6 @@ softmax: W[k] ~ mean of class k minus the mean image), fitted in closed form.
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import tempfile
 import time
@@ -49,6 +48,7 @@ from attacks.linear import LinearModel, measure
 from attacks.sign import Sign
 from attacks.template import Template
 from common import dataset, schema, storage
+from common.model import read_model, write_weights
 from pipelines import ingest, sample
 
 FULL_PAIRS = 50_000 * 1_000
@@ -66,10 +66,7 @@ def build_inputs(tmp: str, classes: int) -> tuple[str, str]:
     M = np.stack([X[y == k].mean(0) for k in range(classes)]) - mu
     W = M / (10 * var)  # the temperature only sets how peaked the softmax is
     b = -(W @ mu) - (M * W).sum(1) / 2
-    buf = io.BytesIO()
-    np.savez(buf, W=W.astype(np.float32), b=b.astype(np.float32),
-             classes=np.array(dataset.open_ingest(data)[schema.M_CLASSES]))
-    storage.write_bytes(os.path.join(model, schema.WEIGHTS_FILE), buf.getvalue())
+    write_weights(model, W, b, dataset.open_ingest(data)[schema.M_CLASSES])
     storage.write_manifest(model, {schema.M_KIND: "train"})
     return data, model
 
@@ -216,7 +213,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data, model_dir = (args.data, args.model) if args.data else build_inputs(tmp, args.classes)
         if args.exact:
-            W, b, _, _ = fool.load_model(model_dir)
+            m = read_model(model_dir)
+            W, b = m.W, m.b
             exact_report(args, W, b, load(data, "val")[0].astype(np.uint8))
         else:
             run_all(args, data, model_dir, tmp)
@@ -224,7 +222,8 @@ def main() -> None:
 
 
 def run_all(args, data: str, model_dir: str, tmp: str) -> None:
-    W, b, _, _ = fool.load_model(model_dir)
+    m = read_model(model_dir)
+    W, b = m.W, m.b
     shape = tuple(dataset.open_ingest(data)[schema.M_IMAGE_SHAPE])
     C = len(b)
     targets = torch.tensor(np.linspace(0, C - 1, min(args.targets, C)).round().astype(int))

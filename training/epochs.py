@@ -59,7 +59,7 @@ def train_epoch(model: nn.Linear, step_model: nn.Module, opt: torch.optim.Optimi
     first = None
     for i, (X, y) in enumerate(batches):
         if fail_at_step is not None and i == fail_at_step:
-            raise RuntimeError(f"injected failure at step {i} (--fail-at-epoch)")
+            raise RuntimeError(f"injected failure at step {i} (a test's fail_at_epoch)")
         for group in opt.param_groups:
             group["lr"] = lr(i)
         scores = step_model(softmax.normalize(X, shift, scale))  # (N, C)
