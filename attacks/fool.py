@@ -128,7 +128,7 @@ def _check(cfg: Settings) -> Inputs:
     model = read_model(cfg.model, dataset.num_features(m))
     if model.classes != m[schema.M_CLASSES]:
         raise ConfigError(f"the model's classes differ from the data's ({cfg.model} vs {cfg.data})")
-    total = sum(f["rows"] for f in m[schema.M_FILES] if f["path"].startswith("val/"))
+    total = sum(dataset.split_counts(m, "val"))
     return Inputs(m, model, tuple(_targets(cfg, m[schema.M_CLASSES])),
                   min(total, cfg.limit_images or total))
 
@@ -193,10 +193,9 @@ def run(cfg: Settings) -> dict:
     out = output(cfg, inputs)
     out.prepare(cfg.overwrite)
     m, settings = inputs.manifest, out.identity["settings"]
-    val_files = dataset.split_files(cfg.data, m, "val")
-    job = Job(output=lifecycle.absolute(cfg.output), val_files=tuple(val_files),
-              val_counts=tuple(f["rows"] for f in m[schema.M_FILES]
-                               if f["path"].startswith("val/")),
+    job = Job(output=lifecycle.absolute(cfg.output),
+              val_files=tuple(dataset.split_files(cfg.data, m, "val")),
+              val_counts=tuple(dataset.split_counts(m, "val")),
               n_val=inputs.n_val, image_shape=tuple(m[schema.M_IMAGE_SHAPE]),
               keep_images=cfg.keep_images == "all", confidence=cfg.confidence,
               noise_seed=cfg.seed, batch_size=cfg.batch_size,

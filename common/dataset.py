@@ -41,10 +41,19 @@ def open_ingest(data: str, splits: tuple[str, ...] = ()) -> dict:
     return m
 
 
+def _entries(manifest: dict, split: str) -> list[dict]:
+    """The manifest's file entries ({path, rows, bytes}) of one split, in its order."""
+    return [f for f in manifest[schema.M_FILES] if f["path"].startswith(f"{split}/")]
+
+
+def split_counts(manifest: dict, split: str) -> list[int]:
+    """Rows of each Parquet file of one split, in the order of ``split_files``."""
+    return [f["rows"] for f in _entries(manifest, split)]
+
+
 def split_files(data: str, manifest: dict, split: str) -> list[str]:
     """URIs of the Parquet files of one split, as the manifest lists them."""
-    files = [storage.join(data, f["path"]) for f in manifest[schema.M_FILES]
-             if f["path"].startswith(f"{split}/")]
+    files = [storage.join(data, f["path"]) for f in _entries(manifest, split)]
     if not files:
         raise ConfigError(f"{data} has no {split!r} images (ingested splits: "
                           f"{', '.join(manifest[schema.M_COUNTS])})")
@@ -71,7 +80,7 @@ def _footer(uri: str) -> pq.FileMetaData:
 def _check_split(data: str, m: dict, split: str) -> None:
     """Footers of every file of the split, and its first row, against the manifest."""
     uris = split_files(data, m, split)
-    rows = [f.get("rows") for f in m[schema.M_FILES] if f["path"].startswith(f"{split}/")]
+    rows = [f.get("rows") for f in _entries(m, split)]
     with ThreadPoolExecutor(FOOTER_THREADS) as pool:
         footers = list(pool.map(_footer, uris))
     C, want = len(m[schema.M_CLASSES]), schema.IMAGES_SCHEMA

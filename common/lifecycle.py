@@ -29,13 +29,12 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from common import storage
+from common import schema, storage
 from common.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 IDENTITY_FILE = "_identity.json"
-M_IDENTITY = "identity"  # the manifest's copy of the identity record
 
 
 def absolute(uri: str) -> str:
@@ -192,7 +191,7 @@ class Output:
 
     def finish(self, manifest: dict) -> dict:
         """Write ``manifest.json`` last, after checking every number in it is finite."""
-        manifest = {**manifest, M_IDENTITY: self.record()}
+        manifest = {**manifest, schema.M_IDENTITY: self.record()}
         check_finite(manifest)
         storage.write_manifest(self.uri, manifest)
         return manifest

@@ -60,6 +60,7 @@ M_TIMINGS = "timings"
 M_FILES = "files"  # [{path, rows, bytes}] relative to the output
 M_SOURCE = "source"
 M_CREATED = "created"
+M_IDENTITY = "identity"  # the identity record of the run (common/lifecycle.py, _identity.json)
 
 
 def versions() -> dict:

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from common import lifecycle, storage
+from common import lifecycle, schema, storage
 from common.errors import ConfigError
 from tests.trees import tree_digest
 
@@ -111,7 +111,7 @@ def test_the_manifest_is_written_last_with_finite_numbers_only(tmp_path):
         out.finish({"kind": "train", "W": [1.0, math.inf]})
     assert not (tmp_path / storage.MANIFEST).exists()
     m = out.finish({"kind": "train", "n": 3})
-    assert storage.read_manifest(str(tmp_path))[lifecycle.M_IDENTITY] == m[lifecycle.M_IDENTITY]
+    assert storage.read_manifest(str(tmp_path))[schema.M_IDENTITY] == m[schema.M_IDENTITY]
 
 
 def test_absolute_uris(tmp_path):

@@ -218,7 +218,8 @@ def run(cfg: Settings) -> dict:
     """Train once per --reg value, then write the table; returns the manifest."""
     t0 = time.perf_counter()
     _check(cfg)
-    output(cfg).prepare(cfg.overwrite)
+    out = output(cfg)
+    out.prepare(cfg.overwrite)
     cli.connect_ray()
     _tune(cfg)
     X = _val_images(cfg.data)
@@ -230,7 +231,7 @@ def run(cfg: Settings) -> dict:
         schema.M_TIMINGS: {"total_s": round(time.perf_counter() - t0, 3)},
         schema.M_CREATED: datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    manifest = output(cfg).finish(manifest)
+    manifest = out.finish(manifest)
     log.info("sweep of %d trainings written to %s:\n%s", len(rows), cfg.output, markdown(rows))
     return manifest
 
