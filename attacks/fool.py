@@ -31,19 +31,21 @@ from __future__ import annotations
 import json
 import logging
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
 from attacks import outputs, parts
 from attacks.linear import LinearModel
 from attacks.worker import ATTACKS, FoolWorker, Job
-from common import cli, dataset, lifecycle, schema
+from common import cli, dataset, lifecycle, progress, schema
 from common.errors import ConfigError
 from common.model import Model, read_model
 
 log = logging.getLogger(__name__)
 
 ROW_OVERHEAD = 80  # bytes of a row besides its image, for sizing files
+ATTEMPTS = 3  # runs of the parts not done, when workers are lost
 # What the job writes under --output besides manifest.json (what --overwrite may remove).
 OWNS = (schema.PAIRS_DIR, schema.SUMMARY_DIR, schema.FIGURES_DIR, parts.PARTS_DIR)
 
@@ -151,7 +153,13 @@ def output(cfg: Settings, inputs: Inputs) -> lifecycle.Output:
 
 
 def _run_parts(cfg: Settings, todo: list[dict], job: Job, model: Model, facts: dict) -> None:
-    """Run the parts on an actor pool with Ray Data; each writes its files and marker."""
+    """Run the parts on an actor pool with Ray Data; each writes its files and marker.
+
+    A worker that dies (its node gone, out of memory) ends the pool's run; the parts without a
+    marker then run again, up to ATTEMPTS times in all. Ray's own actor restarts are off: with
+    them Ray prints an error line on every run (ray-project/ray#53727), and the markers make a
+    rerun of what is left as good as a restart.
+    """
     import ray
 
     if not todo:
@@ -162,13 +170,30 @@ def _run_parts(cfg: Settings, todo: list[dict], job: Job, model: Model, facts: d
     workers = cfg.workers or (gpus if cfg.use_gpu else int(ray.cluster_resources().get("CPU", 1)))
     refs = ray.put((model.W, model.b, facts))
     resources = {"num_gpus": 1} if cfg.use_gpu else {"num_cpus": 1}
-    ds = ray.data.from_items([{"part": json.dumps(p)} for p in todo],
-                             override_num_blocks=len(todo))
-    out = ds.map_batches(RayFoolWorker, batch_size=1, batch_format="numpy",
-                         compute=ray.data.ActorPoolStrategy(size=max(1, min(workers, len(todo)))),
-                         fn_constructor_kwargs={"refs": refs, "job": job}, **resources)
-    errors = [r["error"] for r in (json.loads(row["result"]) for row in out.take_all())
-              if "error" in r]
+    pairs = sum((p["chunk"]["stop"] - p["chunk"]["start"]) * len(p["targets"]) for p in todo)
+    with progress.watch(log, "attack", pairs, "pairs") as counter:
+        for attempt in range(1, ATTEMPTS + 1):
+            ds = ray.data.from_items([{"part": json.dumps(p)} for p in todo],
+                                     override_num_blocks=len(todo))
+            with warnings.catch_warnings():  # Ray's own way to turn restarts off (its comment
+                # in actor_pool_map_operator.py) also warns that extra arguments are deprecated
+                warnings.simplefilter("ignore", DeprecationWarning)
+                out = ds.map_batches(
+                    RayFoolWorker, batch_size=1, batch_format="numpy", max_restarts=0,
+                    compute=ray.data.ActorPoolStrategy(size=max(1, min(workers, len(todo)))),
+                    fn_constructor_kwargs={"refs": refs, "job": job, "counter": counter},
+                    **resources)
+            try:
+                results = [json.loads(row["result"]) for row in out.take_all()]
+                break
+            except ray.exceptions.RayActorError as e:
+                done = parts.done_keys(cfg.output)
+                todo = [p for p in todo if p["key"] not in done]
+                if attempt == ATTEMPTS:
+                    raise
+                log.warning("a worker was lost (%s); running the %d parts not done again",
+                            str(e).splitlines()[0], len(todo))
+    errors = [r["error"] for r in results if "error" in r]
     if errors:  # bad data a worker found: its one line (the parts without it are kept)
         raise ConfigError(errors[0])
 
@@ -176,18 +201,22 @@ def _run_parts(cfg: Settings, todo: list[dict], job: Job, model: Model, facts: d
 class RayFoolWorker(FoolWorker):
     """FoolWorker that fetches the model from Ray's object store (once per actor)."""
 
-    def __init__(self, refs, job: Job):
+    def __init__(self, refs, job: Job, counter=None):
         import ray
         import torch
 
         if job.device == "cpu":  # one core per actor: threads beyond it only contend
             torch.set_num_threads(1)
         W, b, facts = ray.get(refs)
-        super().__init__(W, b, facts, job)
+        super().__init__(W, b, facts, job, counter)
 
 
-def run(cfg: Settings) -> dict:
-    """Attack ``cfg.data`` with ``cfg.model`` into ``cfg.output``; returns the manifest written."""
+def run(cfg: Settings, *, kill_worker_once: str | None = None) -> dict:
+    """Attack ``cfg.data`` with ``cfg.model`` into ``cfg.output``; returns the manifest written.
+
+    ``kill_worker_once`` (tests only): a local path; the first part run kills its worker process
+    and leaves the file, so that the parts run again once.
+    """
     t0 = time.perf_counter()
     inputs = _check(cfg)
     out = output(cfg, inputs)
@@ -199,7 +228,7 @@ def run(cfg: Settings) -> dict:
               n_val=inputs.n_val, image_shape=tuple(m[schema.M_IMAGE_SHAPE]),
               keep_images=cfg.keep_images == "all", confidence=cfg.confidence,
               noise_seed=cfg.seed, batch_size=cfg.batch_size,
-              device="cuda" if cfg.use_gpu else "cpu")
+              device="cuda" if cfg.use_gpu else "cpu", kill_once=kill_worker_once)
     chunks = parts.val_chunks(inputs.n_val, settings["rows_per_chunk"]) + parts.noise_chunk(
         cfg.noise_images)
     all_parts = parts.plan_parts(chunks, cfg.methods, inputs.targets, cfg.targets_per_part)

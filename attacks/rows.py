@@ -1,11 +1,11 @@
 """Fooling results as Parquet rows: one table per target from a batch of pairs, and the writers.
 
-    >>> files = TargetFiles(out, "sign", [3, 7], "val-00000")
+    >>> files = TargetFiles(out, "sign", [3, 7], "val-00000", (64, 64, 3))
     >>> files.add(pair_tables(columns, [3, 7], keep_images=True))   # buffered into row groups
     >>> listing = files.close()              # [{path, rows, bytes}] for the part's marker
 
 Columns and types come from common/schema.py (``PAIRS_FILE_SCHEMA``: the method and the target
-live in the folder names).
+live in the folder names, and in each file's metadata, with the image column's shape).
 """
 
 from __future__ import annotations
@@ -52,8 +52,9 @@ def pair_tables(cols: dict[str, np.ndarray], targets: list[int], keep_images: bo
 class TargetFiles:
     """One Parquet file per target of a part, written row group by row group."""
 
-    def __init__(self, output: str, method: str, targets: list[int], chunk: str):
-        self.output = output
+    def __init__(self, output: str, method: str, targets: list[int], chunk: str,
+                 shape: tuple[int, ...]):
+        self.output, self.method, self.shape = output, method, shape
         self.rel = {t: parts.pair_file(method, t, chunk) for t in targets}
         self.buffers: dict[int, list[pa.Table]] = {t: [] for t in targets}
         self.writers: dict[int, pq.ParquetWriter] = {}
@@ -72,8 +73,9 @@ class TargetFiles:
         if t not in self.writers:
             fs, path = storage.filesystem(storage.join(self.output, self.rel[t]))
             fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-            self.writers[t] = pq.ParquetWriter(path, schema.PAIRS_FILE_SCHEMA, filesystem=fs,
-                                               compression=COMPRESSION)
+            self.writers[t] = pq.ParquetWriter(
+                path, schema.pair_file_schema(self.method, t, self.shape), filesystem=fs,
+                compression=COMPRESSION)
         table = pa.concat_tables(self.buffers[t])
         self.writers[t].write_table(table, row_group_size=ROW_GROUP_ROWS)
         self.buffers[t] = []

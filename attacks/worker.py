@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 
@@ -50,6 +51,7 @@ class Job:
     noise_seed: int
     batch_size: int  # (image, target) pairs per matrix batch
     device: str  # "cpu" or "cuda"
+    kill_once: str | None = None  # tests only: a path; the first part without it kills a worker
 
     @property
     def noise_confidence(self) -> float:
@@ -59,8 +61,8 @@ class Job:
 class FoolWorker:
     """Holds the model on its device and the attacks; ``__call__`` runs a batch of parts."""
 
-    def __init__(self, W: np.ndarray, b: np.ndarray, facts: dict, job: Job):
-        self.job = job
+    def __init__(self, W: np.ndarray, b: np.ndarray, facts: dict, job: Job, counter=None):
+        self.job, self.counter = job, counter  # counter: the driver's progress actor, or None
         self.model = LinearModel(W, b, job.device, facts)
         self.attacks = {(m, origin): cls(self.model, conf) for m, cls in ATTACKS.items()
                         for origin, conf in (("val", job.confidence),
@@ -81,13 +83,19 @@ class FoolWorker:
     def run_part(self, part: dict) -> dict:
         """Attack one chunk x method x targets, write one file per target, then the marker."""
         t0 = time.perf_counter()
+        if self.job.kill_once and not os.path.exists(self.job.kill_once):
+            open(self.job.kill_once, "w").close()
+            os._exit(1)  # a worker lost mid-run, as a node that goes away
         chunk, targets = part["chunk"], part["targets"]
         attack = self.attacks[(part["method"], chunk["origin"])]
-        files = TargetFiles(self.job.output, part["method"], targets, chunk["name"])
+        files = TargetFiles(self.job.output, part["method"], targets, chunk["name"],
+                            self.job.image_shape)
         per_batch = max(1, self.job.batch_size // len(targets))
         for ids, labels, X in self.images(chunk, per_batch):
             cols = self.attack_batch(attack, chunk["origin"], ids, labels, X, targets)
             files.add(pair_tables(cols, targets, self.job.keep_images))
+            if self.counter is not None:
+                self.counter.add.remote(len(ids) * len(targets))
         listing = files.close()
         result = {"key": part["key"], "files": listing, "rows": sum(f["rows"] for f in listing),
                   "seconds": round(time.perf_counter() - t0, 3)}

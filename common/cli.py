@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import types
 import typing
@@ -87,9 +88,18 @@ def _show(value: object) -> str:
 def parse(cls: type, argv: Sequence[str] | None = None, description: str | None = None,
           prog: str | None = None):
     """Parse flags into an instance of the settings dataclass ``cls``."""
-    prog = prog or f"python -m {module_name(cls)}"
-    args = build_parser(cls, description, prog).parse_args(argv)
-    return cls(**vars(args))
+    return _parse(cls, argv, description, prog)[0]
+
+
+def _parse(cls: type, argv: Sequence[str] | None, description: str | None,
+           prog: str | None = None) -> tuple[object, bool]:
+    """The settings, and whether ``--verbose`` (common to every job, not a setting) was given."""
+    parser = build_parser(cls, description, prog or f"python -m {module_name(cls)}")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show Ray's own lines: its INFO logs and the workers' output")
+    args = vars(parser.parse_args(argv))
+    verbose = args.pop("verbose")
+    return cls(**args), verbose
 
 
 def module_name(cls: type) -> str:
@@ -112,8 +122,13 @@ class _MainName(logging.Filter):
         return True
 
 
-def setup_logging() -> None:
-    """Our lines at INFO on stderr, named by module (``pipelines.ingest``, also under ``-m``)."""
+def setup_logging(verbose: bool = False) -> None:
+    """Our lines at INFO on stderr, named by module (``pipelines.ingest``, also under ``-m``).
+
+    ``verbose`` also lets Ray's own lines through when the job connects (connect_ray).
+    """
+    global _verbose
+    _verbose = verbose
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
     )
@@ -123,15 +138,49 @@ def setup_logging() -> None:
             handler.addFilter(_MainName(spec.name))
 
 
-def connect_ray() -> None:
+_verbose = False  # set once per process by setup_logging, like the logging configuration itself
+
+# Lines Ray prints on every successful run that look like trouble and are not: the notice that
+# token authentication is on (it is how a cluster should run).
+_RAY_NOTICES = ("ray._private.authentication.authentication_token_setup",)
+
+
+def _quiet_ray() -> None:
+    """Ray's own console lines at WARNING and above only; its log files keep everything."""
+    import ray.data
+    from ray._private.log import PlainRayHandler
+    from ray.util.debug import log_once
+
+    for name in _RAY_NOTICES:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    # Ray Data logs each dataset's execution plan and progress at INFO to the console
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, PlainRayHandler):
+            handler.setLevel(logging.WARNING)
+    # the jobs show their own progress (common/progress.py); Ray Data's bars count blocks. It
+    # warns, once per process, that its bars are off: that once is spent here.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    log_once("ray_data_progress_manager_disabled")
+
+
+def connect_ray(verbose: bool | None = None) -> None:
     """Connect to Ray: the cluster under ``ray job submit`` (``RAY_ADDRESS``), else a local one.
 
-    Jobs call this after their checks, so that bad configuration fails before Ray starts.
+    Jobs call this after their checks, so that bad configuration fails before Ray starts. By
+    default the driver prints the job's own lines only: the workers' output stays in Ray's log
+    files (``/tmp/ray/session_latest/logs``) and the jobs' progress and results reach the driver
+    through common/progress.py. ``verbose`` (``--verbose``) brings Ray's lines back.
     """
     import ray  # imported here so that --help and flag errors answer without loading Ray
 
+    verbose = _verbose if verbose is None else verbose
+    if not sys.stderr.isatty():  # no colour codes in a log file
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    if not verbose:
+        _quiet_ray()
     if not ray.is_initialized():
-        ray.init(logging_level=logging.WARNING)
+        ray.init(logging_level=logging.INFO if verbose else logging.WARNING,
+                 log_to_driver=verbose)
 
 
 def main(cls: type, run: Callable, argv: Sequence[str] | None, description: str | None) -> None:
@@ -139,8 +188,8 @@ def main(cls: type, run: Callable, argv: Sequence[str] | None, description: str 
 
     A ``ConfigError`` ends the process with its one sentence on stderr and exit status 2.
     """
-    cfg = parse(cls, argv, description)
-    setup_logging()
+    cfg, verbose = _parse(cls, argv, description)
+    setup_logging(verbose)
     try:
         run(cfg)
     except ConfigError as e:

@@ -124,13 +124,47 @@ PAIRS_SCHEMA = pa.schema(
 )
 # The folders pairs/method=<m>/target=<t>/ carry METHOD and TARGET; the files hold the other
 # columns (a column in both places makes pyarrow's and pandas' Hive readers refuse the dataset).
-# Read them back typed with ds.partitioning(PAIRS_PARTITION_SCHEMA, flavor="hive").
+# Read them back typed with pairs_partitioning() (below).
 PAIRS_PARTITION_SCHEMA = pa.schema(
     [pa.field(METHOD, pa.string(), nullable=False), pa.field(TARGET, pa.int16(), nullable=False)]
 )
 PAIRS_FILE_SCHEMA = pa.schema(
     [f for f in PAIRS_SCHEMA if f.name not in PAIRS_PARTITION_SCHEMA.names]
 )
+
+
+def with_image_shape(sch: pa.Schema, shape: tuple[int, ...] | list[int]) -> pa.Schema:
+    """``sch`` with its image column's layout in Parquet field metadata, so that a reader with
+    one file and no manifest can decode the bytes: ``shape`` ``64,64,3``, ``layout`` ``HWC``,
+    ``dtype`` ``uint8``, ``channels`` ``RGB`` (row-major)."""
+    meta = {"shape": ",".join(map(str, shape)), "layout": "HWC", "dtype": "uint8",
+            "channels": "RGB"}
+    i = sch.get_field_index(IMAGE)
+    return sch.set(i, sch.field(i).with_metadata(meta))
+
+
+def image_shape_of(field: pa.Field) -> tuple[int, ...] | None:
+    """The shape an image column's field metadata records (with_image_shape), or None."""
+    shape = (field.metadata or {}).get(b"shape")
+    return tuple(int(v) for v in shape.decode().split(",")) if shape else None
+
+
+def pair_file_schema(method: str, target: int, shape: tuple[int, ...]) -> pa.Schema:
+    """A pairs file's schema: its image layout, and its method and target as file metadata, so
+    that a file copied out of ``method=<m>/target=<t>/`` still says what it holds."""
+    return with_image_shape(PAIRS_FILE_SCHEMA, shape).with_metadata(
+        {METHOD: method, TARGET: str(target)})
+
+
+def pairs_partitioning():
+    """The Hive partitioning of ``pairs/`` with its declared types (method string, target
+    int16); without it readers guess the target's type (int32 in pyarrow, a category in pandas,
+    BIGINT in DuckDB)."""
+    import pyarrow.dataset as ds
+
+    return ds.partitioning(PAIRS_PARTITION_SCHEMA, flavor="hive")
+
+
 METHODS = ("template", "sign", "iterative", "exact")
 ORIGINS = ("val", "noise")
 # summary/ tables: per (origin, method, target); per (origin, method); success vs L-inf budget

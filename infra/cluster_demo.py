@@ -47,11 +47,14 @@ def stages(root: str) -> list[tuple[str, list[str]]]:
     ]
 
 
-def submit_all(cluster: LocalCluster, root: str) -> dict[str, float]:
-    """Submit every stage; a failing one raises with the end of its log. Returns seconds each."""
+def submit_all(cluster: LocalCluster, root: str, logs: dict | None = None) -> dict[str, float]:
+    """Submit every stage; a failing one raises with the end of its log. Returns seconds each;
+    ``logs``, when given, receives each stage's output."""
     seconds = {}
     for name, command in stages(root):
         rc, output, took = cluster.submit(command)
+        if logs is not None:
+            logs[name] = output
         if rc != 0:
             tail = "\n".join(output.splitlines()[-40:])
             raise RuntimeError(f"job {name} failed (exit {rc}):\n{tail}")

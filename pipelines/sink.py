@@ -23,8 +23,9 @@ class ImagesDatasink(Datasink):
     rows and bytes, the pixel sums, and the quarantine rows of the task's inputs.
     """
 
-    def __init__(self, output: str, split: str, rows_per_file: int):
+    def __init__(self, output: str, split: str, rows_per_file: int, size: int):
         self.output, self.split, self.rows_per_file = output, split, rows_per_file
+        self.schema = schema.with_image_shape(schema.IMAGES_SCHEMA, (size, size, 3))
 
     @property
     def min_rows_per_write(self) -> int:
@@ -37,7 +38,7 @@ class ImagesDatasink(Datasink):
         good = table.filter(pc.invert(bad)) if pc.any(bad).as_py() else table
         sums = [pc.list_flatten(good.column(c)).to_numpy().reshape(-1, 3).sum(0).tolist()
                 for c in (PX_SUM, PX_SUMSQ)]
-        good = good.select(schema.IMAGES_SCHEMA.names).cast(schema.IMAGES_SCHEMA)
+        good = good.select(self.schema.names).cast(self.schema)
         result = {
             "file": None, "rows": good.num_rows, "bytes": 0, "sum": sums[0], "sumsq": sums[1],
             "quarantine": [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -21,11 +22,33 @@ def cluster(s3_server):
         yield c
 
 
+# What looks like trouble in a log: a level, a traceback, a C++ error line, a colour code.
+ALARMING = re.compile(r"\b(WARNING|ERROR|Error|Traceback|Deprecat)|^\[[^]]* E \d+|\x1b\[")
+
+
+# `ray job submit`'s own lines: "<date> <time>\tINFO cli.py:42 -- ..." (also sdk.py, ERR)
+SUBMIT_CLIENT = re.compile(r"^\S+ \S+\t\w+ (cli|sdk)\.py:\d+ -- ")
+
+
+def driver_lines(output: str) -> list[str]:
+    """The job's own output within `ray job submit`'s: after "Running entrypoint", without the
+    submitting client's lines."""
+    lines = output.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("Running entrypoint"))
+    return [line for line in lines[start + 1:] if line.strip() and not SUBMIT_CLIENT.match(line)]
+
+
 def test_three_jobs_submitted_to_a_cluster_write_everything_to_s3(cluster, bucket, s3_server):
     root = f"{bucket}/cluster"
     cluster_demo.upload_sample(root, SETTINGS)
-    seconds = cluster_demo.submit_all(cluster, root)
+    logs = {}
+    seconds = cluster_demo.submit_all(cluster, root, logs)
     assert list(seconds) == ["ingest", "train", "attack"]
+    for name, output in logs.items():  # `ray job logs` of a successful run reads cleanly
+        lines = driver_lines(output)
+        assert 3 <= len(lines) <= 40, (name, lines)
+        alarming = [line for line in lines if ALARMING.search(line)]
+        assert not alarming, (name, alarming)
     client = local_s3.client(s3_server)
     m = cluster_demo.read_manifests(client, bucket.removeprefix("s3://"), "cluster/")
     counts = m["ingest"][schema.M_COUNTS]

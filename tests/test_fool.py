@@ -59,8 +59,8 @@ def local_run(ingested, model_dir, tmp_path_factory):
 
 def read_pairs(output: str, columns=None) -> pd.DataFrame:
     fs, path = storage.filesystem(storage.join(output, schema.PAIRS_DIR))
-    part = ds.partitioning(schema.PAIRS_PARTITION_SCHEMA, flavor="hive")
-    table = ds.dataset(path, filesystem=fs, format="parquet", partitioning=part).to_table(
+    table = ds.dataset(path, filesystem=fs, format="parquet",
+                       partitioning=schema.pairs_partitioning()).to_table(
         columns=columns)
     return table.to_pandas().sort_values(KEYS).reset_index(drop=True)
 
@@ -101,6 +101,32 @@ def test_duckdb_reads_the_partitions(local_run):
     df = read_pairs(cfg.output, columns=KEYS + [schema.SUCCESS])
     df = df[(df.origin == "val") & (df.target == 2)]
     assert [(m, n) for m, n, _, _ in rows] == sorted(df.groupby("method").size().items())
+
+
+def test_partition_types_agree_across_readers_and_a_lone_file_says_what_it_holds(
+        local_run, tmp_path):
+    duckdb = pytest.importorskip("duckdb")
+    cfg, _ = local_run
+    pairs_dir = os.path.join(cfg.output, schema.PAIRS_DIR)
+    typed = pd.read_parquet(pairs_dir, partitioning=schema.pairs_partitioning(),
+                            columns=[schema.METHOD, schema.TARGET])
+    assert str(typed[schema.TARGET].dtype) == "int16" and typed[schema.METHOD].map(type).eq(
+        str).all()
+    arrow = ds.dataset(pairs_dir, format="parquet", partitioning=schema.pairs_partitioning())
+    assert arrow.schema.field(schema.TARGET).type == pa.int16()
+    assert arrow.schema.field(schema.METHOD).type == pa.string()
+    glob = os.path.join(pairs_dir, "**", "*.parquet")
+    types = duckdb.sql(f"""SELECT method, target FROM read_parquet('{glob}', hive_partitioning =
+        true, hive_types = {{'method': VARCHAR, 'target': SMALLINT}}) LIMIT 1""").types
+    assert [str(t) for t in types] == ["VARCHAR", "SMALLINT"]
+    # a file copied out of method=sign/target=1/ still says what it holds and how to decode it
+    lone = tmp_path / "copied.parquet"
+    shutil.copy(os.path.join(pairs_dir, "method=sign", "target=1", "val-00000.parquet"), lone)
+    file_schema = pq.read_schema(lone)
+    assert file_schema.metadata[b"method"] == b"sign" and file_schema.metadata[b"target"] == b"1"
+    shape = schema.image_shape_of(file_schema.field(schema.IMAGE))
+    row = pq.read_table(lone).slice(0, 1).to_pylist()[0]
+    assert shape == (64, 64, 3) and len(row[schema.IMAGE]) == np.prod(shape)
 
 
 def originals(cfg, rows: pd.DataFrame) -> np.ndarray:
@@ -260,6 +286,21 @@ def test_resume_after_a_killed_part(local_run, tmp_path):
     a, b = read_pairs(cfg.output), read_pairs(out)
     assert not b.duplicated(KEYS).any()
     pd.testing.assert_frame_equal(a, b)
+
+
+def test_a_lost_worker_costs_a_rerun_of_its_parts_and_nothing_else(local_run, tmp_path, caplog):
+    cfg, _ = local_run
+    out, sentinel = str(tmp_path / "lost"), str(tmp_path / "killed")
+    again = fool.run(dataclasses.replace(cfg, output=out, methods=("sign",), targets=("0", "1")),
+                     kill_worker_once=sentinel)
+    assert os.path.exists(sentinel)  # a worker process did die mid-run
+    assert any("a worker was lost" in r.getMessage() for r in caplog.records)
+    got = read_pairs(out)
+    assert not got.duplicated(KEYS).any()
+    want = read_pairs(cfg.output)
+    want = want[(want.method == "sign") & want.target.isin([0, 1])].reset_index(drop=True)
+    assert again[schema.M_COUNTS]["pairs"] == len(want)
+    pd.testing.assert_frame_equal(got, want)
 
 
 def test_reruns_refuse_to_mix(local_run, tmp_path):

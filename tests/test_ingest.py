@@ -49,6 +49,8 @@ def test_schema_and_manifest_follow_the_contract(ingested, sample_dir):
         table = read_split(ingested, split)
         assert table.schema.equals(schema.IMAGES_SCHEMA, check_metadata=False)
         assert all(len(v) == 64 * 64 * 3 for v in table.column(schema.IMAGE).to_pylist())
+        # each file says how to decode its images, without the manifest
+        assert schema.image_shape_of(table.schema.field(schema.IMAGE)) == (64, 64, 3)
     for f in m[schema.M_FILES]:  # sizes in the manifest are the real ones
         assert os.path.getsize(os.path.join(ingested, f["path"])) == f["bytes"]
 

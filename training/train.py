@@ -27,7 +27,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 
-from common import cli, dataset, lifecycle, schema, storage
+from common import cli, dataset, lifecycle, progress, schema, storage
 from common.errors import ConfigError, find_config_error
 
 # Ray, torch and the worker code are imported where they are used: --help answers without them.
@@ -167,11 +167,14 @@ def _check_cluster(cfg: Settings) -> None:
         log.warning("%s, unless the cluster grows", message)
 
 
-def build_trainer(cfg: Settings, manifest: dict, fail_at_epoch: int | None = None):
+def build_trainer(cfg: Settings, manifest: dict, fail_at_epoch: int | None = None,
+                  counter=None):
     """The TorchTrainer: workers, datasets, and checkpoints under ``<output>/checkpoints``.
 
+    ``counter``: the progress actor the workers report samples and epoch lines to.
     ``fail_at_epoch`` (tests only): rank 0 raises midway through that epoch of a fresh run.
     """
+    import ray.data
     import ray.train
     import ray.train.torch
 
@@ -180,15 +183,17 @@ def build_trainer(cfg: Settings, manifest: dict, fail_at_epoch: int | None = Non
     fs, path = storage.filesystem(cfg.output)
     counts = manifest[schema.M_COUNTS]
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
-    ingest_options = ray.train.DataConfig.default_ingest_options()
-    ingest_options.preserve_order = True  # the same rows in the same order: reproducible runs
+    # the same rows in the same order: reproducible runs. (Built here rather than from
+    # DataConfig.default_ingest_options(), which warns that a field it copies is deprecated.)
+    ingest_options = ray.data.ExecutionOptions(preserve_order=True, verbose_progress=False)
     return ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "settings": asdict(cfg), "D": dataset.num_features(manifest),
             "C": len(manifest[schema.M_CLASSES]), "mean": manifest[schema.M_PIXEL_MEAN],
             "std": manifest[schema.M_PIXEL_STD], "train_rows": counts["train"]["written"],
-            "val_rows": counts["val"]["written"], "fail_at_epoch": fail_at_epoch},
+            "val_rows": counts["val"]["written"], "fail_at_epoch": fail_at_epoch,
+            "progress": counter},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
@@ -221,11 +226,14 @@ def _final_state(cfg: Settings, result) -> dict:
 
 
 def _fit(cfg: Settings, data: dict, fail_at_epoch: int | None):
-    """Run the trainer; a bad-data error raised in a worker comes back as its one line."""
+    """Run the trainer, showing samples trained; a bad-data error raised in a worker comes back
+    as its one line."""
     import ray.train
 
+    samples = cfg.epochs * data[schema.M_COUNTS]["train"]["written"]
     try:
-        return build_trainer(cfg, data, fail_at_epoch).fit()
+        with progress.watch(log, "train", samples, "samples") as counter:
+            return build_trainer(cfg, data, fail_at_epoch, counter).fit()
     except ray.train.TrainingFailedError as e:
         cause = find_config_error(e)
         if cause is None:

@@ -23,7 +23,7 @@ import ray.train.torch
 import torch
 from ray.data.collate_fn import ArrowBatchCollateFn
 
-from common import cli, dataset, schema
+from common import cli, dataset, progress, schema
 from common.errors import ConfigError
 from training import batches, epochs, softmax, weights
 from training.train import PATH, Settings
@@ -96,8 +96,8 @@ def _all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return t
 
 
-def _use_cache(cfg: Settings, split: _Split, rows: int, device: torch.device, collective: bool
-               ) -> bool:
+def _use_cache(cfg: Settings, split: _Split, rows: int, device: torch.device, collective: bool,
+               counter) -> bool:
     """Cache when asked (default: on GPU) and the shard fits on every rank; then fill it."""
     want = cfg.cache if cfg.cache is not None else device.type == "cuda"
     if not want:
@@ -106,7 +106,8 @@ def _use_cache(cfg: Settings, split: _Split, rows: int, device: torch.device, co
     if collective:
         _all_reduce(fits, "min")
     if not fits.item():
-        log.warning("shard of %d rows does not fit in %s memory: streaming instead", rows, device)
+        _say(counter, logging.WARNING,
+             f"shard of {rows} rows does not fit in {device} memory: streaming instead")
         return False
     n = torch.tensor([split.fill_cache(rows, device)], device=device)
     if collective:  # every rank must run the same number of steps
@@ -114,7 +115,7 @@ def _use_cache(cfg: Settings, split: _Split, rows: int, device: torch.device, co
     return True
 
 
-def _restore(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
+def _restore(model: torch.nn.Module, opt: torch.optim.Optimizer, counter) -> dict:
     """The latest checkpoint's state loaded into model and optimizer, or a fresh state."""
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
@@ -123,7 +124,7 @@ def _restore(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
         state = weights.read_checkpoint(f.read())
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
-    log.info("resuming after epoch %d from %s", state["epoch"], ckpt.path)
+    _say(counter, logging.INFO, f"resuming after epoch {state['epoch']} from {ckpt.path}")
     # a record of every recovery, kept in later checkpoints and in metrics.json
     return {**state, "resumed_after": [*state.get("resumed_after", []), state["epoch"]]}
 
@@ -150,18 +151,26 @@ def _shards(cfg: Settings, config: dict, rank: int, world: int, device: torch.de
     train = _Split(ray.train.get_dataset_shard("train"), D, local_bs, cfg.shuffle_buffer)
     val = _Split(ray.train.get_dataset_shard("val"), D, local_bs, 0) if rank == 0 else None
     rows = config["train_rows"] // world  # streaming_split(equal=True) drops the remainder
-    if _use_cache(cfg, train, rows, device, collective=world > 1):
+    counter = config.get("progress")
+    if _use_cache(cfg, train, rows, device, world > 1, counter):
         rows = train.cache.n
         if val is not None:
-            _use_cache(cfg, val, config["val_rows"], device, collective=False)
+            _use_cache(cfg, val, config["val_rows"], device, False, counter)
     return train, val, rows
 
 
-def _log_epoch(cfg: Settings, row: dict) -> None:
-    log.info("epoch %d/%d: train loss %.4f top-1 %.3f | val loss %.4f top-1 %.3f top-5 %.3f | "
-             "%.1f s, %.0f samples/s", row["epoch"], cfg.epochs, row["train_loss"],
-             row["train_top1"], row["val_loss"], row["val_top1"], row["val_top5"],
-             row["train_s"], row["samples_per_s"])
+def _say(counter, level: int, text: str) -> None:
+    """A line for this worker's log and, through the progress actor, for the driver's."""
+    log.log(level, "%s", text)
+    if counter is not None:
+        counter.note.remote(text)
+
+
+def _epoch_line(cfg: Settings, row: dict) -> str:
+    return (f"epoch {row['epoch']}/{cfg.epochs}: train loss {row['train_loss']:.4f} top-1 "
+            f"{row['train_top1']:.3f} | val loss {row['val_loss']:.4f} top-1 "
+            f"{row['val_top1']:.3f} top-5 {row['val_top5']:.3f} | {row['train_s']:.1f} s, "
+            f"{row['samples_per_s']:.0f} samples/s")
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -177,7 +186,8 @@ def train_loop_per_worker(config: dict) -> None:
         torch.set_float32_matmul_precision("high")  # TF32 matmuls: ample for a linear model
     model = softmax.make_model(D, C, cfg.init_std, cfg.seed).to(device)
     opt = epochs.make_optimizer(cfg.optimizer, model.parameters(), cfg.peak_lr, cfg.momentum)
-    state = _restore(model, opt)
+    counter = config.get("progress")  # the driver's progress actor (common/progress.py)
+    state = _restore(model, opt, counter if rank == 0 else None)
     ddp = ray.train.torch.prepare_model(model)  # DDP when world > 1 (gloo on CPU, NCCL on GPU)
     shift, scale = (t.to(device) for t in softmax.channel_stats(config["mean"], config["std"], D))
     train, val, rows = _shards(cfg, config, rank, world, device)
@@ -186,9 +196,10 @@ def train_loop_per_worker(config: dict) -> None:
     for epoch in range(state["epoch"], cfg.epochs):
         t = time.perf_counter()
         fail = fresh and rank == 0 and fail_at == epoch + 1
+        rows_of = progress.counted(train.batches(batches.epoch_seed(cfg.seed, epoch, rank)),
+                                   counter, size=lambda Xy: len(Xy[1]))
         sums, first = epochs.train_epoch(
-            model, ddp, opt, train.batches(batches.epoch_seed(cfg.seed, epoch, rank)), shift,
-            scale, cfg.reg, lambda i, e=epoch: epochs.lr_at(
+            model, ddp, opt, rows_of, shift, scale, cfg.reg, lambda i, e=epoch: epochs.lr_at(
                 cfg.peak_lr, cfg.schedule, (e + i / steps) / cfg.epochs),
             fail_at_step=steps // 2 if fail else None)
         if device.type == "cuda":
@@ -197,7 +208,8 @@ def train_loop_per_worker(config: dict) -> None:
         if epoch == 0 and first is not None:
             state["initial_loss"] = epochs.significant(float(first))
             if rank == 0:
-                log.info("initial loss %.4f (ln C = %.4f)", state["initial_loss"], math.log(C))
+                _say(counter, logging.INFO, f"initial loss {state['initial_loss']:.4f} "
+                                            f"(ln C = {math.log(C):.4f})")
         sums, t = _all_reduce(sums), time.perf_counter()
         if not (torch.isfinite(sums).all() and torch.isfinite(model.weight).all()
                 and torch.isfinite(model.bias).all()):
@@ -210,7 +222,7 @@ def train_loop_per_worker(config: dict) -> None:
         row = epochs.summarize(epoch + 1, sums, va, reg_loss, seconds)
         row["val_s"] = epochs.significant(time.perf_counter() - t)
         if rank == 0:
-            _log_epoch(cfg, row)
+            _say(counter, logging.INFO, _epoch_line(cfg, row))
         state["history"] = [*state["history"], row]
         state.update(epoch=epoch + 1, optimizer=opt.state_dict(), settings=config["settings"],
                      model={k: v.detach().cpu() for k, v in model.state_dict().items()})
