@@ -56,6 +56,14 @@ def test_job_help_runs(module):
                          timeout=120, check=True).stdout
     assert out.startswith(f"usage: python -m {module} ") and "--" in out
     assert "(default: all) (default" not in out
+    if module == "pipelines.ingest":  # the Ray jobs: Ray's own lines only when asked
+        assert "--verbose" in out
+
+
+def test_verbose_is_no_setting(capsys):
+    """--verbose selects what is printed, so it stays out of the settings (and the manifests)."""
+    cfg, verbose = cli._parse(Example, ["--source", "x", "--verbose"], None)
+    assert verbose and cfg == cli.parse(Example, ["--source", "x"])
 
 
 JOBS = ["pipelines.ingest", "pipelines.sample", "pipelines.summary", "training.train",
