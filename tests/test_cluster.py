@@ -26,8 +26,9 @@ def cluster(s3_server):
 ALARMING = re.compile(r"\b(WARNING|ERROR|Error|Traceback|Deprecat)|^\[[^]]* E \d+|\x1b\[")
 
 
-# `ray job submit`'s own lines: "<date> <time>\tINFO cli.py:42 -- ..." (also sdk.py, ERR)
-SUBMIT_CLIENT = re.compile(r"^\S+ \S+\t\w+ (cli|sdk)\.py:\d+ -- ")
+# `ray job submit`'s own lines: "<date> <time>\tINFO cli.py:42 -- ..." (also sdk.py, ERR, and
+# its notes on packaging --working-dir)
+SUBMIT_CLIENT = re.compile(r"^\S+ \S+\t\w+ (cli|sdk|working_dir|packaging)\.py:\d+ -- ")
 
 
 def driver_lines(output: str) -> list[str]:
