@@ -23,11 +23,28 @@ import pyarrow.parquet as pq
 from attacks.noise import NOISE_PREFIX, noise_images
 from common import dataset, schema, storage
 from common.errors import ConfigError
-from common.model import Model
+from common.model import Model, read_model
 
 SCAN = [schema.IMAGE_ID, schema.ORIGIN, schema.PRED, schema.SUCCESS, schema.LINF,
         schema.P_TARGET, schema.STRENGTH]  # what choosing examples reads: no images
 SCAN_TARGETS = 24  # partitions read to choose a method's extremes: cost does not grow with C
+
+
+def class_names(manifest: dict) -> list[str]:
+    """A name per class: the data's names, the WNID where it has none."""
+    names = manifest.get(schema.M_CLASS_NAMES) or manifest[schema.M_CLASSES]
+    return [n or w for n, w in zip(names, manifest[schema.M_CLASSES])]
+
+
+def attack_model(results: str, manifest: dict, uri: str | None = None) -> Model:
+    """The model the attack used (``uri`` must be that one: the weights' sha256 is checked)."""
+    uri = uri or manifest[schema.M_SOURCE]["model"]
+    model = read_model(uri)
+    used = manifest[schema.M_SOURCE].get("model_sha256")
+    if model.sha256 != used:
+        raise ConfigError(f"{uri} is not the model the attack {results} used (weights sha256 "
+                          f"{model.sha256[:12]}, the attack's {str(used)[:12]})")
+    return model
 
 
 def partition_files(results: str, method: str, target: int) -> list[str]:

@@ -19,10 +19,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
-from attacks import page, sections, story, summary
+from attacks import examples, page, sections, story, summary
 from common import cli, lifecycle, schema, storage
-from common.errors import ConfigError
-from common.model import Model, read_model
 
 log = logging.getLogger(__name__)
 
@@ -42,28 +40,16 @@ class Settings:
     overwrite: bool = field(default=False, metadata={"help": "replace an existing report"})
 
 
-def _attack_model(cfg: Settings, m: dict) -> Model:
-    """The model the attack used: --model must be that one (the weights' sha256 is checked)."""
-    uri = cfg.model or m[schema.M_SOURCE]["model"]
-    model = read_model(uri)
-    used = m[schema.M_SOURCE].get("model_sha256")
-    if model.sha256 != used:
-        raise ConfigError(f"{uri} is not the model the attack {cfg.results} used (weights sha256 "
-                          f"{model.sha256[:12]}, the attack's {str(used)[:12]})")
-    return model
-
-
 def build(cfg: Settings) -> tuple[str, dict[str, bytes]]:
     """The page's HTML and the files beside it (figures/<name> -> PNG bytes)."""
     frames = {k: t.to_pandas() for k, t in summary.read_summary(cfg.results).items()}
     m = storage.read_manifest(cfg.results, "attack output")
-    names = m.get(schema.M_CLASS_NAMES) or m[schema.M_CLASSES]
-    names = [n or w for n, w in zip(names, m[schema.M_CLASSES])]
-    f = sections.Facts(cfg.results, m, frames, _attack_model(cfg, m), names, cfg.top, cfg.sweep)
+    model = examples.attack_model(cfg.results, m, cfg.model)
+    f = sections.Facts(cfg.results, m, frames, model, examples.class_names(m), cfg.top, cfg.sweep)
     parts = [s for builder in sections.SECTIONS for s in builder(f)]
+    counts = m[schema.M_COUNTS]
     lead = story.LEAD + story.headline(frames["budget"], f.method,
-                                       m[schema.M_COUNTS]["val_images"] * m[schema.M_COUNTS][
-                                           "targets"])
+                                       counts["val_images"] * counts["targets"])
     return page.render(parts, "Fooling a linear classifier", lead), f.files
 
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import io
 import math
+import os
 
+import matplotlib
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
@@ -46,9 +48,11 @@ def mosaic(images: np.ndarray, cols: int, pad: int, label: int) -> np.ndarray:
     return out
 
 
-def font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-    """Pillow's bundled font at ``size`` pixels (no system fonts needed)."""
-    return ImageFont.load_default(size=size)
+def font(size: int) -> ImageFont.FreeTypeFont:
+    """DejaVu Sans at ``size`` pixels: matplotlib ships it, so no system font is needed (and it
+    has the × and → that Pillow's own default font lacks)."""
+    return ImageFont.truetype(os.path.join(matplotlib.get_data_path(), "fonts", "ttf",
+                                           "DejaVuSans.ttf"), size)
 
 
 def render(W: np.ndarray, shape: tuple[int, int, int], names: list[str],
