@@ -19,6 +19,7 @@ from attacks import figures
 from training.templates import short_name
 
 esc = html.escape
+SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,10 @@ def number(v) -> str:
         return "yes" if v else "no"
     if isinstance(v, int) or abs(v) >= 100 or (float(v).is_integer() and v != 0):
         return f"{round(v):,}"
-    return f"{v:.3g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.2e}"
+    if abs(v) >= 1e-3 or v == 0:
+        return f"{v:.3g}"
+    mantissa, exponent = f"{v:.2e}".split("e")
+    return f"{float(mantissa):g}×10{str(int(exponent)).translate(SUPERSCRIPT)}"
 
 
 def percent(v) -> str:
