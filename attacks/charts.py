@@ -62,10 +62,12 @@ def strength_histograms(hist: pd.DataFrame) -> bytes:
     axes = fig.subplots(1, len(methods), squeeze=False)
     for ax, method in zip(axes[0], methods):
         rows = hist[hist["method"] == method]
-        ax.bar(rows["strength"], rows["count"], width=1.0, color=COLORS.get(method, "gray"))
-        nonzero = rows.loc[rows["count"] > 0, "strength"]
-        if len(nonzero):
-            ax.set_xlim(-0.5, nonzero.max() + 1.5)
+        # one bin per pixel level (the template's strengths lie on a finer grid): one patch, not
+        # thousands of bars
+        per_level = np.bincount(np.floor(rows["strength"]).astype(int), weights=rows["count"])
+        ax.stairs(per_level, np.arange(len(per_level) + 1), fill=True,
+                  color=COLORS.get(method, "gray"))
+        ax.set_xlim(0, max(len(per_level), 1))
         ax.set_title(f"{method}: strength needed")
         ax.set_xlabel("strength (pixel units)")
         ax.set_ylabel("pairs")

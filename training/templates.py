@@ -17,17 +17,20 @@ import matplotlib
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-SCALE, BIG = 2, 100  # pixels drawn 2 x 2 up to 100 classes, 1 x 1 beyond (a page-sized file)
+CELL, BIG = 128, 100  # a class's picture is about 128 pixels wide up to 100 classes, ...
+SMALL_CELL = 64  # ... and about 64 beyond (a 1,000-class grid stays about 2,200 pixels wide)
 MAX_TITLE = 18  # characters of a class name shown under its picture
 
 
 def to_images(W: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
     """W (C, D) -> uint8 pictures (C, H, W, 3), each row stretched to 0..255 on its own."""
-    W = np.asarray(W, dtype=np.float64).reshape(len(W), *shape)
-    lo = W.min(axis=(1, 2, 3), keepdims=True)
-    span = W.max(axis=(1, 2, 3), keepdims=True) - lo
-    scaled = (W - lo) / np.where(span > 0, span, 1.0) * 255.0
-    return np.round(scaled).astype(np.uint8)
+    W = np.asarray(W, dtype=np.float64).reshape(len(W), -1)
+    lo, hi = W.min(axis=1, keepdims=True), W.max(axis=1, keepdims=True)
+    scale = 255.0 / np.where(hi > lo, hi - lo, 1.0)
+    out = np.empty(W.shape, np.uint8)
+    for k in range(len(W)):  # a row at a time: no (C, D) float64 temporaries
+        out[k] = np.rint((W[k] - lo[k]) * scale[k])
+    return out.reshape(len(W), *shape)
 
 
 def short_name(name: str) -> str:
@@ -59,18 +62,19 @@ def render(W: np.ndarray, shape: tuple[int, int, int], names: list[str],
            title: str | None = None) -> bytes:
     """PNG bytes of all C templates in a grid of about sqrt(C) columns, titled with names.
 
-    Pixels are drawn at SCALE x their size up to BIG classes and at their own size beyond (a
-    1,000-class grid stays about 2,200 pixels wide); drawn with Pillow, about a second for 1,000.
+    Each pixel is drawn as a block of whole pixels (no smoothing), the block sized so that a
+    class's picture is about CELL pixels wide, or SMALL_CELL beyond BIG classes; drawn with
+    Pillow, a few seconds for 1,000 classes (most of it compressing the PNG).
     """
     if len(names) != len(W):
         raise ValueError(f"{len(W)} templates but {len(names)} names")
-    scale = SCALE if len(W) <= BIG else 1
+    scale = max(1, round((CELL if len(W) <= BIG else SMALL_CELL) / shape[1]))
     images = to_images(W, shape)
     if scale > 1:
         images = images.repeat(scale, axis=1).repeat(scale, axis=2)
     C, H, Wd = images.shape[:3]
     cols = max(1, math.ceil(math.sqrt(C)))
-    size = 13 if scale > 1 else 9  # label text, pixels
+    size = 13 if len(W) <= BIG else 9  # label text, pixels
     pad, label, top = max(4, Wd // 16), size + 6, 24 if title else 0
     grid = Image.fromarray(mosaic(images, cols, pad, label))
     page = Image.new("RGB", (grid.width, grid.height + top), "white")
