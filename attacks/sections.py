@@ -28,6 +28,7 @@ SAMPLE_MARK = "sample.json"  # pipelines.sample writes it beside the images it m
 TEMPLATES_SHOWN = 48  # templates drawn inline; all of them are in figures/templates.png
 GALLERY = 6  # pairs in each gallery (the smallest changes, the most confident images)
 COMPARED = 3  # pairs shown under every method
+ORIGIN_NAMES = {"val": "validation", "noise": "noise starts"}
 Q50, Q90 = (schema.quantile_column(schema.LINF, q) for q in (0.5, 0.9))
 
 
@@ -111,14 +112,15 @@ def about(f: Facts) -> list[page.Section]:
 
 
 def methods(f: Facts) -> list[page.Section]:
-    rows = f.frames["methods"].to_dict("records")
-    cols = [(schema.METHOD, "method"), (schema.ORIGIN, "images"), (schema.S_PAIRS, "pairs"),
+    rows = sorted(f.frames["methods"].to_dict("records"), key=lambda r: r[schema.ORIGIN] != "val")
+    rows = [{**r, "images": ORIGIN_NAMES.get(r[schema.ORIGIN], r[schema.ORIGIN])} for r in rows]
+    cols = [(schema.METHOD, "method"), ("images", "images"), (schema.S_PAIRS, "pairs"),
             (schema.S_SUCCESS_RATE, "fooled", page.percent),
             (Q50, "median L-inf", page.levels), (Q90, "90% L-inf", page.levels),
             (schema.S_L2_MEAN, "mean L2", page.levels)]
     body = (story.methods_text(f.manifest[schema.M_COUNTS]["methods"]) + page.table(rows, cols)
             + "<p>L-inf and L2 over the fooled pairs that had to move (the model did not already "
-              "say the target); <i>images</i>: validation images or random-noise starts.</p>")
+              "say the target).</p>")
     return [page.Section("The methods", body, "methods")]
 
 
@@ -146,9 +148,9 @@ def galleries(f: Facts) -> list[page.Section]:
            "amplified to the full grey range (mid-grey: no change), and the fooling image with "
            "the target's probability.</p>")
     out = []
+    run_methods = f.manifest[schema.M_COUNTS]["methods"]
     chosen = _distinct_targets(picks["confident"], COMPARED)
-    if chosen:
-        run_methods = f.manifest[schema.M_COUNTS]["methods"]
+    if chosen and len(run_methods) > 1:
         rows = examples.stored_rows(f.results, [(i, t, m) for i, t, _ in chosen
                                                     for m in run_methods])
         exs = examples.describe(rows, f.manifest, f.model)
