@@ -73,7 +73,7 @@ def labels(ex: dict, class_names: list[str]) -> list[str]:
     and amplification, the fooling image's target and probability."""
     fooled = ex["fooled_pred"] == ex["target"]
     return [f"{short(class_names[ex['pred']])} {ex['p_pred']:.0%}",
-            f"L-inf {ex['linf']:.0f} (shown ×{amplification(ex):.0f})",
+            f"L-inf {ex['linf']:.0f} (×{amplification(ex):.0f})",
             f"{short(class_names[ex['target']])} {ex['p_target']:.0%}"
             + ("" if fooled else " (not fooled)")]
 

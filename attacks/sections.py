@@ -132,48 +132,58 @@ def budget(f: Facts) -> list[page.Section]:
         "budget")]
 
 
+HOW_TO_SEE = ("<p>Each pair: the original with the model's class and probability, the change "
+              "amplified to the full grey range (mid-grey: no change; its L-inf and, in "
+              "brackets, how much it is amplified), and the fooling image with the target's "
+              "probability.</p>")
+
+
 def galleries(f: Facts) -> list[page.Section]:
     """The fooling images: the same pairs under every method, the smallest changes and the most
     confident images of the headline method, and the noise starts."""
     sheets = _sheet_files(f.results, f.manifest)
     f.files.update(sheets)
-    links = "Contact sheets of the attack job: " + ", ".join(
-        f'<a href="{schema.FIGURES_DIR}/{page.esc(k)}">{page.esc(k)}</a>' for k in sheets) + "."
+    links = "<p>Contact sheets of the attack job: " + ", ".join(
+        f'<a href="{schema.FIGURES_DIR}/{page.esc(k)}">{page.esc(k)}</a>' for k in sheets) + ".</p>"
     if not f.kept:
         return [page.Section("Fooling images", "<p>This attack was run with --keep-images none: "
                              "only its own contact sheets show images.</p>" + links, "images")]
     targets = f.manifest[schema.M_IDENTITY]["settings"]["targets"]
     picks = examples.extremes(f.results, f.method, targets, GALLERY)
-    how = ("<p>Each pair: the original with the model's class and probability, the change "
-           "amplified to the full grey range (mid-grey: no change), and the fooling image with "
-           "the target's probability.</p>")
-    out = []
-    run_methods = f.manifest[schema.M_COUNTS]["methods"]
-    chosen = _distinct_targets(picks["confident"], COMPARED)
-    if chosen and len(run_methods) > 1:
-        rows = examples.stored_rows(f.results, [(i, t, m) for i, t, _ in chosen
-                                                    for m in run_methods])
-        exs = examples.describe(rows, f.manifest, f.model)
-        grouped = [exs[k:k + len(run_methods)] for k in range(0, len(exs), len(run_methods))]
-        out.append(page.Section("Every method on the same pairs", how
-                                + page.compare(grouped, f.names, f.shape), "compare"))
+    out = _compare(f, _distinct_targets(picks["confident"], COMPARED))
     for key, title, text in (
             ("smallest", "The smallest changes", "the pairs fooled with the least L-inf change"),
             ("confident", "The most confident fooling images",
              "the fooling images the model is surest of")):
-        exs = examples.describe(examples.stored_rows(f.results, picks[key]), f.manifest,
-                                f.model)
         out.append(page.Section(title, f"<p>{story.method_name(f.method).capitalize()}: {text} "
                                 f"(from up to {examples.SCAN_TARGETS} targets).</p>"
-                                + page.pairs(exs, f.names, f.shape), key))
+                                + _pairs(f, picks[key]), key))
     if f.manifest[schema.M_COUNTS].get("noise_images"):
         noise = examples.extremes(f.results, f.method, targets, 4, "noise")["confident"]
-        exs = examples.describe(examples.stored_rows(f.results, noise), f.manifest, f.model)
         out.append(page.Section("Starting from random noise", "<p>The same attack from images "
                                 "of uniform noise, pushed until the model is confident.</p>"
-                                + page.pairs(exs, f.names, f.shape), "noise"))
-    out[-1] = page.Section(out[-1].title, out[-1].body + f"<p>{links}</p>", out[-1].key)
+                                + _pairs(f, noise), "noise"))
+    first, last = out[0], out[-1]
+    out[0] = page.Section(first.title, HOW_TO_SEE + first.body, first.key)
+    out[-1] = page.Section(last.title, out[-1].body + links, last.key)
     return out
+
+
+def _pairs(f: Facts, picks: list[tuple]) -> str:
+    exs = examples.describe(examples.stored_rows(f.results, picks), f.manifest, f.model)
+    return page.pairs(exs, f.names, f.shape)
+
+
+def _compare(f: Facts, chosen: list[tuple]) -> list[page.Section]:
+    """A few pairs under every method of the run, side by side (none with one method)."""
+    run_methods = f.manifest[schema.M_COUNTS]["methods"]
+    if not chosen or len(run_methods) < 2:
+        return []
+    rows = examples.stored_rows(f.results, [(i, t, m) for i, t, _ in chosen for m in run_methods])
+    exs = examples.describe(rows, f.manifest, f.model)
+    grouped = [exs[k:k + len(run_methods)] for k in range(0, len(exs), len(run_methods))]
+    return [page.Section("Every method on the same pairs",
+                         page.compare(grouped, f.names, f.shape), "compare")]
 
 
 def _distinct_targets(picks: list[tuple], count: int) -> list[tuple]:
