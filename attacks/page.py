@@ -65,7 +65,9 @@ Column = tuple  # (key, header) or (key, header, format)
 
 def table(rows: list[dict], columns: list[Column]) -> str:
     """An HTML table of the rows, one column per (key, header[, format]); numbers right-aligned."""
-    head = "".join(f"<th>{esc(c[1])}</th>" for c in columns)
+    first = rows[0] if rows else {}
+    head = "".join(f'<th class="{"l" if isinstance(first.get(c[0]), str) else "n"}">'
+                   f"{esc(c[1])}</th>" for c in columns)
     body = []
     for r in rows:
         cells = []
@@ -142,7 +144,7 @@ h1{margin-bottom:.2em}h2{margin-top:1.8em;border-bottom:1px solid #ddd;padding-b
 img{max-width:100%}figure{margin:1em 0}figcaption{color:#555;font-size:90%}
 table.t{border-collapse:collapse;font-size:90%;margin:.8em 0}
 table.t td,table.t th{border-bottom:1px solid #ddd;padding:3px 10px}
-table.t th{text-align:right;background:#fafafa}table.t th:first-child{text-align:left}
+table.t th{background:#fafafa}th.n{text-align:right}th.l{text-align:left}
 td.n{text-align:right;font-variant-numeric:tabular-nums}td.l{text-align:left}
 .pairs{display:flex;flex-wrap:wrap;gap:18px 26px}.pair{width:360px}
 .panels{display:flex;gap:6px}.panels div{width:116px;text-align:center;font-size:12px}

@@ -112,7 +112,9 @@ def about(f: Facts) -> list[page.Section]:
 
 
 def methods(f: Facts) -> list[page.Section]:
-    rows = sorted(f.frames["methods"].to_dict("records"), key=lambda r: r[schema.ORIGIN] != "val")
+    order = {m: k for k, m in enumerate(schema.METHODS)}
+    rows = sorted(f.frames["methods"].to_dict("records"),
+                  key=lambda r: (r[schema.ORIGIN] != "val", order.get(r[schema.METHOD], 9)))
     rows = [{**r, "images": ORIGIN_NAMES.get(r[schema.ORIGIN], r[schema.ORIGIN])} for r in rows]
     cols = [(schema.METHOD, "method"), ("images", "images"), (schema.S_PAIRS, "pairs"),
             (schema.S_SUCCESS_RATE, "fooled", page.percent),
