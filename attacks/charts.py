@@ -18,6 +18,7 @@ from attacks.figures import short  # noqa: E402
 DPI = 110
 COLORS = {"template": "tab:blue", "sign": "tab:orange", "iterative": "tab:green",
           "exact": "tab:red"}
+AXIS_NAMES = {"linf_q50": "median L-inf", "linf_mean": "mean L-inf"}
 LABELS = {"exact": "exact (the true minimum)"}  # legend names where the method's name is not enough
 
 
@@ -89,7 +90,7 @@ def ranked_bars(frame: pd.DataFrame, key: str, value: str, names: list[str], tit
                     color=COLORS.get(method, "gray"))
             ax.invert_yaxis()
             ax.set_title(f"{method}: {label}", fontsize=10)
-            ax.set_xlabel(value.replace("_q50", " median").replace("_", " ") + " needed")
+            ax.set_xlabel(AXIS_NAMES.get(value, value) + " needed (pixel levels)")
             ax.tick_params(axis="y", labelsize=8)
     fig.suptitle(title)
     fig.tight_layout()
