@@ -88,7 +88,7 @@ def render(W: np.ndarray, shape: tuple[int, int, int], names: list[str],
     if title:
         draw.text((page.width / 2, top / 2), title, fill="black", font=font(16), anchor="mm")
     buf = io.BytesIO()
-    page.save(buf, format="PNG")
+    page.save(buf, format="PNG", compress_level=1)  # a third of the time, 1-10% larger
     return buf.getvalue()
 
 
