@@ -57,7 +57,7 @@ def budget_curves(budget: pd.DataFrame) -> bytes:
         ax.set_ylim(0, 1.02)
         ax.set_xlabel("L-inf budget (pixel levels of 255)")
         ax.set_ylabel("fraction of pairs fooled")
-        ax.set_title(f"success vs budget: {origin} images")
+        ax.set_title("validation images" if origin == "val" else "random-noise starts")
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right", fontsize=8)
     return to_png(fig)
