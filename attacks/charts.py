@@ -14,11 +14,19 @@ import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # no pyplot: no global state, no backend to pick
 
 from attacks.figures import short  # noqa: E402
+from common.schema import METHODS
 
 DPI = 110
 COLORS = {"template": "tab:blue", "sign": "tab:orange", "iterative": "tab:green",
           "exact": "tab:red"}
+AXIS_NAMES = {"linf_q50": "median L-inf", "linf_mean": "mean L-inf"}
 LABELS = {"exact": "exact (the true minimum)"}  # legend names where the method's name is not enough
+
+
+def in_order(methods) -> list[str]:
+    """The distinct methods in the attack job's order (template, sign, iterative, exact)."""
+    return sorted(set(methods), key=lambda m: (m not in METHODS, METHODS.index(m)
+                                               if m in METHODS else 0, m))
 
 
 def to_png(fig) -> bytes:
@@ -37,7 +45,8 @@ def budget_curves(budget: pd.DataFrame) -> bytes:
     axes = fig.subplots(1, len(origins), squeeze=False)
     for ax, origin in zip(axes[0], origins):
         rows = budget[budget["origin"] == origin]
-        for method, curve in rows.groupby("method", sort=False):
+        for method in in_order(rows["method"]):
+            curve = rows[rows["method"] == method]
             color = COLORS.get(method)
             ax.plot(curve["budget"], curve["fooled_fraction"], label=LABELS.get(method, method),
                     color=color, lw=2 if method == "exact" else 1.5)
@@ -48,7 +57,7 @@ def budget_curves(budget: pd.DataFrame) -> bytes:
         ax.set_ylim(0, 1.02)
         ax.set_xlabel("L-inf budget (pixel levels of 255)")
         ax.set_ylabel("fraction of pairs fooled")
-        ax.set_title(f"success vs budget: {origin} images")
+        ax.set_title("validation images" if origin == "val" else "random-noise starts")
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right", fontsize=8)
     return to_png(fig)
@@ -57,15 +66,17 @@ def budget_curves(budget: pd.DataFrame) -> bytes:
 def strength_histograms(hist: pd.DataFrame) -> bytes:
     """The distribution of the strength each method needed (fooled pairs), one panel a method."""
     hist = hist[hist["origin"] == "val"] if (hist["origin"] == "val").any() else hist
-    methods = list(dict.fromkeys(hist["method"]))
+    methods = in_order(hist["method"])
     fig = Figure(figsize=(4.2 * len(methods), 3.2))
     axes = fig.subplots(1, len(methods), squeeze=False)
     for ax, method in zip(axes[0], methods):
         rows = hist[hist["method"] == method]
-        ax.bar(rows["strength"], rows["count"], width=1.0, color=COLORS.get(method, "gray"))
-        nonzero = rows.loc[rows["count"] > 0, "strength"]
-        if len(nonzero):
-            ax.set_xlim(-0.5, nonzero.max() + 1.5)
+        # one bin per pixel level (the template's strengths lie on a finer grid): one patch, not
+        # thousands of bars
+        per_level = np.bincount(np.floor(rows["strength"]).astype(int), weights=rows["count"])
+        ax.stairs(per_level, np.arange(len(per_level) + 1), fill=True,
+                  color=COLORS.get(method, "gray"))
+        ax.set_xlim(0, max(len(per_level), 1))
         ax.set_title(f"{method}: strength needed")
         ax.set_xlabel("strength (pixel units)")
         ax.set_ylabel("pairs")
@@ -75,7 +86,7 @@ def strength_histograms(hist: pd.DataFrame) -> bytes:
 def ranked_bars(frame: pd.DataFrame, key: str, value: str, names: list[str], title: str,
                 top: int) -> bytes:
     """The ``top`` easiest and hardest classes by the L-inf needed (``value``), per method."""
-    methods = list(dict.fromkeys(frame["method"]))
+    methods = in_order(frame["method"])
     fig = Figure(figsize=(4.4 * len(methods), 6.4))
     axes = fig.subplots(2, len(methods), squeeze=False)
     for col, method in enumerate(methods):
@@ -87,7 +98,7 @@ def ranked_bars(frame: pd.DataFrame, key: str, value: str, names: list[str], tit
                     color=COLORS.get(method, "gray"))
             ax.invert_yaxis()
             ax.set_title(f"{method}: {label}", fontsize=10)
-            ax.set_xlabel(value.replace("_q50", " median").replace("_", " ") + " needed")
+            ax.set_xlabel(AXIS_NAMES.get(value, value) + " needed (pixel levels)")
             ax.tick_params(axis="y", labelsize=8)
     fig.suptitle(title)
     fig.tight_layout()

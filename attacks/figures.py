@@ -1,6 +1,7 @@
 """Contact sheets in the blog's style: original | amplified perturbation | fooling image.
 
     >>> png = contact_sheet(examples, class_names, (64, 64, 3), "sign: validation images")
+    >>> png = strip(example, class_names, (64, 64, 3))     # one pair, pixels kept exactly
 
 Each row is one (image, target) pair, labelled with class names and probabilities: the model's
 class for the original and its probability, the perturbation stretched to the full grey range
@@ -12,10 +13,15 @@ from __future__ import annotations
 
 import io
 
-import numpy as np  # noqa: E402
+import numpy as np
 from matplotlib.figure import Figure  # no pyplot: no global state, no backend to pick
+from PIL import Image, ImageDraw
 
-from training.templates import short_name as short  # noqa: E402  one shortener for every picture
+from training.templates import fit, font
+from training.templates import short_name as short  # one shortener for every picture
+
+SCALE = 4  # strip(): each pixel drawn SCALE x SCALE, so the panels hold the pixels exactly
+GAP, TEXT = 12, 16  # strip(): pixels between panels; label text size
 
 
 def amplify(original: np.ndarray, stored: np.ndarray) -> np.ndarray:
@@ -44,7 +50,7 @@ def contact_sheet(examples: list[dict], class_names: list[str], shape, title: st
         ]
         for ax, (pixels, label) in zip(ax_row, panels):
             ax.imshow(np.asarray(pixels, np.uint8).reshape(shape), interpolation="nearest")
-            ax.set_title(label, fontsize=7)
+            ax.set_title(label, fontsize=9)
     for ax in axes.ravel():
         ax.axis("off")
     height = 2.0 * rows + 0.4
@@ -52,4 +58,56 @@ def contact_sheet(examples: list[dict], class_names: list[str], shape, title: st
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / height))
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
+    return buf.getvalue()
+
+
+def png(pixels: np.ndarray, shape) -> bytes:
+    """A (D,) uint8 image as PNG bytes at its own size."""
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(pixels, np.uint8).reshape(shape)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def labels(ex: dict, class_names: list[str]) -> list[str]:
+    """The three panels' captions: the original's class and probability, the perturbation's size
+    and amplification, the fooling image's target and probability."""
+    fooled = ex["fooled_pred"] == ex["target"]
+    return [f"{short(class_names[ex['pred']])} {ex['p_pred']:.0%}",
+            f"L-inf {ex['linf']:.0f} (×{amplification(ex):.0f})",
+            f"{short(class_names[ex['target']])} {ex['p_target']:.0%}"
+            + ("" if fooled else " (not fooled)")]
+
+
+def amplification(ex: dict) -> float:
+    """How much ``amplify`` stretched the change: 127.5 / its largest magnitude."""
+    delta = np.abs(ex["stored"].astype(np.int16) - ex["original"].astype(np.int16))
+    return 127.5 / max(int(delta.max()), 1)
+
+
+def panel_box(i: int, shape) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of panel i (0 original, 1 perturbation, 2 fooling) in strip()."""
+    h, w = shape[0] * SCALE, shape[1] * SCALE
+    left = GAP + i * (w + GAP)
+    return left, GAP, left + w, GAP + h
+
+
+def strip(ex: dict, class_names: list[str], shape, title: str = "") -> bytes:
+    """PNG of one pair in the blog's layout, each panel its pixels at SCALE x SCALE (no
+    resampling: the fooling panel is the stored image), captioned underneath, titled below."""
+    h, w = shape[0] * SCALE, shape[1] * SCALE
+    width, height = GAP + 3 * (w + GAP), GAP + h + 3 * TEXT + 2 * GAP
+    page = Image.new("RGB", (width, height), "white")
+    draw, face = ImageDraw.Draw(page), font(TEXT)
+    panels = (ex["original"], amplify(ex["original"], ex["stored"]), ex["stored"])
+    for i, (pixels, label) in enumerate(zip(panels, labels(ex, class_names))):
+        left, top, right, bottom = panel_box(i, shape)
+        big = np.asarray(pixels, np.uint8).reshape(shape).repeat(SCALE, 0).repeat(SCALE, 1)
+        page.paste(Image.fromarray(big), (left, top))
+        draw.text(((left + right) / 2, bottom + 4 + TEXT / 2), fit(draw, label, face, w),
+                  anchor="mm", fill="black", font=face)
+    if title:
+        draw.text((width / 2, height - GAP - TEXT / 2), fit(draw, title, font(TEXT - 2), width),
+                  anchor="mm", fill="#555", font=font(TEXT - 2))
+    buf = io.BytesIO()
+    page.save(buf, format="PNG")
     return buf.getvalue()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import html
 import io
 import os
 import re
@@ -9,6 +11,7 @@ import shutil
 import subprocess
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -16,6 +19,7 @@ from PIL import Image
 from attacks import fool, report
 from common import schema, storage
 from common.errors import ConfigError
+from common.model import write_weights
 from common.sweep import write_sweep
 from tests.attack_models import fit_softmax, load_split, write_model
 
@@ -78,6 +82,48 @@ def test_page_is_self_contained(built):
     assert manifest[schema.M_TIMINGS]["total_s"] > 0
     for heading in ("templates", "budget", "trade-off", "Source classes"):
         assert heading in page
+
+
+def test_the_page_tells_the_story_with_class_names(built, run_dirs):
+    out, _ = built
+    page = open(os.path.join(out, "index.html")).read()
+    text = re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", page.split("<details>")[0])))
+    assert "The data is the generated sample, not ImageNet" in text  # the sample's mark is seen
+    assert re.search(r"becomes any class you choose with a change of \d+ levels out of 255", text)
+    for method in ("template", "sign", "iterative"):
+        assert re.search(rf"\b{method}\b (adds|repeats)", text)  # each method in a sentence
+    assert "certified bound" in text
+    assert '"keep_images"' in html.unescape(page.split("<details>")[1])  # the run, collapsed
+    names = storage.read_manifest(run_dirs["results"])[schema.M_CLASS_NAMES]
+    targets = section(page, "targets")
+    assert all(n.split(",")[0] in targets for n in names)  # classes by name, not index
+    assert not re.search(r"\d\.\d+e[+-]\d", text)  # numbers for people: 3,000 not 3e+03
+
+
+def section(page: str, key: str) -> str:
+    return page.split(f'<section id="{key}">', 1)[1].split("</section>", 1)[0]
+
+
+def pixels(uri: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))))
+
+
+def test_gallery_images_are_the_stored_pairs(built, run_dirs):
+    """Each pair of the smallest-changes gallery, against the stored row read with pyarrow."""
+    out, _ = built
+    part = section(open(os.path.join(out, "index.html")).read(), "smallest")
+    m = storage.read_manifest(run_dirs["results"])
+    short = [n.split(",")[0] for n in m[schema.M_CLASS_NAMES]]
+    pairs = re.findall(r'class="pair">(.*?)<div class="note">([^<]+) → ([^<]+)</div>', part)
+    assert pairs
+    for block, image_id, name in pairs:
+        original, change, fooling = (pixels(u) for u in re.findall(r'src="([^"]+)"', block))
+        table = pq.read_table(os.path.join(run_dirs["results"], "pairs", "method=sign",
+                                           f"target={short.index(html.unescape(name))}"),
+                              filters=[(schema.IMAGE_ID, "=", html.unescape(image_id))])
+        (row,) = table.to_pylist()
+        assert (fooling.reshape(-1) == np.frombuffer(row[schema.IMAGE], np.uint8)).all()
+        assert np.abs(fooling.astype(int) - original).max() == row[schema.LINF]
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (make test installs it)")
@@ -193,3 +239,46 @@ def test_rerun_refuses_and_overwrite_replaces_the_report(run_dirs, tmp_path):
     (tmp_path / "r" / "figures" / "budget.png").write_bytes(b"stale")
     report.run(report.Settings(results=run_dirs["results"], output=out, overwrite=True))
     assert Image.open(tmp_path / "r" / "figures" / "budget.png").format == "PNG"
+
+
+@pytest.fixture(scope="module")
+def thousand(ray_local, tmp_path_factory) -> str:
+    """An attack on a random 1,000-class model: four validation images of noise, two targets."""
+    root = tmp_path_factory.mktemp("thousand")
+    C, D, n = 1000, 64 * 64 * 3, 4
+    rng = np.random.default_rng(0)
+    classes = [f"n{k:08d}" for k in range(C)]
+    labels = [0, 250, 500, 750]
+    images = pa.table({
+        schema.IMAGE_ID: [f"ILSVRC2012_val_{i + 1:08d}" for i in range(n)],
+        schema.LABEL: labels, schema.WNID: [classes[k] for k in labels],
+        schema.IMAGE: [rng.integers(0, 256, D, dtype=np.uint8).tobytes() for _ in range(n)],
+        schema.SOURCE: [f"{i}.JPEG" for i in range(n)], schema.ORIG_WIDTH: [64] * n,
+        schema.ORIG_HEIGHT: [64] * n}, schema=schema.IMAGES_SCHEMA)
+    (root / "data" / "val").mkdir(parents=True)
+    pq.write_table(images, root / "data" / "val" / "part-00000.parquet")
+    data, model = str(root / "data"), str(root / "model")
+    storage.write_manifest(data, {
+        schema.M_KIND: "ingest", schema.M_CLASSES: classes, schema.M_IMAGE_SHAPE: [64, 64, 3],
+        schema.M_CLASS_NAMES: [f"class {k}, the {k}th of a thousand" for k in range(C)],
+        schema.M_COUNTS: {"val": {"written": n}},
+        schema.M_FILES: [{"path": "val/part-00000.parquet", "rows": n}]})
+    write_weights(model, rng.normal(0, 1e-3, (C, D)).astype(np.float32), np.zeros(C), classes)
+    storage.write_manifest(model, {schema.M_KIND: "train", schema.M_CLASSES: classes})
+    results = str(root / "fooling")
+    fool.run(fool.Settings(data=data, model=model, output=results, methods=("sign",),
+                           targets=("1", "999"), workers=1))
+    return results
+
+
+def test_the_page_stays_light_at_1000_classes(thousand, tmp_path):
+    """The templates of 1,000 classes are linked, not inlined: the page stays within budget."""
+    out = tmp_path / "report"
+    report.run(report.Settings(results=thousand, output=str(out)))
+    size = (out / "index.html").stat().st_size
+    assert size < report.BUDGET_MB * 2**20, f"index.html is {size / 2**20:.1f} MiB"
+    page = (out / "index.html").read_text()
+    assert 'href="figures/templates.png"' in page and "48 of the 1,000 classes" in page
+    full = Image.open(out / "figures" / "templates.png")
+    assert full.width * full.height > 1000 * 64 * 64  # every class, at full size
+    assert "class 999" in section(page, "targets")

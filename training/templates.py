@@ -11,21 +11,26 @@ from __future__ import annotations
 
 import io
 import math
+import os
 
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # no pyplot: no global state, no backend to pick
+import matplotlib
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
 
-CELL_INCHES = 1.3  # size of one class's picture and its title in the grid
+CELL, BIG = 128, 100  # a class's picture is about 128 pixels wide up to 100 classes, ...
+SMALL_CELL = 64  # ... and about 64 beyond (a 1,000-class grid stays about 2,200 pixels wide)
 MAX_TITLE = 18  # characters of a class name shown under its picture
 
 
 def to_images(W: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
     """W (C, D) -> uint8 pictures (C, H, W, 3), each row stretched to 0..255 on its own."""
-    W = np.asarray(W, dtype=np.float64).reshape(len(W), *shape)
-    lo = W.min(axis=(1, 2, 3), keepdims=True)
-    span = W.max(axis=(1, 2, 3), keepdims=True) - lo
-    scaled = (W - lo) / np.where(span > 0, span, 1.0) * 255.0
-    return np.round(scaled).astype(np.uint8)
+    W = np.asarray(W, dtype=np.float64).reshape(len(W), -1)
+    lo, hi = W.min(axis=1, keepdims=True), W.max(axis=1, keepdims=True)
+    scale = 255.0 / np.where(hi > lo, hi - lo, 1.0)
+    out = np.empty(W.shape, np.uint8)
+    for k in range(len(W)):  # a row at a time: no (C, D) float64 temporaries
+        out[k] = np.rint((W[k] - lo[k]) * scale[k])
+    return out.reshape(len(W), *shape)
 
 
 def short_name(name: str) -> str:
@@ -46,28 +51,49 @@ def mosaic(images: np.ndarray, cols: int, pad: int, label: int) -> np.ndarray:
     return out
 
 
+def font(size: int) -> ImageFont.FreeTypeFont:
+    """DejaVu Sans at ``size`` pixels: matplotlib ships it, so no system font is needed (and it
+    has the × and → that Pillow's own default font lacks)."""
+    return ImageFont.truetype(os.path.join(matplotlib.get_data_path(), "fonts", "ttf",
+                                           "DejaVuSans.ttf"), size)
+
+
 def render(W: np.ndarray, shape: tuple[int, int, int], names: list[str],
            title: str | None = None) -> bytes:
-    """PNG bytes of all C templates in a grid of about sqrt(C) columns, titled with names."""
+    """PNG bytes of all C templates in a grid of about sqrt(C) columns, titled with names.
+
+    Each pixel is drawn as a block of whole pixels (no smoothing), the block sized so that a
+    class's picture is about CELL pixels wide, or SMALL_CELL beyond BIG classes; drawn with
+    Pillow, a few seconds for 1,000 classes (most of it compressing the PNG).
+    """
     if len(names) != len(W):
         raise ValueError(f"{len(W)} templates but {len(names)} names")
+    scale = max(1, round((CELL if len(W) <= BIG else SMALL_CELL) / shape[1]))
     images = to_images(W, shape)
-    C, H, Wd = len(images), shape[0], shape[1]
+    if scale > 1:
+        images = images.repeat(scale, axis=1).repeat(scale, axis=2)
+    C, H, Wd = images.shape[:3]
     cols = max(1, math.ceil(math.sqrt(C)))
-    rows = math.ceil(C / cols)
-    pad, label = max(2, Wd // 16), max(4, H // 4)
-    top = 0.4 if title else 0.0
-    fig = Figure(figsize=(cols * CELL_INCHES, rows * CELL_INCHES * (H + label) / H + top))
-    ax = fig.add_axes((0, 0, 1, 1 - top / fig.get_figheight()))
-    ax.imshow(mosaic(images, cols, pad, label), interpolation="nearest", aspect="auto")
-    ax.axis("off")
-    # one Axes with text labels: fast even for 1000 classes (1000 subplots take minutes)
+    size = 13 if len(W) <= BIG else 9  # label text, pixels
+    pad, label, top = max(4, Wd // 16), size + 6, 24 if title else 0
+    grid = Image.fromarray(mosaic(images, cols, pad, label))
+    page = Image.new("RGB", (grid.width, grid.height + top), "white")
+    page.paste(grid, (0, top))
+    draw, small = ImageDraw.Draw(page), font(size)
     for k, name in enumerate(names):
         r, c = divmod(k, cols)
-        ax.text(c * (Wd + pad) + Wd / 2, r * (H + label) + H + label / 2, short_name(name),
-                ha="center", va="center", fontsize=6.5)
+        text = fit(draw, short_name(name), small, Wd + pad - 2)
+        draw.text((c * (Wd + pad) + Wd / 2, top + r * (H + label) + H + label / 2), text,
+                  fill="black", font=small, anchor="mm")
     if title:
-        fig.suptitle(title, y=1 - 0.1 / fig.get_figheight(), fontsize=10)
+        draw.text((page.width / 2, top / 2), title, fill="black", font=font(16), anchor="mm")
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
+    page.save(buf, format="PNG", compress_level=1)  # a third of the time, 1-10% larger
     return buf.getvalue()
+
+
+def fit(draw: ImageDraw.ImageDraw, text: str, face, width: float) -> str:
+    """``text``, cut with an ellipsis until it is at most ``width`` pixels wide."""
+    while len(text) > 1 and draw.textlength(text, font=face) > width:
+        text = text[:-2] + "…"
+    return text

@@ -1,0 +1,126 @@
+"""The report's words: what the page shows, its headline number, each method in one sentence.
+
+    >>> method = headline_method(["template", "sign", "exact"])        # "exact"
+    >>> headline(budget, method, pairs=15_000)                        # one HTML paragraph
+
+Pure functions of the summary tables (pandas) and the manifests; no I/O.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from attacks.page import esc, number, percent
+from common import schema
+
+METHOD_TEXT = {
+    "template": "adds a multiple of the target class's template W[t] to the image, the blog's "
+                "step, growing it until the model says the target.",
+    "sign": "adds the same small change to every pixel, up or down by the sign of the gradient of "
+            "the target's log-probability (the fast gradient sign method of Goodfellow et al.).",
+    "iterative": "repeats one-level sign steps, each time recomputing the gradient and staying "
+                 "within a growing L-inf ball (Kurakin et al.'s basic iterative method).",
+    "exact": "solves for the smallest possible L-inf change that makes the target win (a linear "
+             "program per pair, certified by its dual): the true minimum, within one level.",
+}
+
+HOW_TO_READ = (
+    "<p><b>Reading the curves.</b> For each L-inf budget on the x axis (the largest change of any "
+    "pixel, in levels of 0..255), a curve gives the fraction of all (image, target) pairs whose "
+    "stored fooling image is classified as the target within that budget. A curve further left "
+    "is a stronger attack. The dashed line is the <b>certified bound</b>: for each pair, "
+    "max over rival classes k of (s<sub>k</sub> − s<sub>t</sub>) / ‖W[t] − W[k]‖<sub>1</sub> is "
+    "a distance no change can beat, so no attack whatsoever can fool more pairs within a budget "
+    "than the dashed line allows. Where exact ran, its curve is the true minimum.</p>")
+
+
+def headline_method(methods) -> str:
+    """The method whose numbers headline the page: exact (the true minimum) when it ran."""
+    methods = list(methods)
+    for m in ("exact", "sign", "iterative", "template"):
+        if m in methods:
+            return m
+    return methods[0]
+
+
+def method_name(method: str) -> str:
+    return "exact, the true minimum" if method == "exact" else f"the {method} method"
+
+
+def budget_reaching(budget: pd.DataFrame, method: str, fraction: float,
+                    origin: str = "val") -> int | None:
+    """The smallest L-inf budget within which ``fraction`` of the pairs are fooled (None: never)."""
+    rows = budget[(budget[schema.ORIGIN] == origin) & (budget[schema.METHOD] == method)]
+    hit = rows[rows[schema.S_FOOLED_FRACTION] >= fraction][schema.S_BUDGET]
+    return int(hit.min()) if len(hit) else None
+
+
+def headline(budget: pd.DataFrame, method: str, pairs: int) -> str:
+    """The page's one number: the L-inf change that fools the median validation pair."""
+    half, most = (budget_reaching(budget, method, f) for f in (0.5, 0.9))
+    if half is None:
+        return (f'<p class="headline">Fewer than half of the {number(pairs)} (validation image, '
+                f"target class) pairs were fooled by {esc(method_name(method))}.</p>")
+    more = (f" Nine in ten pairs need at most {most}." if most is not None else "")
+    return (f'<p class="headline">The median validation image becomes any class you choose with '
+            f"a change of <b>{half} levels out of 255</b> per pixel, or less. "
+            f"<span style=\"font-size:70%\">Median over {number(pairs)} (image, target) pairs; "
+            f"{esc(method_name(method))}.{more}</span></p>")
+
+
+def data_text(ingest: dict | None, is_sample: bool, data_uri: str) -> str:
+    """What the model was trained and attacked on, saying plainly when it is the sample."""
+    if ingest is None:
+        return f"<p>The data ({esc(data_uri)}) could not be read; its manifest is needed.</p>"
+    counts = ingest.get(schema.M_COUNTS, {})
+    split = {"train": "training", "val": "validation"}
+    images = " and ".join(f"{number(counts[s]['written'])} {split[s]}" for s in split
+                          if "written" in counts.get(s, {}))
+    h, w, _ = ingest[schema.M_IMAGE_SHAPE]
+    what = (f"{images or 'the'} images of {number(len(ingest[schema.M_CLASSES]))} classes, "
+            f"resized to {h}×{w} pixels")
+    if is_sample:
+        return (f"<p><b>The data is the generated sample, not ImageNet</b> "
+                f"(<code>pipelines.sample</code>: each class a coloured shape on a background of "
+                f"its own, with noise): {what}. The numbers show the method at work; the blog's "
+                f"are measured on ImageNet's 1.28 million images.</p>")
+    source = ingest.get(schema.M_SOURCE)
+    where = f", read from <code>{esc(str(source))}</code>" if source else ""
+    return f"<p>The data: {what}{where}.</p>"
+
+
+def model_text(model: dict, C: int, D: int) -> str:
+    """The classifier in one paragraph: its shape, regularization, accuracy."""
+    final = model.get(schema.M_FINAL) or {}
+    config = model.get(schema.M_CONFIG) or {}
+    acc = ""
+    if "val_top1" in final:
+        acc = (f" It classifies {percent(final['val_top1'])} of the validation images correctly "
+               f"(top-5: {percent(final.get('val_top5'))}; training top-1 "
+               f"{percent(final.get('train_top1'))}).")
+    reg = f", L2 regularization {number(config['reg'])}" if "reg" in config else ""
+    epochs = f", {number(config['epochs'])} epochs" if "epochs" in config else ""
+    chance = ""
+    if schema.M_INITIAL_LOSS in model:
+        chance = (f" Its first loss was {number(model[schema.M_INITIAL_LOSS])} "
+                  f"(ln {C} = {math.log(C):.2f} for a guess).")
+    return (f"<p>The model is a linear softmax classifier on raw pixels: scores = W x + b with "
+            f"W of {number(C)} classes × {number(D)} pixel values{reg}{epochs}.{acc}{chance} "
+            f"Its gradient with respect to the image is a row of W, which is why a little of a "
+            f"class's template, added to any image, moves it towards that class.</p>")
+
+
+def methods_text(methods) -> str:
+    items = "".join(f"<li><b>{esc(m)}</b> {esc(METHOD_TEXT.get(m, ''))}</li>" for m in methods)
+    return f"<ul>{items}</ul>"
+
+
+LEAD = (
+    "<p class=\"lead\">A linear classifier trained on raw pixels can be made to say any class you "
+    "choose by a change too small to notice, as Karpathy showed in “Breaking Linear Classifiers "
+    "on ImageNet” (2015). This page shows it for every (validation image, target class) pair of "
+    "this run: how small the change can be, what the fooling images look like, and which classes "
+    "are easy or hard to reach. Sizes of a change are in pixel levels out of 255: L-inf is the "
+    "largest change of any pixel, L2 the length of the whole change.</p>")
