@@ -2,7 +2,7 @@
 
     from benchmarks import photos
     data = photos.jpeg(np.random.default_rng(0))      # one JPEG's bytes
-    photos.tree("data/photos", classes=10, per_class=1000)
+    photos.tree("data/photos", classes=10, per_class=1000, workers=2)   # train/<wnid>/*.JPEG
 
 scikit-learn ships two real photographs (china.jpg, flower.jpg, 640 x 427). Each JPEG here is a
 random region of one of them (a quarter of the photo up to all of it), scaled to one of ImageNet's
@@ -17,6 +17,7 @@ import functools
 import importlib.util
 import io
 import os
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 from PIL import Image
@@ -59,16 +60,23 @@ def jpeg(rng: np.random.Generator) -> bytes:
     return buf.getvalue()
 
 
-def tree(root: str, classes: int, per_class: int, seed: int = 0) -> list[str]:
-    """Write ``<root>/train/<wnid>/<wnid>_<i>.JPEG`` (local folder); returns the files' paths."""
-    rng = np.random.default_rng(seed)
+def write_class(root: str, k: int, per_class: int, seed: int = 0) -> list[str]:
+    """Write class k's ``<root>/train/<wnid>/<wnid>_<i>.JPEG`` (local); returns their paths."""
+    rng = np.random.default_rng([seed, k])
+    wnid = f"n{9_000_000 + k:08d}"
+    os.makedirs(os.path.join(root, "train", wnid), exist_ok=True)
     paths = []
-    for k in range(classes):
-        wnid = f"n{9_000_000 + k:08d}"
-        os.makedirs(os.path.join(root, "train", wnid), exist_ok=True)
-        for i in range(per_class):
-            path = os.path.join(root, "train", wnid, f"{wnid}_{i}.JPEG")
-            with open(path, "wb") as f:
-                f.write(jpeg(rng))
-            paths.append(path)
+    for i in range(per_class):
+        path = os.path.join(root, "train", wnid, f"{wnid}_{i}.JPEG")
+        with open(path, "wb") as f:
+            f.write(jpeg(rng))
+        paths.append(path)
     return paths
+
+
+def tree(root: str, classes: int, per_class: int, seed: int = 0, workers: int = 1) -> list[str]:
+    """Write ``classes`` class folders of photo JPEGs under ``<root>/train``; returns the paths."""
+    with ProcessPoolExecutor(workers) as pool:
+        done = pool.map(write_class, [root] * classes, range(classes), [per_class] * classes,
+                        [seed] * classes)
+        return [p for paths in done for p in paths]
