@@ -1,0 +1,156 @@
+"""ImageNet's tarballs read in place (pipelines/tars.py, sources.py, ingest.py).
+
+The tests build the tarballs from real photographs in ImageNet's layout (a train tar of per-class
+inner tars, a flat val tar, LOC_val_solution.csv) and compare with the same images as folders.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tarfile
+import uuid
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+
+from benchmarks import photos
+from common import schema, storage
+from pipelines import ingest, sources, tars
+from tests.test_ingest import manifest_of, read_split
+from tests.trees import tree_digest
+
+CLASSES, PER_CLASS, VAL = 3, 4, 6
+
+
+def add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def folder_tree(root) -> None:
+    """Photos as folders: train/<wnid>/, flat val/ with LOC_val_solution.csv, synset names."""
+    rng = np.random.default_rng(5)
+    wnids = [f"n{9_000_000 + k:08d}" for k in range(CLASSES)]
+    for wnid in wnids:
+        os.makedirs(root / "train" / wnid)
+        for i in range(PER_CLASS):
+            (root / "train" / wnid / f"{wnid}_{i}.JPEG").write_bytes(photos.jpeg(rng))
+    os.makedirs(root / "val")
+    lines = ["ImageId,PredictionString"]
+    for i in range(1, VAL + 1):
+        image_id = f"ILSVRC2012_val_{i:08d}"
+        (root / "val" / f"{image_id}.JPEG").write_bytes(photos.jpeg(rng))
+        lines.append(f"{image_id},{wnids[i % CLASSES]} 1 2 3 4")
+    (root / sources.VAL_CSV).write_text("\n".join(lines) + "\n")
+    (root / sources.SYNSETS).write_text("".join(f"{w} class {w}\n" for w in wnids))
+
+
+def tarballs(folders, out) -> None:
+    """The same images as ImageNet ships them: a tar of <wnid>.tar files, a flat val tar."""
+    os.makedirs(out)
+    with tarfile.open(out / sources.TARS["train"], "w") as outer:
+        for wnid in sorted(os.listdir(folders / "train")):
+            buf = io.BytesIO()
+            with tarfile.open(fileobj=buf, mode="w") as inner:
+                for name in sorted(os.listdir(folders / "train" / wnid)):
+                    add(inner, name, (folders / "train" / wnid / name).read_bytes())
+            add(outer, f"{wnid}.tar", buf.getvalue())
+    with tarfile.open(out / sources.TARS["val"], "w") as val:
+        for name in sorted(os.listdir(folders / "val")):
+            add(val, name, (folders / "val" / name).read_bytes())
+    for name in (sources.VAL_CSV, sources.SYNSETS):
+        shutil.copy(folders / name, out / name)
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tars")
+    folder_tree(root / "folders")
+    tarballs(root / "folders", root / "tars")
+    return root / "folders", root / "tars"
+
+
+def test_index_gives_each_members_exact_bytes(layouts):
+    """Oracle: tarfile's own extraction of every member, inner tars opened by tarfile too."""
+    path = layouts[1] / sources.TARS["train"]
+    data = path.read_bytes()
+    members, problem = tars.index(pa.BufferReader(data), len(data))
+    assert problem is None and all(m.problem is None for m in members)
+    expected = {}
+    with tarfile.open(path) as outer:
+        for info in outer:
+            with tarfile.open(fileobj=outer.extractfile(info)) as inner:
+                for i in inner:
+                    expected[f"{info.name}/{i.name}"] = inner.extractfile(i).read()
+    assert len(expected) == CLASSES * PER_CLASS
+    assert {m.name: data[m.offset:m.offset + m.size] for m in members} == expected
+
+
+def test_a_truncated_tar_keeps_whole_members_and_names_the_cut_one(layouts):
+    data = (layouts[1] / sources.TARS["train"]).read_bytes()
+    whole, _ = tars.index(pa.BufferReader(data), len(data))
+    cut = whole[5].offset + 100  # inside the sixth image
+    members, problem = tars.index(pa.BufferReader(data[:cut]), cut)
+    assert [m.name for m in members] == [m.name for m in whole[:6]]
+    assert all(m.problem is None for m in members[:5])
+    assert members[5].problem == f"truncated tar ({whole[5].name.split('/')[0]}): 100 of this " \
+                                 f"member's {whole[5].size} bytes"
+    members, problem = tars.index(pa.BufferReader(data[:300]), 300)
+    assert members == [] and problem.startswith("damaged tar (archive) after 0 members")
+
+
+def test_tar_listing_labels_the_rows_as_the_folders(layouts):
+    folders, tarred = (sources.scan(str(p), schema.SPLITS) for p in layouts)
+    assert tarred.classes == folders.classes and tarred.class_names == folders.class_names
+    assert tarred.quarantine == []
+    for split in schema.SPLITS:
+        cols = [schema.IMAGE_ID, schema.WNID, schema.LABEL]
+        assert tarred.files[split].select(cols).equals(folders.files[split].select(cols))
+    first = tarred.files["train"].to_pylist()[0]
+    assert first[schema.SOURCE] == f"{sources.TARS['train']}/n09000000.tar/n09000000_0.JPEG"
+
+
+def same_rows(a: str, b: str) -> None:
+    for split in schema.SPLITS:
+        x, y = read_split(a, split), read_split(b, split)
+        assert x.num_rows > 0
+        assert x.drop_columns([schema.SOURCE]).equals(y.drop_columns([schema.SOURCE]))
+    assert manifest_of(a)[schema.M_COUNTS] == manifest_of(b)[schema.M_COUNTS]
+    assert manifest_of(a)[schema.M_PIXEL_MEAN] == manifest_of(b)[schema.M_PIXEL_MEAN]
+
+
+@pytest.mark.slow
+def test_tar_ingest_gives_the_folder_ingests_rows_local_and_s3(layouts, ray_local, bucket,
+                                                                tmp_path):
+    folders, tarred = layouts
+    before = tree_digest(tarred)
+    for src, out in ((folders, "folders"), (tarred, "tars")):
+        ingest.run(ingest.Settings(source=str(src), output=str(tmp_path / out)))
+    assert tree_digest(tarred) == before
+    same_rows(str(tmp_path / "tars"), str(tmp_path / "folders"))
+    prefix = f"{bucket}/tars-{uuid.uuid4().hex[:8]}"
+    fs, path = storage.filesystem(prefix)
+    pafs.copy_files(str(tarred), f"{path}/src", destination_filesystem=fs)
+    ingest.run(ingest.Settings(source=f"{prefix}/src", output=f"{prefix}/out", batch_size=5))
+    same_rows(f"{prefix}/out", str(tmp_path / "folders"))
+
+
+@pytest.mark.slow
+def test_a_truncated_train_tar_is_ingested_up_to_the_damage(layouts, ray_local, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(layouts[1], src)
+    data = (src / sources.TARS["train"]).read_bytes()
+    whole, _ = tars.index(pa.BufferReader(data), len(data))
+    (src / sources.TARS["train"]).write_bytes(data[:whole[5].offset + 100])
+    m = ingest.run(ingest.Settings(source=str(src), output=str(tmp_path / "out"),
+                                   splits=("train",)))
+    assert m[schema.M_COUNTS]["train"] == {"seen": 6, "written": 5, "quarantined": 1}
+    q = pq.read_table(tmp_path / "out" / schema.QUARANTINE_DIR).to_pylist()
+    assert [r[schema.SOURCE] for r in q] == [f"{sources.TARS['train']}/{whole[5].name}"]
+    assert q[0][schema.REASON].startswith("truncated tar (n09000001.tar): 100 of this member's")
