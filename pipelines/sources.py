@@ -6,8 +6,14 @@ Layouts read (local or s3://, through pyarrow.fs):
   ``LOC_val_solution.csv`` (Kaggle: ``ImageId,PredictionString``, WNID first) at the root or in
   val/.
 - Kaggle's ``<root>/ILSVRC/Data/CLS-LOC/{train,val}`` is found by itself.
-- ``LOC_synset_mapping.txt`` (``<wnid> <names>``) gives the class list and names when present;
-  otherwise the class list is the training class folders (or the validation labels).
+- ImageNet's tarballs, read in place (pipelines/tars.py) when the split has no folder:
+  ``<root>/ILSVRC2012_img_train.tar`` (one ``<wnid>.tar`` per class inside: a class folder) and
+  ``<root>/ILSVRC2012_img_val.tar`` (flat), labelled by ``LOC_val_solution.csv`` or by the devkit
+  ``ILSVRC2012_devkit_t12.tar.gz`` (pipelines/devkit.py). A row's ``source`` is then the path
+  inside the tar, e.g. ``ILSVRC2012_img_train.tar/n01440764.tar/n01440764_10026.JPEG``.
+- ``LOC_synset_mapping.txt`` (``<wnid> <names>``) gives the class list and names when present
+  (else the devkit's, when it is read); otherwise the class list is the training class folders
+  (or the validation labels).
 
 Labels are the index of the WNID in sorted order (ImageNet's standard 0..999). Every file under
 train/ and val/ is accounted for: it is listed for decoding or quarantined here with its reason.
@@ -42,7 +48,7 @@ import pyarrow.fs as pafs
 
 from common import schema, storage
 from common.errors import ConfigError
-from pipelines import tars
+from pipelines import devkit, tars
 
 VAL_CSV = "LOC_val_solution.csv"
 SYNSETS = "LOC_synset_mapping.txt"
@@ -207,6 +213,7 @@ class ValLabels:
 
     labels: dict[str, str]  # image_id -> wnid
     conflicts: dict[str, str]  # image_id -> quarantine reason
+    origin: str = VAL_CSV  # the file the labels come from, named in quarantine reasons
 
 
 def read_val_csv(text: str) -> ValLabels:
@@ -305,12 +312,18 @@ def scan(source: str, splits: tuple[str, ...], limit_per_class: int | None = Non
     if "val" in splits and by_split["val"]:
         if any(folder_of("val", r) is None for r in by_split["val"]):
             text = _read_text(fs, f"{root}/{VAL_CSV}") or _read_text(fs, f"{images}/val/{VAL_CSV}")
-            if text is None:
+            if text is not None:
+                val_labels = read_val_csv(text)
+            elif _is(fs, f"{root}/{devkit.DEVKIT}", pafs.FileType.File):
+                with fs.open_input_stream(f"{root}/{devkit.DEVKIT}") as f:
+                    labels, devkit_names = devkit.read_devkit(f.read())
+                val_labels = ValLabels(labels, {}, devkit.GROUND_TRUTH)
+                names = names or devkit_names
+            else:
                 raise ConfigError(
-                    f"{source}: val/ holds images directly but no {VAL_CSV} with their labels was "
-                    f"found at the root or in val/"
+                    f"{source}: the validation images lie flat but no {VAL_CSV} (at the root or "
+                    f"in val/) or {devkit.DEVKIT} (at the root) with their labels was found"
                 )
-            val_labels = read_val_csv(text)
 
     if names:
         classes = sorted(names)
@@ -341,7 +354,7 @@ def scan(source: str, splits: tuple[str, ...], limit_per_class: int | None = Non
             elif split == "val" and val_labels is not None:
                 wnid = val_labels.labels.get(_stem(rel))
                 why = val_labels.conflicts.get(_stem(rel)) or (
-                    f"no label in {VAL_CSV}" if wnid is None
+                    f"no label in {val_labels.origin}" if wnid is None
                     else f"label {wnid!r} is not a known class")
             else:
                 wnid, why = None, "not inside a class folder"

@@ -20,7 +20,8 @@ import pytest
 
 from benchmarks import photos
 from common import schema, storage
-from pipelines import ingest, sources, tars
+from common.errors import ConfigError
+from pipelines import devkit, ingest, sources, tars
 from tests.test_ingest import manifest_of, read_split
 from tests.trees import tree_digest
 
@@ -154,3 +155,49 @@ def test_a_truncated_train_tar_is_ingested_up_to_the_damage(layouts, ray_local, 
     q = pq.read_table(tmp_path / "out" / schema.QUARANTINE_DIR).to_pylist()
     assert [r[schema.SOURCE] for r in q] == [f"{sources.TARS['train']}/{whole[5].name}"]
     assert q[0][schema.REASON].startswith("truncated tar (n09000001.tar): 100 of this member's")
+
+
+def devkit_bytes(wnids: list[str], truth: list[int]) -> bytes:
+    """ILSVRC2012_devkit_t12.tar.gz as image-net.org ships it: data/meta.mat (a 1 x N struct
+    array ``synsets``, the 1000 classes first, then WordNet's inner nodes with IDs above 1000)
+    and data/ILSVRC2012_validation_ground_truth.txt (one ILSVRC2012_ID per line)."""
+    from scipy.io import savemat
+
+    dt = [("ILSVRC2012_ID", "O"), ("WNID", "O"), ("words", "O"), ("num_children", "O")]
+    rows = [(i + 1, w, f"words of {w}", 0) for i, w in enumerate(wnids)]
+    rows.append((1001, "n00001740", "entity", len(wnids)))
+    meta = io.BytesIO()
+    savemat(meta, {"synsets": np.array(rows, dtype=dt).reshape(-1, 1)})
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        add(tar, "ILSVRC2012_devkit_t12/data/meta.mat", meta.getvalue())
+        add(tar, "ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt",
+            "".join(f"{t}\n" for t in truth).encode())
+    return buf.getvalue()
+
+
+def test_devkit_labels_the_val_tar_as_the_csv_does(layouts, tmp_path):
+    """The ground truth's IDs, through meta.mat, give the same labels as LOC_val_solution.csv."""
+    folders, tarred = layouts
+    src = tmp_path / "devkit"
+    shutil.copytree(tarred, src)
+    os.remove(src / sources.VAL_CSV)
+    os.remove(src / sources.SYNSETS)
+    wnids = sorted(os.listdir(folders / "train"))
+    csv_rows = (folders / sources.VAL_CSV).read_text().splitlines()[1:]
+    truth = [wnids.index(r.split(",")[1].split()[0]) + 1 for r in csv_rows]
+    truth.append(2)  # a label for an image that is not there: no harm
+    (src / devkit.DEVKIT).write_bytes(devkit_bytes(wnids, truth))
+    listing = sources.scan(str(src), schema.SPLITS)
+    expected = sources.scan(str(folders), schema.SPLITS)
+    cols = [schema.IMAGE_ID, schema.WNID, schema.LABEL]
+    assert listing.files["val"].select(cols).equals(expected.files["val"].select(cols))
+    assert listing.class_names == [f"words of {w}" for w in wnids]
+
+
+def test_a_devkit_without_ground_truth_is_one_clear_error(tmp_path):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        add(tar, "ILSVRC2012_devkit_t12/data/meta.mat", b"")
+    with pytest.raises(ConfigError, match="lacks data/ILSVRC2012_validation_ground_truth.txt"):
+        devkit.read_devkit(buf.getvalue())
