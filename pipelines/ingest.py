@@ -89,10 +89,10 @@ def _read_members(fs, root: str, archive: str, spans: list[tuple[int, int]]) -> 
     try:
         with fs.open_input_file(f"{base}/{archive}") as f:
             if end - first <= 2 * sum(n for _, n in spans) + TAR_GAP:
-                data = f.read_at(end - first, first)
-                return [data[o - first:o - first + n].to_pybytes() for o, n in spans]
+                data = memoryview(f.read_at(end - first, first))  # bytes or a pyarrow Buffer
+                return [bytes(data[o - first:o - first + n]) for o, n in spans]
             with ThreadPoolExecutor(min(FETCH_THREADS, len(spans))) as pool:
-                return list(pool.map(lambda s: f.read_at(s[1], s[0]).to_pybytes(), spans))
+                return list(pool.map(lambda s: bytes(memoryview(f.read_at(s[1], s[0]))), spans))
     except OSError as e:
         raise OSError(f"cannot read {storage.join(root, archive)}: {e}") from e
 

@@ -201,3 +201,15 @@ def test_a_devkit_without_ground_truth_is_one_clear_error(tmp_path):
         add(tar, "ILSVRC2012_devkit_t12/data/meta.mat", b"")
     with pytest.raises(ConfigError, match="lacks data/ILSVRC2012_validation_ground_truth.txt"):
         devkit.read_devkit(buf.getvalue())
+
+
+@pytest.mark.parametrize("gap", [ingest.TAR_GAP, 0])  # one ranged read, or one read a member
+def test_a_batch_of_tar_members_fetches_each_members_bytes(layouts, monkeypatch, gap):
+    monkeypatch.setattr(ingest, "TAR_GAP", gap)
+    folders, tarred = layouts
+    listing = sources.scan(str(tarred), ("train",))
+    far_apart = listing.files["train"].take([0, 5, CLASSES * PER_CLASS - 1])
+    blobs = ingest.fetch_batch(far_apart, str(tarred))
+    for row, data in zip(far_apart.to_pylist(), blobs):
+        path = folders / "train" / row[schema.WNID] / f"{row[schema.IMAGE_ID]}.JPEG"
+        assert data == path.read_bytes()
