@@ -335,8 +335,8 @@ def scan(source: str, splits: tuple[str, ...], limit_per_class: int | None = Non
         classes = sorted(found - {None})
     if not classes or not any(by_split.values()):
         raise ConfigError(
-            f"no images found in {source}: expected train/<wnid>/ folders and/or val/ "
-            f"(splits asked for: {','.join(splits)})"
+            f"no images found in {source}: expected train/<wnid>/ folders and/or val/, or "
+            f"{TARS['train']} and/or {TARS['val']} (splits asked for: {','.join(splits)})"
         )
     index = {w: i for i, w in enumerate(classes)}
     files, quarantine = {}, []
