@@ -8,9 +8,11 @@ Writes ``<output>/train/``, ``<output>/val/`` (Parquet files of about --file-siz
 in common/schema.py), ``<output>/quarantine/`` (one row per unusable input, with its reason) and,
 last, ``<output>/manifest.json``. Every file listed is accounted for: seen = written + quarantined.
 
-The work: the driver lists the files (pipelines/sources.py); Ray Data tasks fetch and decode them
-in batches (pipelines/images.py); write tasks (ImagesDatasink) gather about a file's worth of rows,
-write it, and send back only small things: counts, pixel sums, and the quarantine rows.
+The work: the driver lists the files, or the images inside ImageNet's tarballs with their byte
+ranges (pipelines/sources.py, tars.py); Ray Data tasks fetch them in batches (a batch of tar
+members with one ranged read) and decode them (pipelines/images.py); write tasks (ImagesDatasink)
+gather about a file's worth of rows, write it, and send back only small things: counts, pixel
+sums, and the quarantine rows.
 """
 
 from __future__ import annotations
