@@ -10,6 +10,8 @@ classes, 500 x 375 and similar, a tenth larger), or with ``--sample`` the genera
 - stock: ``ray.data.read_images(size=(64, 64), mode="RGB")`` then ``write_parquet``;
 - ingest: ``pipelines.ingest.run`` on the training split, and where its time went (listing, the
   Ray Data pipeline, the manifest);
+- tars: the same job on the same images packed as ImageNet ships them (ILSVRC2012_img_train.tar
+  of <wnid>.tar files), read without extracting;
 - process: ``python -m pipelines.ingest`` as a whole process, Ray start-up included.
 Each Ray pipeline runs once on a small subset first, so worker start-up is not counted; stock and
 ingest then alternate ``--repeat`` times, so that other load on the machine hits both alike.
@@ -31,7 +33,7 @@ import ray
 
 from benchmarks import photos
 from common import schema
-from pipelines import images, ingest, sample
+from pipelines import images, ingest, sample, tars
 
 CLASSES = 10
 
@@ -101,27 +103,34 @@ def main() -> None:
         warm = glob.glob(os.path.join(src, "train", "*"))[0]
         stock_rate(warm, os.path.join(tmp, "warm-stock"), 64, 1)
         ingest_run(src, os.path.join(tmp, "warm-ingest"), limit=5)
-        stock, ours = [], []
+        tarred = os.path.join(tmp, "tars")
+        tars.pack(src, tarred)
+        stock, ours, tarry = [], [], []
         for i in range(args.repeat):
             stock.append(stock_rate(os.path.join(src, "train"), os.path.join(tmp, f"stock{i}"),
                                     64, n))
             seconds, timings = ingest_run(src, os.path.join(tmp, "ours"))
             ours.append(n / seconds)
-            print(f"run {i + 1}: stock {stock[-1]:.0f} images/s, ingest {ours[-1]:.0f} images/s; "
-                  f"ingest's time: {json.dumps(timings)}")
+            tar_seconds, tar_timings = ingest_run(tarred, os.path.join(tmp, "ours-tar"))
+            tarry.append(n / tar_seconds)
+            print(f"run {i + 1}: stock {stock[-1]:.0f} images/s, ingest {ours[-1]:.0f} images/s "
+                  f"({json.dumps(timings)}), from the tar {tarry[-1]:.0f} images/s "
+                  f"({json.dumps(tar_timings)})", flush=True)
         ray.shutdown()
     ideal = floor * args.cpus
     kind = "generated sample" if args.sample else "photo"
     print(f"images: {n} {kind} JPEGs ({n // CLASSES} per class), Ray CPUs: {args.cpus}")
     print(f"floor (1 process, decode+resize): {floor:8.1f} images/s; "
           f"x{args.cpus} CPUs = {ideal:.1f}")
-    for name, rates in (("stock read_images+write_parquet", stock), ("pipelines.ingest", ours)):
+    for name, rates in (("stock read_images+write_parquet", stock), ("pipelines.ingest", ours),
+                        ("pipelines.ingest from the tar", tarry)):
         print(f"{name:32s}: {' '.join(f'{r:8.1f}' for r in rates)} images/s")
     print(f"whole process python -m pipelines.ingest: {whole:.1f} s ({n / whole:.0f} images/s)")
     ratios = [o / s for o, s in zip(ours, stock)]
     print(f"ingest / stock          = {' '.join(f'{r:5.2f}x' for r in ratios)}  (goal >= 3x)")
     print(f"ingest / (floor x CPUs) = {' '.join(f'{o / ideal:5.2f}' for o in ours)}"
           f"   (goal >= 0.80)")
+    print(f"tar / folder ingest     = {' '.join(f'{t / o:5.2f}' for t, o in zip(tarry, ours))}")
 
 
 if __name__ == "__main__":

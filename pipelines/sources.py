@@ -55,7 +55,7 @@ SYNSETS = "LOC_synset_mapping.txt"
 KAGGLE_IMAGES = "ILSVRC/Data/CLS-LOC"
 
 # ImageNet's tarballs, read in place when a split has no folder (pipelines/tars.py)
-TARS = {"train": "ILSVRC2012_img_train.tar", "val": "ILSVRC2012_img_val.tar"}
+TARS = {"train": tars.TRAIN_TAR, "val": tars.VAL_TAR}
 # Where an image inside a tarball lies: the tar's path under the root and the byte range there;
 # null for a plain file. The listing's own columns: they never reach the output.
 ARCHIVE, OFFSET, LENGTH = "_archive", "_offset", "_length"

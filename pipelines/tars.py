@@ -10,13 +10,20 @@ member's bytes with one ranged read (pipelines/ingest.py), never the archive who
 A damaged archive is reported, not raised: the members whose bytes lie wholly inside it are kept,
 the one cut short is a ``Member`` with a ``problem``, and an unreadable header ends the walk with
 the reason the caller quarantines.
+
+``pack`` does the opposite, for tests and benchmarks: a local folder layout (train/<wnid>/,
+flat val/) into the tarballs as image-net.org ships them.
 """
 
 from __future__ import annotations
 
 import io
+import os
+import shutil
 import tarfile
 from dataclasses import dataclass
+
+TRAIN_TAR, VAL_TAR = "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"
 
 
 @dataclass(frozen=True)
@@ -95,3 +102,32 @@ def index(f, size: int, nested: bool = True) -> tuple[list[Member], str | None]:
     unreadable header), else None. Members cut short by the end of the file carry a ``problem``.
     """
     return _walk(f, 0, size, "", nested)
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def pack(folders: str, out: str, also: tuple[str, ...] = ()) -> None:
+    """ImageNet's tarballs from a local train/<wnid>/ + flat val/ tree: a tar of <wnid>.tar files
+    (sorted, as shipped) and a flat val tar; the files named in ``also`` are copied beside them."""
+    os.makedirs(out, exist_ok=True)
+    train, val = os.path.join(folders, "train"), os.path.join(folders, "val")
+    if os.path.isdir(train):
+        with tarfile.open(os.path.join(out, TRAIN_TAR), "w") as outer:
+            for wnid in sorted(os.listdir(train)):
+                buf = io.BytesIO()
+                with tarfile.open(fileobj=buf, mode="w") as inner:
+                    for name in sorted(os.listdir(os.path.join(train, wnid))):
+                        with open(os.path.join(train, wnid, name), "rb") as f:
+                            _add(inner, name, f.read())
+                _add(outer, f"{wnid}.tar", buf.getvalue())
+    if os.path.isdir(val):
+        with tarfile.open(os.path.join(out, VAL_TAR), "w") as tar:
+            for name in sorted(os.listdir(val)):
+                with open(os.path.join(val, name), "rb") as f:
+                    _add(tar, name, f.read())
+    for name in also:
+        shutil.copy(os.path.join(folders, name), os.path.join(out, name))

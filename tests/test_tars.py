@@ -52,28 +52,11 @@ def folder_tree(root) -> None:
     (root / sources.SYNSETS).write_text("".join(f"{w} class {w}\n" for w in wnids))
 
 
-def tarballs(folders, out) -> None:
-    """The same images as ImageNet ships them: a tar of <wnid>.tar files, a flat val tar."""
-    os.makedirs(out)
-    with tarfile.open(out / sources.TARS["train"], "w") as outer:
-        for wnid in sorted(os.listdir(folders / "train")):
-            buf = io.BytesIO()
-            with tarfile.open(fileobj=buf, mode="w") as inner:
-                for name in sorted(os.listdir(folders / "train" / wnid)):
-                    add(inner, name, (folders / "train" / wnid / name).read_bytes())
-            add(outer, f"{wnid}.tar", buf.getvalue())
-    with tarfile.open(out / sources.TARS["val"], "w") as val:
-        for name in sorted(os.listdir(folders / "val")):
-            add(val, name, (folders / "val" / name).read_bytes())
-    for name in (sources.VAL_CSV, sources.SYNSETS):
-        shutil.copy(folders / name, out / name)
-
-
 @pytest.fixture(scope="module")
 def layouts(tmp_path_factory):
     root = tmp_path_factory.mktemp("tars")
     folder_tree(root / "folders")
-    tarballs(root / "folders", root / "tars")
+    tars.pack(str(root / "folders"), str(root / "tars"), also=(sources.VAL_CSV, sources.SYNSETS))
     return root / "folders", root / "tars"
 
 
