@@ -196,3 +196,19 @@ def test_a_batch_of_tar_members_fetches_each_members_bytes(layouts, monkeypatch,
     for row, data in zip(far_apart.to_pylist(), blobs):
         path = folders / "train" / row[schema.WNID] / f"{row[schema.IMAGE_ID]}.JPEG"
         assert data == path.read_bytes()
+
+
+@pytest.mark.slow
+def test_the_samples_hostile_files_in_tarballs_are_quarantined_as_from_folders(
+        sample_dir, ingested, tmp_path):
+    """Empty, truncated, random, text, bomb and unlabelled files: the same reasons, counts, rows."""
+    src, out = tmp_path / "src", str(tmp_path / "out")
+    tars.pack(str(sample_dir), str(src), also=(sources.VAL_CSV, sources.SYNSETS))
+    ingest.run(ingest.Settings(source=str(src), output=out))
+    same_rows(out, ingested)
+
+    def reasons(path: str) -> list[tuple[str, str]]:
+        rows = pq.read_table(os.path.join(path, schema.QUARANTINE_DIR)).to_pylist()
+        return sorted((os.path.basename(r[schema.SOURCE]), r[schema.REASON]) for r in rows)
+
+    assert len(reasons(ingested)) >= 5 and reasons(out) == reasons(ingested)
