@@ -1,7 +1,7 @@
 """Decode one image file and resize it to a small RGB square: the pixels of the ingest job.
 
-Pure Pillow and numpy. ``to_pixels`` returns (size, size, 3) uint8 in row-major HWC order, or
-raises ``BadImage`` with a one-line reason that the job stores in its quarantine table.
+Pillow, simplejpeg and numpy, no Ray. ``to_pixels`` returns (size, size, 3) uint8 in row-major HWC
+order, or raises ``BadImage`` with a one-line reason that the job stores in its quarantine table.
 
     >>> pixels, (w, h) = to_pixels(open("n01440764_10026.JPEG", "rb").read(), size=64)
     >>> pixels.shape, pixels.dtype
