@@ -45,7 +45,7 @@ demo: $(STAMP) ## every job and the report on the built-in sample, into demo-out
 	$(PY) -m attacks.report --results $(DEMO)/fooling --output $(DEMO)/report --overwrite
 
 bench-ingest: $(STAMP) ## ingest benchmark: the job against Ray's stock reader
-	$(PY) -m benchmarks.ingest --per-class 1000
+	$(PY) -m benchmarks.ingest --images 10000 --repeat 2
 
 bench-train: $(STAMP) ## training benchmark: the job against a plain PyTorch loop
 	$(PY) -m benchmarks.train

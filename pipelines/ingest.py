@@ -8,9 +8,11 @@ Writes ``<output>/train/``, ``<output>/val/`` (Parquet files of about --file-siz
 in common/schema.py), ``<output>/quarantine/`` (one row per unusable input, with its reason) and,
 last, ``<output>/manifest.json``. Every file listed is accounted for: seen = written + quarantined.
 
-The work: the driver lists the files (pipelines/sources.py); Ray Data tasks fetch and decode them
-in batches (pipelines/images.py); write tasks (ImagesDatasink) gather about a file's worth of rows,
-write it, and send back only small things: counts, pixel sums, and the quarantine rows.
+The work: the driver lists the files, or the images inside ImageNet's tarballs with their byte
+ranges (pipelines/sources.py, tars.py); Ray Data tasks fetch them in batches (a batch of tar
+members with one ranged read) and decode them (pipelines/images.py); write tasks (ImagesDatasink)
+gather about a file's worth of rows, write it, and send back only small things: counts, pixel
+sums, and the quarantine rows.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from pipelines import images, sources
 log = logging.getLogger(__name__)
 
 FETCH_THREADS = 16  # concurrent reads per decode task: hides object-store latency
+TAR_GAP = 8 * 2**20  # a batch's tarball members are read at once unless this much lies between
 # Write tasks mostly wait on storage. Asking for less CPU than the decoders also keeps Ray Data
 # from fusing decode into write, which would make each write task decode a whole file's worth of
 # images alone, one core per output file.
@@ -60,7 +63,8 @@ class Settings:
                   "choices": images.RESIZE_MODES},
     )
     draft: bool = field(
-        default=True, metadata={"help": "reduced-size JPEG decoding (several times faster)"}
+        default=True, metadata={"help": "reduced-size JPEG decoding (about twice as fast); "
+                                        "--no-draft: exact full decode"}
     )
     limit_per_class: int | None = field(
         default=None,
@@ -79,8 +83,25 @@ def unreadable_reason(fs, e: OSError) -> str | None:
     return None
 
 
-def decode_batch(batch: pa.Table, root: str, size: int, resize: str, draft: bool) -> pa.Table:
-    """Fetch and decode a batch of listed files; failures become rows with a reason and no image."""
+def _read_members(fs, root: str, archive: str, spans: list[tuple[int, int]]) -> list[bytes]:
+    """Images inside one tarball by their (offset, length): one ranged read when they lie close
+    together (consecutive members of a batch), else one read each."""
+    first, end = min(o for o, _ in spans), max(o + n for o, n in spans)
+    _, base = storage.filesystem(root)
+    try:
+        with fs.open_input_file(f"{base}/{archive}") as f:
+            if end - first <= 2 * sum(n for _, n in spans) + TAR_GAP:
+                data = memoryview(f.read_at(end - first, first))  # bytes or a pyarrow Buffer
+                return [bytes(data[o - first:o - first + n]) for o, n in spans]
+            with ThreadPoolExecutor(min(FETCH_THREADS, len(spans))) as pool:
+                return list(pool.map(lambda s: bytes(memoryview(f.read_at(s[1], s[0]))), spans))
+    except OSError as e:
+        raise OSError(f"cannot read {storage.join(root, archive)}: {e}") from e
+
+
+def fetch_batch(batch: pa.Table, root: str) -> list[bytes | images.BadImage]:
+    """The bytes of every listed image of a batch: files with concurrent reads, tarball members
+    with ranged reads. A file this process may not read is a BadImage; storage errors raise."""
     fs, base = storage.filesystem(root)
 
     def fetch(rel: str) -> bytes | images.BadImage:
@@ -97,10 +118,27 @@ def decode_batch(batch: pa.Table, root: str, size: int, resize: str, draft: bool
             raise OSError(f"cannot read {storage.join(root, rel)}: {e}") from e
 
     rels = batch.column(schema.SOURCE).to_pylist()
-    with ThreadPoolExecutor(min(FETCH_THREADS, max(1, len(rels)))) as pool:
-        blobs = list(pool.map(fetch, rels))
+    archives = batch.column(sources.ARCHIVE).to_pylist()
+    blobs: list = [None] * len(rels)
+    plain = [i for i, a in enumerate(archives) if a is None]
+    with ThreadPoolExecutor(min(FETCH_THREADS, max(1, len(plain)))) as pool:
+        for i, data in zip(plain, pool.map(fetch, [rels[i] for i in plain])):
+            blobs[i] = data
+    offsets = batch.column(sources.OFFSET).to_pylist()
+    lengths = batch.column(sources.LENGTH).to_pylist()
+    for archive in {a for a in archives if a is not None}:
+        members = [i for i, a in enumerate(archives) if a == archive]
+        spans = [(offsets[i], lengths[i]) for i in members]
+        for i, data in zip(members, _read_members(fs, root, archive, spans)):
+            blobs[i] = data
+    return blobs
+
+
+def decode_batch(batch: pa.Table, root: str, size: int, resize: str, draft: bool) -> pa.Table:
+    """Fetch and decode a batch of listed images; failures become rows with a reason, no image."""
+    blobs = fetch_batch(batch, root)
     pixels, widths, heights, reasons = [], [], [], []
-    sums, squares = np.zeros((len(rels), 3), np.int64), np.zeros((len(rels), 3), np.int64)
+    sums, squares = np.zeros((len(blobs), 3), np.int64), np.zeros((len(blobs), 3), np.int64)
     for i, data in enumerate(blobs):
         try:
             if isinstance(data, images.BadImage):
@@ -262,7 +300,10 @@ def run(cfg: Settings) -> dict:
         schema.M_COUNTS: counts,
         schema.M_PIXEL_MEAN: mean,
         schema.M_PIXEL_STD: std,
-        schema.M_RESIZE: {"mode": cfg.resize, "filter": "box", "draft": cfg.draft},
+        schema.M_RESIZE: {"mode": cfg.resize, "filter": "box", "draft": cfg.draft,
+                          **({"draft_margin": images.DRAFT_MARGIN,
+                              "draft_filter": images.DRAFT_FILTER.name.lower()}
+                             if cfg.draft else {})},
         schema.M_FILES: files,
         schema.M_CONFIG: asdict(cfg),
         schema.M_VERSIONS: schema.versions(),

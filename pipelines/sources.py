@@ -6,8 +6,14 @@ Layouts read (local or s3://, through pyarrow.fs):
   ``LOC_val_solution.csv`` (Kaggle: ``ImageId,PredictionString``, WNID first) at the root or in
   val/.
 - Kaggle's ``<root>/ILSVRC/Data/CLS-LOC/{train,val}`` is found by itself.
-- ``LOC_synset_mapping.txt`` (``<wnid> <names>``) gives the class list and names when present;
-  otherwise the class list is the training class folders (or the validation labels).
+- ImageNet's tarballs, read in place (pipelines/tars.py) when the split has no folder:
+  ``<root>/ILSVRC2012_img_train.tar`` (one ``<wnid>.tar`` per class inside: a class folder) and
+  ``<root>/ILSVRC2012_img_val.tar`` (flat), labelled by ``LOC_val_solution.csv`` or by the devkit
+  ``ILSVRC2012_devkit_t12.tar.gz`` (pipelines/devkit.py). A row's ``source`` is then the path
+  inside the tar, e.g. ``ILSVRC2012_img_train.tar/n01440764.tar/n01440764_10026.JPEG``.
+- ``LOC_synset_mapping.txt`` (``<wnid> <names>``) gives the class list and names when present
+  (else the devkit's, when it is read); otherwise the class list is the training class folders
+  (or the validation labels).
 
 Labels are the index of the WNID in sorted order (ImageNet's standard 0..999). Every file under
 train/ and val/ is accounted for: it is listed for decoding or quarantined here with its reason.
@@ -42,11 +48,17 @@ import pyarrow.fs as pafs
 
 from common import schema, storage
 from common.errors import ConfigError
+from pipelines import devkit, tars
 
 VAL_CSV = "LOC_val_solution.csv"
 SYNSETS = "LOC_synset_mapping.txt"
 KAGGLE_IMAGES = "ILSVRC/Data/CLS-LOC"
 
+# ImageNet's tarballs, read in place when a split has no folder (pipelines/tars.py)
+TARS = {"train": tars.TRAIN_TAR, "val": tars.VAL_TAR}
+# Where an image inside a tarball lies: the tar's path under the root and the byte range there;
+# null for a plain file. The listing's own columns: they never reach the output.
+ARCHIVE, OFFSET, LENGTH = "_archive", "_offset", "_length"
 FILES_SCHEMA = pa.schema(
     [
         pa.field(schema.SOURCE, pa.string()),
@@ -55,6 +67,8 @@ FILES_SCHEMA = pa.schema(
         pa.field(schema.LABEL, pa.int16()),
     ]
 )
+LISTING_SCHEMA = pa.schema([*FILES_SCHEMA, pa.field(ARCHIVE, pa.string()),
+                            pa.field(OFFSET, pa.int64()), pa.field(LENGTH, pa.int64())])
 
 
 @dataclass(frozen=True)
@@ -64,7 +78,7 @@ class Listing:
     root: str  # URI the ``source`` paths are relative to
     classes: list[str]  # WNIDs in label order
     class_names: list[str] | None
-    files: dict[str, pa.Table]  # split -> FILES_SCHEMA rows, sorted by source
+    files: dict[str, pa.Table]  # split -> LISTING_SCHEMA rows, sorted by source
     quarantine: list[dict]  # {source, split, reason} for files that never reach the decoder
 
 
@@ -158,6 +172,18 @@ def _list_files(fs: pafs.FileSystem, path: str,
     return sorted(i.path[cut:] for i in infos if i.type == pafs.FileType.File), []
 
 
+def _list_tar(fs: pafs.FileSystem, path: str, name: str
+              ) -> tuple[list[str], list[tuple[str, str]], dict[str, tuple[int, int]]]:
+    """(members, skipped, {member: (offset, length)}) of a tarball, like _list_files' answer."""
+    with fs.open_input_file(path) as f:
+        members, problem = tars.index(f, f.size())
+    files = sorted(m.name for m in members if m.problem is None)
+    skipped = [(m.name, m.problem) for m in members if m.problem is not None]
+    if problem:
+        skipped.append(("", problem))  # the archive itself: what follows the damage is lost
+    return files, skipped, {m.name: (m.offset, m.size) for m in members}
+
+
 def _read_text(fs: pafs.FileSystem, path: str) -> str | None:
     if fs.get_file_info(path).type != pafs.FileType.File:
         return None
@@ -187,6 +213,7 @@ class ValLabels:
 
     labels: dict[str, str]  # image_id -> wnid
     conflicts: dict[str, str]  # image_id -> quarantine reason
+    origin: str = VAL_CSV  # the file the labels come from, named in quarantine reasons
 
 
 def read_val_csv(text: str) -> ValLabels:
@@ -218,6 +245,10 @@ def read_val_csv(text: str) -> ValLabels:
 
 def _stem(path: str) -> str:
     return posixpath.splitext(posixpath.basename(path))[0]
+
+
+def _is(fs: pafs.FileSystem, path: str, kind: pafs.FileType) -> bool:
+    return fs.get_file_info(path).type == kind
 
 
 def _image_root(fs: pafs.FileSystem, root: str) -> str:
@@ -260,61 +291,81 @@ def scan(source: str, splits: tuple[str, ...], limit_per_class: int | None = Non
     fs, root = storage.filesystem(source)
     images = _image_root(fs, root)
     split_prefix = {s: f"{images}/{s}"[len(root) + 1:] for s in splits}
-    listed = {s: _list_files(fs, f"{images}/{s}", split_prefix[s]) for s in splits}
+    in_tar = {s for s in splits if s in TARS and _is(fs, f"{root}/{TARS[s]}", pafs.FileType.File)
+              and not _is(fs, f"{images}/{s}", pafs.FileType.Directory)}
+    listed, ranges = {}, {}
+    for s in splits:
+        if s in in_tar:
+            split_prefix[s] = TARS[s]
+            *listed[s], ranges[s] = _list_tar(fs, f"{root}/{TARS[s]}", TARS[s])
+        else:
+            listed[s] = _list_files(fs, f"{images}/{s}", split_prefix[s])
+
+    def folder_of(split: str, rel: str) -> str | None:  # an inner <wnid>.tar is a class folder
+        folder = _folder(rel)
+        return folder.removesuffix(".tar") if folder and split in in_tar else folder
     by_split = {s: [r for r in listed[s][0] if posixpath.basename(r) != VAL_CSV] for s in splits}
     synsets_text = _read_text(fs, f"{root}/{SYNSETS}")
     names = read_synsets(synsets_text) if synsets_text else None
 
     val_labels = None
     if "val" in splits and by_split["val"]:
-        if any(_folder(r) is None for r in by_split["val"]):
+        if any(folder_of("val", r) is None for r in by_split["val"]):
             text = _read_text(fs, f"{root}/{VAL_CSV}") or _read_text(fs, f"{images}/val/{VAL_CSV}")
-            if text is None:
+            if text is not None:
+                val_labels = read_val_csv(text)
+            elif _is(fs, f"{root}/{devkit.DEVKIT}", pafs.FileType.File):
+                with fs.open_input_stream(f"{root}/{devkit.DEVKIT}") as f:
+                    labels, devkit_names = devkit.read_devkit(f.read())
+                val_labels = ValLabels(labels, {}, devkit.GROUND_TRUTH)
+                names = names or devkit_names
+            else:
                 raise ConfigError(
-                    f"{source}: val/ holds images directly but no {VAL_CSV} with their labels was "
-                    f"found at the root or in val/"
+                    f"{source}: the validation images lie flat but no {VAL_CSV} (at the root or "
+                    f"in val/) or {devkit.DEVKIT} (at the root) with their labels was found"
                 )
-            val_labels = read_val_csv(text)
 
     if names:
         classes = sorted(names)
     else:
-        found = {_folder(r) for r in by_split.get("train", [])}
+        found = {folder_of("train", r) for r in by_split.get("train", [])}
         if not found - {None}:
-            found = {_folder(r) for r in by_split.get("val", [])}
+            found = {folder_of("val", r) for r in by_split.get("val", [])}
             found |= set(val_labels.labels.values() if val_labels else ())
         classes = sorted(found - {None})
     if not classes or not any(by_split.values()):
         raise ConfigError(
-            f"no images found in {source}: expected train/<wnid>/ folders and/or val/ "
-            f"(splits asked for: {','.join(splits)})"
+            f"no images found in {source}: expected train/<wnid>/ folders and/or val/, or "
+            f"{TARS['train']} and/or {TARS['val']} (splits asked for: {','.join(splits)})"
         )
     index = {w: i for i, w in enumerate(classes)}
     files, quarantine = {}, []
     for split, rels in by_split.items():
         def bad(rel: str, why: str, split: str = split) -> dict:
-            return {schema.SOURCE: f"{split_prefix[split]}/{rel}", schema.SPLIT: split,
-                    schema.REASON: why}
+            where = f"{split_prefix[split]}/{rel}" if rel else split_prefix[split]
+            return {schema.SOURCE: where, schema.SPLIT: split, schema.REASON: why}
 
         quarantine.extend(bad(rel, why) for rel, why in listed[split][1])
         candidates = []
         for rel in rels:
-            folder = _folder(rel)
+            folder = folder_of(split, rel)
             if folder is not None:
                 wnid, why = folder, f"class folder {folder!r} is not a known class"
             elif split == "val" and val_labels is not None:
                 wnid = val_labels.labels.get(_stem(rel))
                 why = val_labels.conflicts.get(_stem(rel)) or (
-                    f"no label in {VAL_CSV}" if wnid is None
+                    f"no label in {val_labels.origin}" if wnid is None
                     else f"label {wnid!r} is not a known class")
             else:
                 wnid, why = None, "not inside a class folder"
             if wnid not in index:
                 quarantine.append(bad(rel, why))
                 continue
+            offset, length = ranges[split][rel] if split in in_tar else (None, None)
             candidates.append({schema.SOURCE: f"{split_prefix[split]}/{rel}",
                                schema.IMAGE_ID: _stem(rel), schema.WNID: wnid,
-                               schema.LABEL: index[wnid]})
+                               schema.LABEL: index[wnid], OFFSET: offset, LENGTH: length,
+                               ARCHIVE: split_prefix[split] if split in in_tar else None})
         kept, dropped = unique_ids(candidates)
         quarantine.extend({schema.SOURCE: src, schema.SPLIT: split, schema.REASON: why}
                           for src, why in dropped)
@@ -325,6 +376,6 @@ def scan(source: str, splits: tuple[str, ...], limit_per_class: int | None = Non
                 continue
             per_class[row[schema.WNID]] += 1
             rows.append(row)
-        files[split] = pa.Table.from_pylist(rows, schema=FILES_SCHEMA)
+        files[split] = pa.Table.from_pylist(rows, schema=LISTING_SCHEMA)
     class_names = [names.get(w, "") for w in classes] if names else None
     return Listing(source.rstrip("/"), classes, class_names, files, quarantine)
