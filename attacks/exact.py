@@ -124,7 +124,7 @@ class Exact(Sign):
             if (~ok).any():  # the LP's duals at e, closer: Newton's method
                 bad = (~ok).nonzero()[:, 0]
                 sub = prob.subset(bad)
-                lam_e[bad] = newton(sub, lam_e[bad], e[bad], NEWTON_STEPS).to(lam_e.dtype)
+                lam_e[bad] = newton(sub, lam_e[bad], e[bad], NEWTON_STEPS)[0].to(lam_e.dtype)
                 d[bad] = torch.sign(sub.g(lam_e[bad])).to(torch.int8)
                 img[bad] = self.image_at(x[idx[bad]], d[bad], e[bad].long())
                 sc[bad] = self.model.scores(img[bad])
@@ -347,11 +347,12 @@ def root(hist: torch.Tensor, lq: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return r, above.gather(1, e1[:, None])[:, 0]
 
 
-def newton(prob: Problem, lam: torch.Tensor, eps: torch.Tensor, steps: int) -> torch.Tensor:
+def newton(prob: Problem, lam: torch.Tensor, eps: torch.Tensor, steps: int):
     """Weights (P, K) that minimize h(lam, eps) over the simplex, by Newton's method on h
     smoothed (|g_j| as sqrt(g_j^2 + tau^2)): with thousands of pixels h is nearly smooth, and
     a few steps from the root's weights reach the LP's duals. The rivals free to move are those
-    with weight and those whose corner margin is below h (they would take weight)."""
+    with weight and those whose corner margin is below h (they would take weight). Returns the
+    best weights met and h there (P,) (the LP's best worst-case margin at eps, from above)."""
     P, K = lam.shape
     A = prob.rows()  # (P, K, D)
     e = eps.float()[:, None]
@@ -360,13 +361,15 @@ def newton(prob: Problem, lam: torch.Tensor, eps: torch.Tensor, steps: int) -> t
     best, best_h = lam.double().clone(), torch.full((P,), float("inf"), dtype=torch.float64,
                                                      device=lam.device)
     lam = lam.double()
-    for i in range(steps):
+    for i in range(steps + 1):  # the last one only measures
         g = torch.bmm(lam.float()[:, None, :], A)[:, 0]  # (P, D)
         corner = torch.where(g > 0, up, -dn)
         M = prob.q + torch.bmm(A, corner[:, :, None])[:, :, 0].double()  # the corner's margins
         h = (lam * M).sum(1)
         better = h < best_h
         best[better], best_h[better] = lam[better], h[better]
+        if i == steps:
+            break
         tau = TAU * TAU_DECAY**i * g.abs().mean(1, keepdim=True).clamp(min=1e-30)
         root = torch.sqrt(g * g + tau * tau)
         grad = prob.q + torch.bmm(A, (w * g / root + v)[:, :, None])[:, :, 0].double()
@@ -389,7 +392,7 @@ def newton(prob: Problem, lam: torch.Tensor, eps: torch.Tensor, steps: int) -> t
         shrink = torch.where(d < 0, lam / (-d).clamp(min=1e-300), float("inf")).amin(1)
         lam = (lam + shrink.clamp(max=1)[:, None] * d).clamp(min=0)
         lam = lam / lam.sum(1, keepdim=True).clamp(min=1e-300)
-    return best
+    return best, best_h
 
 
 def search_weights(prob: Problem, lam: torch.Tensor, calls: int, eps=None):
