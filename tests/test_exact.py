@@ -80,7 +80,7 @@ def test_stored_bytes_are_what_is_reported(toy):
     assert (want["linf"] == f.strength.numpy()).all()
     assert (f.bound.numpy() <= want["linf"]).all()
     # strength < bound + 1: the bound proves that one level less cannot work, for any image
-    assert (f.strength.numpy() < f.bound.numpy() + 1).mean() >= 0.95
+    assert (f.strength.numpy() < f.bound.numpy() + 1).mean() >= 0.99
 
 
 def test_never_above_sign(toy, photos):
