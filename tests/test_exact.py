@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from attacks.exact import NEWTON_STEPS, Exact, Problem, _onehot, newton, search_weights
+from attacks.dual import Problem, newton, onehot, search_weights
+from attacks.exact import NEWTON_STEPS, Exact
 from attacks.fooling import pairs
 from attacks.linear import LinearModel
 from attacks.sign import Sign
@@ -109,7 +110,7 @@ def test_newton_reaches_the_lp_value(photos):
     for i, t in ((0, 4), (1, 8), (2, 1)):
         x = torch.from_numpy(X[i:i + 1])
         prob = Problem(model, x, model.scores(x), torch.tensor([t]), 0.0)
-        lam, r, _ = search_weights(prob, _onehot(torch.zeros(1, dtype=torch.long), prob.K), 8)
+        lam, r, _ = search_weights(prob, onehot(torch.zeros(1, dtype=torch.long), prob.K), 8)
         eps = torch.floor(r) + 1
         lam, h = newton(prob, lam, eps, NEWTON_STEPS)
         z, _ = value(W, b, X[i], t, float(eps))
