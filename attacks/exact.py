@@ -13,13 +13,22 @@ reached at the corner ``clip(x + eps sign(g), 0, 255)`` (the sign step of attack
 sign(g)). ``h`` is nondecreasing and piecewise linear in eps with breakpoints at the integers
 (rooms are integers): its root ``r(lambda)`` comes from one 256-bin histogram of |g| over R. For
 every lambda, no image closer than ``r(lambda)`` beats all rivals (it would make h >= 0), and by
-LP duality ``max over lambda of r(lambda)`` is the true minimum. Only a few rivals carry weight
-at the optimum: this searches lambda over the KMAX rivals nearest by the Hoelder ratio
-``q_k / ||a_k||_1`` (SMO: move weight from the most satisfied rival to the most violated one of
-the corner at the root, with a regula falsi line search), keeps the best certificate, and stores
-the sign step along the best lambda's ``sign(g)``, at the smallest integer eps that fools the
-model, found and verified on the stored uint8 image by Sign's exact search. The math of one call:
-a few (P, KMAX, D) products and histograms per pair; no LP solver.
+LP duality ``max over lambda of r(lambda)`` is the true minimum.
+
+The stored image needs the other side: at the integer ``e = floor(r) + 1`` some image of B(e)
+beats every rival exactly when ``min over lambda of h(lambda, e) > 0``, and then the LP's
+solution is the corner along ``sign(g)`` for the minimizing lambda except at the few pixels where
+``g_j = 0`` (at most one fewer than the rivals with weight), which sit inside the box. So per
+pair, in stages: (1) SMO on r(lambda) (move weight from the most satisfied rival to the most
+violated one of the corner at the root, regula falsi on the segment) gives the certificate and
+e; (2) the same moves on h(., e) until the corner at e beats every rival; (3) where it does not,
+Newton's method on h(., e) with |g_j| smoothed as ``sqrt(g_j^2 + tau^2)`` (with thousands of
+pixels h is nearly smooth; tau shrinks every step) reaches the LP's duals, whose corner is
+tried, then (4) that corner with the pixels at a tie set to equalize the rivals with weight (a
+K x K linear system). The stored image is scored: if t wins, e is the minimum over all images,
+proved by the certificate. If not, the classes that beat it join the rivals (the search starts
+with the KMAX nearest by the Hoelder ratio ``q_k / ||a_k||_1``) and the next stage starts from
+Newton's weights. No LP solver: (P, K, D) products, histograms and (P, K, K) solves.
 
 Only numpy and torch here: no Ray, no storage.
 """
@@ -28,23 +37,16 @@ from __future__ import annotations
 
 import torch
 
+from attacks.dual import Problem, newton, onehot, search_weights
 from attacks.fooling import Fooled, expand, first_success, pairs
 from attacks.iterative import Iterative
-from attacks.linear import BOUND_SLACK, LinearModel, _round_down
-from attacks.sign import LEVELS, Sign
+from attacks.sign import Sign
 
-KMAX = 8  # rivals in the dual search, nearest first (random 1,000-class models bind more)
-CALLS = 30  # root evaluations per pair at most (few pairs need more than 5)
+STAGES = 5  # searches, each followed by a step that is scored
+STAGE_CALLS = 8  # root evaluations per pair and stage at most
 STEP_CALLS = 8  # the same, for the step to store: it starts from the certificate's optimum
-RAISES = (0.5, 0.85, 0.2)  # the stored step aims this fraction of the way to the next integer
-LINE_STEPS = 3  # evaluations per line search before it settles on its best point
-CONVERGED = 0.01  # stop once no rival's corner margin is short by more than this many levels
-RIVAL_ROUNDS = 2  # rounds in which the classes that beat the repaired image join the rivals
-REPAIR_MOVES = 12  # single-pixel moves at most, where the sign steps leave a gap
-FEASIBLE = 1e-4  # a corner that beats every rival by this much (score units) is tried
-CHUNK = 256  # pairs per dual search: memory CHUNK x KMAX x D x 4 bytes (100 MB for 64x64x3)
-DENSE_C = 128  # up to this many classes, products with all of W beat gathering rivals' rows
-COMPACT_AT = 0.75  # the search drops settled pairs once fewer than this fraction still move
+NEWTON_STEPS = 6  # Newton steps towards the weights that are optimal at the step's eps
+CHUNK = 256  # pairs per dual search: memory CHUNK x K x D x 4 bytes (100 MB for 64x64x3, K = 8)
 
 
 class Exact(Sign):
@@ -54,16 +56,17 @@ class Exact(Sign):
 
     Reference: the linear program of Szegedy et al., "Intriguing properties of neural networks"
     (ICLR 2014) and Carlini and Wagner's minimal-distance view, solved exactly for a linear
-    model: for every pair the stored image is the sign step ``clip(x + eps d, 0, 255)`` along
-    ``d = sign(sum_k lambda_k (W[t] - W[k]))`` for the dual weights lambda found, at the smallest
-    integer eps that makes t win on the stored uint8 image (Sign's exact search, clipping
-    included). ``bound`` (the job's ``bound_linf``) is the root of the dual function for those
-    weights, recomputed in float64 and shaved by ``BOUND_SLACK`` (relative): no image of any
-    kind closer than it makes t win (exact arithmetic on the float32 weights). Where
-    ``strength < bound + 1`` the strength is the minimal integer L-inf distance of any image,
-    proved; elsewhere the pair tries again (other raised goals, a few pixels set inside the box,
-    more rivals), then a plain Sign attack (the smaller step is kept), and where all fail the
-    iterative attack's image: never above Sign.
+    model: for every pair the stored image is the sign step ``clip(x + e d, 0, 255)`` along
+    ``d = sign(sum_k lambda_k (W[t] - W[k]))`` for dual weights lambda (with a few pixels at a
+    tie set inside the box where that is needed), at the integer ``e = floor(bound) + 1``,
+    verified by scoring the stored uint8 image. ``bound`` (the job's
+    ``bound_linf``) is the root of the dual function for the best weights found, recomputed in
+    float64 and shaved by ``BOUND_SLACK`` (relative): no image of any kind closer than it makes
+    t win (exact arithmetic on the float32 weights). So wherever the step at e fools the model,
+    e is the minimal integer L-inf distance of any image, proved. Where it does not, the classes
+    that beat it join the rivals and the search goes on from its weights (``STAGES`` in all);
+    then Sign's exact search along the last direction, a plain Sign attack (the smaller step is
+    kept), and where all fail the iterative attack's image: never above Sign.
 
     With ``confidence`` P the goal is the margin form: t beats every rival by ``log(P / (1 - P))``
     (an LP still; for two classes it is p_t >= P, with more classes p_t may stay below P: at least
@@ -84,96 +87,61 @@ class Exact(Sign):
     def __call__(self, X, S, targets):
         _, t = pairs(len(X), targets)
         x, s = expand(X, len(targets)), expand(S, len(targets))
-        everyone = torch.arange(len(t), device=t.device)
-        w = self.certify(x, s, t, everyone)
-        fooled, blocked = self.attempt(x, s, t, w, everyone, None)
-        todo = self.unproved(fooled, t, w["bound"]).nonzero()[:, 0]
-        for _ in range(RIVAL_ROUNDS):  # the classes that still win against the step join in
-            if len(todo) == 0:
-                break
-            rivals = self.more_rivals(w, todo, t, blocked)
-            new = self.certify(x, s, t, todo, rivals)
-            for key in w:
-                w[key][todo] = new[key]
-            w["bound"][todo] = torch.maximum(new["bound"], w["bound"][todo])
-            fooled, blocked = self.attempt(x, s, t, w, todo, fooled)
-            todo = self.unproved(fooled, t, w["bound"]).nonzero()[:, 0]
-        self.fall_back(fooled, x, s, t, todo)
-        fooled.bound = w["bound"]
+        out = [self.solve(x[c], s[c], t[c]) for c in torch.arange(len(t)).split(CHUNK)]
+        fooled = Fooled(*(torch.cat([getattr(f, k) for f in out])
+                          for k in ("images", "scores", "strength", "bound")))
+        self.fall_back(fooled, x, s, t, self.unproved(fooled, t).nonzero()[:, 0])
         return fooled
 
-    def attempt(self, x, s, t, w, idx, fooled):
-        """Store sign steps for pairs idx along the optimum for a raised goal (several tries),
-        then pixel repairs; returns fooled and the scores (P, C) of the repaired images."""
-        todo = idx
-        for frac in RAISES:  # a pair not proved minimal tries again, aiming elsewhere
-            d = torch.cat([self.step(x[c], s[c], t[c], {k: v[c] for k, v in w.items()}, frac)
-                           for c in todo.split(CHUNK)])
-            k0 = (torch.floor(w["bound"][todo]) + 1).clamp(1, self.kmax).long()
-            f = self.search(x[todo], d, s[todo], self.model.estimate(d), t[todo], k0)
-            fooled = f if fooled is None else self.keep_better(fooled, todo, f, t)
-            todo = todo[self.unproved(fooled, t, w["bound"])[todo]]
-            if len(todo) == 0:
-                return fooled, None
-        # a few pixels set inside the box, not at its ends, may close the gap
-        fixed = torch.cat([self.repair(x[c], s[c], t[c], {k: v[c] for k, v in w.items()})
-                           for c in todo.split(CHUNK)])
-        candidate = self.measured(fixed, t[todo], w, todo)
-        fooled = self.keep_better(fooled, todo, candidate, t)
-        blocked = torch.zeros(len(t), self.model.C, device=t.device)
-        blocked[todo] = candidate.scores
-        return fooled, blocked
-
-    def more_rivals(self, w, idx, t, blocked) -> torch.Tensor:
-        """Rivals (P', K) for pairs idx: those the dual weighs, then the classes with the smallest
-        margins over t on the repaired image (those that still beat it first)."""
-        S = blocked[idx].double()
-        rank = S.gather(1, t[idx, None]) - S
-        lam, old = w["lam"][idx], w["rivals"][idx]
-        rank.scatter_(1, old, torch.where(lam > 0, -1e30 - lam, rank.gather(1, old)))
-        rank.scatter_(1, t[idx, None], float("inf"))
-        return rank.topk(w["rivals"].shape[1], 1, largest=False).indices
-
-    def measured(self, images, t, w, idx) -> Fooled:
-        """Fooled for candidate images of pairs idx, strength = the integer e aimed at."""
-        e = (torch.floor(w["bound"][idx]) + 1).clamp(max=self.kmax)
-        return Fooled(images, self.model.scores(images), e)
-
-    def repair(self, x, s, t, w: dict) -> torch.Tensor:
-        """The sign step at e = floor(bound) + 1 (aimed half way from r to e), then greedy
-        single-pixel moves inside the box |x' - x| <= e, each the one that most raises the
-        smallest rival margin, while a rival still wins (P, D) uint8."""
-        e = (torch.floor(w["bound"]) + 1).clamp(max=self.kmax)
-        d = self.step(x, s, t, w, RAISES[0])
-        img = self.image_at(x, d, e.long())
-        prob = Problem(self.model, x, s, t, self.margin, w["rivals"])
-        xf = x.float()
-        lo, hi = (xf - e[:, None]).clamp(min=0), (xf + e[:, None]).clamp(max=255)
-        rows = torch.arange(len(t), device=t.device)
-        for _ in range(REPAIR_MOVES):
-            cur = img.float()
-            M = prob.margins(cur - xf)  # (P, K)
-            v = M.argmin(1)
-            if (M.amin(1) > FEASIBLE).all():
+    def solve(self, x, s, t) -> Fooled:
+        """One chunk of pairs, in stages: a few moves of the dual search, then the step at the
+        next integer above its root, scored; the pairs whose step wins are done (their bound is
+        certified then), the classes that beat the others' step join their rivals. After the
+        last stage, Sign's exact search along the last step's direction, from there up."""
+        f = Fooled(x.clone(), s.clone(), torch.zeros(len(t), device=t.device),
+                   torch.zeros(len(t), device=t.device))
+        idx = (~self.passes(s, t)).nonzero()[:, 0]  # pairs already won keep the original
+        prob = Problem(self.model, x[idx], s[idx], t[idx], self.margin)
+        lam = onehot(torch.zeros_like(idx), prob.K)
+        for stage in range(STAGES):
+            lam, r, _ = search_weights(prob, lam, STAGE_CALLS)
+            e = (torch.floor(r) + 1).clamp(1, self.kmax)
+            d, lam_e = self.step(prob, lam, e)
+            img = self.image_at(x[idx], d, e.long())
+            sc = self.model.scores(img)
+            ok = self.passes(sc, t[idx])
+            if (~ok).any():  # the LP's duals at e, closer: Newton's method
+                bad = (~ok).nonzero()[:, 0]
+                sub = prob.subset(bad)
+                lam_e[bad] = newton(sub, lam_e[bad], e[bad], NEWTON_STEPS)[0].to(lam_e.dtype)
+                d[bad] = torch.sign(sub.g(lam_e[bad])).to(torch.int8)
+                img[bad] = self.image_at(x[idx[bad]], d[bad], e[bad].long())
+                sc[bad] = self.model.scores(img[bad])
+                ok = self.passes(sc, t[idx])
+            if (~ok).any():  # the few pixels at a tie set inside the box
+                bad = (~ok).nonzero()[:, 0]
+                sub = prob.subset(bad)
+                img[bad] = (sub.x.float() + sub.balanced(lam_e[bad], e[bad])).to(torch.uint8)
+                sc[bad] = self.model.scores(img[bad])
+                ok = self.passes(sc, t[idx])
+            if stage == STAGES - 1:
+                found = self.search(x[idx], d, s[idx], self.model.estimate(d), t[idx], e.long())
+                img, sc, e = found.images, found.scores, found.strength
+                ok = torch.ones_like(ok)
+            won = idx[ok]
+            f.images[won], f.scores[won], f.strength[won] = img[ok], sc[ok], e[ok].float()
+            f.bound[won] = prob.subset(ok).certificate(lam[ok])
+            idx, prob, lam, sc = idx[~ok], prob.subset(~ok), lam_e[~ok], sc[~ok]
+            if len(idx) == 0:
                 break
-            a_v = prob.a(v)  # (P, D): the row of the most violated rival
-            full = torch.where(a_v > 0, hi, lo) - cur  # the most that pixel can give v
-            need = torch.ceil((-M[rows, v])[:, None].float() / a_v.abs().clamp(min=1e-30))
-            part = torch.sign(full) * torch.minimum(full.abs(), need)
-            best_gain, best = None, None
-            for delta in (full, part):
-                new_min = (M[:, :, None].float() + prob.a_all() * delta[:, None, :]).amin(1)
-                if best is None:
-                    best_gain, best = new_min, delta
-                else:
-                    take = new_min > best_gain
-                    best_gain, best = torch.where(take, new_min, best_gain), torch.where(
-                        take, delta, best)
-            j = best_gain.argmax(1)
-            ok = (best_gain[rows, j] > M.amin(1).float()) & (M.amin(1) <= FEASIBLE)
-            step = torch.where(ok, best[rows, j], 0.0)
-            img[rows, j] = (cur[rows, j] + step).round().clamp(0, 255).to(torch.uint8)
-        return img
+            prob, lam = prob.grow(sc, lam)
+        return f
+
+    def step(self, prob, lam, e) -> torch.Tensor:
+        """The sign vector (P, D) int8 to store a step along: from the root's optimum lam, the
+        weights whose corner at e beats every rival (or comes closest)."""
+        lam, _, _ = search_weights(prob, lam, STEP_CALLS, e.double())
+        return torch.sign(prob.g(lam)).to(torch.int8), lam
 
     def passes(self, S: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """t wins, and by ``margin`` over every rival (the margin form of the confidence)."""
@@ -181,9 +149,10 @@ class Exact(Sign):
         rest = S.scatter(1, t[:, None], -float("inf")).amax(1)
         return (S.argmax(1) == t) & (st - rest >= self.margin)
 
-    def unproved(self, fooled: Fooled, t, bound) -> torch.Tensor:
+    def unproved(self, fooled: Fooled, t) -> torch.Tensor:
         """(P,) bool: the stored step fails, or one level less is not ruled out by the bound."""
-        return (fooled.strength >= torch.floor(bound) + 1.5) | ~self.passes(fooled.scores, t)
+        return (fooled.strength >= torch.floor(fooled.bound) + 1.5) | ~self.passes(
+            fooled.scores, t)
 
     def keep_better(self, fooled: Fooled, idx, other: Fooled, t) -> Fooled:
         """Pairs idx take ``other``'s image where it passes and is smaller (or theirs fails)."""
@@ -211,252 +180,3 @@ class Exact(Sign):
             if len(rows):
                 walk = Iterative(self.model, self.confidence)(x[rows], s[rows], target[None])
                 self.keep_better(fooled, rows, walk, t)
-
-    # --- the dual search ------------------------------------------------------------------------
-    def certify(self, x, s, t, idx, rivals=None) -> dict:
-        """For pairs idx: the dual weights (P', K) with the largest root r, their rivals (the
-        KMAX nearest by the Hoelder ratio unless given), the slope at r, and the certified lower
-        bound (P',) float32 on the L-inf distance (r recomputed in float64, shaved)."""
-        out = []
-        for i in range(0, len(idx), CHUNK):
-            c = idx[i:i + CHUNK]
-            given = None if rivals is None else rivals[i:i + CHUNK]
-            prob = Problem(self.model, x[c], s[c], t[c], self.margin, given)
-            lam = torch.zeros(len(c), prob.K, dtype=torch.float64, device=t.device)
-            lam[:, 0] = 1.0
-            lam, r = search_weights(prob, lam)
-            out.append({"lam": lam, "rivals": prob.rivals, "r": r,
-                        "slope": prob.evaluate(lam)["slope"], "bound": prob.certificate(lam)})
-        return {k: torch.cat([o[k] for o in out]) for k in out[0]}
-
-    def step(self, x, s, t, w: dict, frac: float) -> torch.Tensor:
-        """The sign vector (P, D) int8 to store a step along: the optimum for a goal raised by
-        rho, whose root lies about ``frac`` of the way from r to the next integer e. Every rival's
-        corner margin is about rho there, so the sign step at e along it keeps them positive
-        (the margins' slopes in eps differ from rival to rival: the optimum at r itself, a
-        balanced corner at r, is often unbalanced at e)."""
-        prob = Problem(self.model, x, s, t, self.margin, w["rivals"])
-        r = w["r"]
-        e = torch.floor(r.clamp(max=254)) + 1
-        rho = frac * w["slope"] * (e - r).clamp(min=0)
-        lam, _ = search_weights(prob.raised(torch.where(torch.isfinite(rho), rho, 0.0)), w["lam"],
-                                calls=STEP_CALLS)
-        return torch.sign(prob.g(lam)).to(torch.int8)
-
-
-class Problem:
-    """One chunk of pairs: the K nearest rivals and their margins q_k (P, K).
-
-    ``g = sum_k lam_k (W[t] - W[k])`` and the corner's rival margins are computed as products
-    with W itself (a (P, C) x (C, D) product, W in cache) for few classes, and with the
-    gathered rows W[rivals] (P, K, D) for many.
-    """
-
-    def __init__(self, model: LinearModel, x, s, t, margin: float, rivals=None):
-        self.model, self.x, self.t, self.margin = model, x, t, margin
-        C = model.C
-        self.K = K = max(1, min(KMAX, C - 1))
-        q_all = (s.gather(1, t[:, None]) - s).double() - margin  # (P, C)
-        if rivals is None:
-            l1 = model.fact("dist_l1")[t].double().clamp(min=1e-30)
-            rank = (q_all / l1).scatter(1, t[:, None], float("inf"))
-            rivals = rank.topk(K, 1, largest=False).indices  # (P, K) nearest first
-        self.rivals, self.q = rivals, q_all.gather(1, rivals)
-        self.dense = C <= DENSE_C
-        self.Wt = None if self.dense else model.W[t]  # (P, D)
-        self.Wr = None if self.dense else model.W[rivals]  # (P, K, D)
-        xi = x.to(torch.int16)
-        self.up, self.dn = (255 - xi).long(), xi.long()  # rooms towards 255 and 0
-
-    def raised(self, rho: torch.Tensor) -> Problem:
-        """The same pairs with every rival to be beaten by rho (P,) more."""
-        sub = self.subset(slice(None))
-        sub.q = self.q - rho[:, None]
-        return sub
-
-    def subset(self, rows) -> Problem:
-        sub = object.__new__(Problem)
-        sub.model, sub.margin, sub.K, sub.dense = self.model, self.margin, self.K, self.dense
-        for key in ("x", "t", "rivals", "q", "Wt", "Wr", "up", "dn"):
-            v = getattr(self, key)
-            setattr(sub, key, None if v is None else v[rows])
-        return sub
-
-    def g(self, lam: torch.Tensor) -> torch.Tensor:
-        """sum_k lam_k (W[t] - W[k]), (P, D) float32."""
-        lam = lam.float()
-        if self.dense:
-            coef = torch.zeros(len(lam), self.model.C, device=lam.device)
-            coef.scatter_add_(1, self.rivals, -lam)
-            coef.scatter_add_(1, self.t[:, None], lam.sum(1, keepdim=True))
-            return coef @ self.model.W
-        return self.Wt * lam.sum(1, keepdim=True) - torch.bmm(lam[:, None, :], self.Wr)[:, 0]
-
-    def a_all(self) -> torch.Tensor:
-        """(P, K, D) rows W[t] - W[k] of the rivals (for the few pairs that are repaired)."""
-        return self.model.W[self.t][:, None, :] - self.model.W[self.rivals]
-
-    def a(self, k: torch.Tensor) -> torch.Tensor:
-        """(P, D): W[t] - W[rival k] per pair."""
-        return self.model.W[self.t] - self.model.W[self.rivals.gather(1, k[:, None])[:, 0]]
-
-    def margins(self, step: torch.Tensor) -> torch.Tensor:
-        """q_k + (W[t] - W[k]) . step for the K rivals, (P, K) float64."""
-        if self.dense:
-            ds = step @ self.model.W.T  # (P, C)
-            gain = ds.gather(1, self.t[:, None]) - ds.gather(1, self.rivals)
-        else:
-            gain = (self.Wt * step).sum(1, keepdim=True) - torch.bmm(
-                self.Wr, step[:, :, None])[:, :, 0]
-        return self.q + gain.double()
-
-    def evaluate(self, lam: torch.Tensor, eps: torch.Tensor | None = None) -> dict:
-        """At the root r of h(lam, .) (inf: t cannot win at all), or at a given eps (P,): the
-        corner's rival margins M (P, K) and h's slope in eps (P,). Float32 products: this steers
-        the search; the certificate is recomputed in float64."""
-        g = self.g(lam)
-        room = torch.where(g > 0, self.up, self.dn)
-        if eps is None:
-            hist = torch.zeros(len(g), LEVELS, device=g.device).scatter_add_(
-                1, room, g.abs()).double()
-            r, slope = root(hist, (lam * self.q).sum(1))
-        else:
-            r, slope = eps.double(), torch.ones_like(eps, dtype=torch.float64)
-        step = torch.sign(g) * torch.minimum(room.float(), r.clamp(max=255).float()[:, None])
-        return {"r": r, "M": self.margins(step), "slope": slope}
-
-    def certificate(self, lam: torch.Tensor) -> torch.Tensor:
-        """r(lam) recomputed in float64 from the float32 weights, shaved: a true lower bound."""
-        W, b, t = self.model.W, self.model.b, self.t
-        lam = lam.double().clamp(min=0)
-        Wr = W[self.rivals].double() if self.Wr is None else self.Wr.double()  # (P, K, D)
-        g = W[t].double() * lam.sum(1, keepdim=True) - torch.bmm(lam[:, None, :], Wr)[:, 0]
-        c = (lam * (b[t].double()[:, None] - b[self.rivals].double() - self.margin)).sum(1)
-        lq = c + (g * self.x.double()).sum(1)
-        hist = torch.zeros(len(t), LEVELS, dtype=torch.float64, device=W.device).scatter_add_(
-            1, torch.where(g > 0, self.up, self.dn), g.abs())
-        r, _ = root(hist, lq)
-        return _round_down(r.clamp(max=255) * (1 - BOUND_SLACK))
-
-
-def root(hist: torch.Tensor, lq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Root in eps of ``lq + sum_r hist_r min(eps, r)`` (hist (P, 256) over integer rooms r) and
-    the slope there; inf where it stays negative up to 255 (then nothing in 0..255 gets there)."""
-    h = torch.arange(LEVELS, dtype=hist.dtype, device=hist.device)
-    below = torch.cumsum(hist * h, 1) - hist * h  # sum over rooms < e of hist_r r
-    above = hist.sum(1, keepdim=True) - (torch.cumsum(hist, 1) - hist)  # sum over rooms >= e
-    val = lq[:, None] + below + h * above  # (P, 256): the function at e = 0..255
-    ok = val >= 0
-    e1 = ok.int().argmax(1)  # the first integer where it is >= 0
-    v1 = val.gather(1, e1[:, None])[:, 0]
-    v0 = val.gather(1, (e1 - 1).clamp(min=0)[:, None])[:, 0]
-    frac = torch.where(v1 > v0, -v0 / (v1 - v0).clamp(min=1e-300), 1.0).clamp(0, 1)
-    r = torch.where(e1 > 0, e1 - 1 + frac, 0.0)
-    r = torch.where(ok.any(1), r, float("inf"))
-    return r, above.gather(1, e1[:, None])[:, 0]
-
-
-def search_weights(prob: Problem, lam: torch.Tensor, eps: torch.Tensor | None = None,
-                   calls: int = CALLS) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dual weights (P, K) by SMO with regula falsi, from lam; returns them and their score.
-
-    Without eps: the largest root r(lam) (score r). At the root the corner's margins M satisfy
-    ``lam . M = 0``, and lam is optimal when no M_k < 0. Otherwise weight moves from o (the most
-    satisfied rival with weight) to v (the most violated) along ``lam + gamma (e_v - e_o)``,
-    0 <= gamma <= lam_o: the root is unimodal along it and peaks where ``M_v = M_o``, the zero
-    that the line search brackets. With eps (P,): the same moves minimize h(lam, eps), whose
-    corner then beats every rival if anything within eps does (score min_k M_k; a pair stops
-    as soon as its corner beats all K rivals).
-    """
-    P, K = lam.shape
-    out_lam, out_score = lam.clone(), torch.full((P,), -float("inf"), dtype=torch.float64,
-                                                   device=lam.device)
-    ids = torch.arange(P, device=lam.device)
-    base = prob.evaluate(lam, eps)
-    base["lam"], base["score"] = lam.clone(), _score(base, eps)
-    ls = _new_line(base)
-    for _ in range(calls - 1):
-        done = _settled(base, eps)
-        if done.any():  # record the settled pairs, keep searching with the rest
-            _record(out_lam, out_score, ids[done], base["lam"][done], base["score"][done])
-        if done.all():
-            return out_lam, out_score
-        if done.float().mean() > 1 - COMPACT_AT:
-            keep = ~done
-            ids, prob = ids[keep], prob.subset(keep)
-            eps = None if eps is None else eps[keep]
-            base = {k: v[keep] for k, v in base.items()}
-            ls = {k: v[keep] for k, v in ls.items()}
-        rows = torch.arange(len(ids), device=lam.device)
-        query = base["lam"] + ls["gamma"][:, None] * (_onehot(ls["v"], K) - _onehot(ls["o"], K))
-        query = query.clamp(min=0)
-        ev = prob.evaluate(query, eps)
-        ev["lam"], ev["score"] = query, _score(ev, eps)
-        phi = ev["M"][rows, ls["v"]] - ev["M"][rows, ls["o"]]
-        better = ev["score"] > ls["score"]  # the best point of the segment so far
-        for key in ("lam", "score", "r", "M", "slope"):
-            ls[key][better] = ev[key][better]
-        _regula_falsi(ls, phi)
-        ls["steps"] += 1
-        end = (ls["steps"] >= LINE_STEPS) | ls["at_end"]
-        if end.any():
-            for key in ("lam", "score", "r", "M", "slope"):
-                base[key][end] = ls[key][end]
-            new = _new_line(base)
-            for key, v in new.items():
-                ls[key][end] = v[end]
-    _record(out_lam, out_score, ids, base["lam"], base["score"])
-    return out_lam, out_score
-
-
-def _score(ev: dict, eps) -> torch.Tensor:
-    return ev["r"] if eps is None else ev["M"].amin(1)
-
-
-def _settled(base: dict, eps) -> torch.Tensor:
-    if eps is not None:
-        return base["M"].amin(1) > FEASIBLE
-    short = (-base["M"].amin(1)).clamp(min=0)
-    return (short <= CONVERGED * base["slope"].clamp(min=1e-30)) | ~torch.isfinite(base["r"])
-
-
-def _record(out_lam, out_score, ids, lam, score) -> None:
-    better = score > out_score[ids]
-    out_lam[ids[better]], out_score[ids[better]] = lam[better], score[better]
-
-
-def _onehot(i: torch.Tensor, K: int) -> torch.Tensor:
-    return torch.nn.functional.one_hot(i, K).double()
-
-
-def _new_line(base: dict) -> dict:
-    """A line search from base: weight from o (largest M with weight) to v (smallest M)."""
-    M, lam = base["M"], base["lam"]
-    rows = torch.arange(len(M), device=M.device)
-    v = M.argmin(1)
-    o = torch.where(lam > 0, M, -float("inf")).argmax(1)
-    top = lam[rows, o]
-    phi0 = M[rows, v] - M[rows, o]  # < 0 unless settled
-    return {"v": v, "o": o, "lo": torch.zeros_like(top), "phi_lo": phi0, "hi": top,
-            "phi_hi": torch.full_like(top, float("nan")), "gamma": top.clone(),
-            "side": torch.zeros_like(v), "steps": torch.zeros_like(v),
-            "at_end": torch.zeros_like(v, dtype=torch.bool),
-            **{k: base[k].clone() for k in ("lam", "score", "r", "M", "slope")}}
-
-
-def _regula_falsi(ls: dict, phi: torch.Tensor) -> None:
-    """Update the bracket [lo, hi] of the zero of phi (phi(lo) < 0) with phi at ls["gamma"],
-    and choose the next gamma (Illinois: halve a stale end's value)."""
-    g = ls["gamma"]
-    first = torch.isnan(ls["phi_hi"])
-    ls["at_end"] = first & (phi <= 0)  # still rising at gamma = lam_o: o drops out, stop there
-    neg = phi < 0
-    stale_hi, stale_lo = neg & (ls["side"] == -1), ~neg & (ls["side"] == 1)
-    ls["phi_hi"] = torch.where(stale_hi, ls["phi_hi"] / 2, ls["phi_hi"])
-    ls["phi_lo"] = torch.where(stale_lo, ls["phi_lo"] / 2, ls["phi_lo"])
-    ls["lo"], ls["phi_lo"] = torch.where(neg, g, ls["lo"]), torch.where(neg, phi, ls["phi_lo"])
-    ls["hi"], ls["phi_hi"] = torch.where(neg, ls["hi"], g), torch.where(neg, ls["phi_hi"], phi)
-    ls["side"] = torch.where(neg, -1, 1)
-    span = (ls["phi_hi"] - ls["phi_lo"]).clamp(min=1e-300)
-    nxt = ls["lo"] - ls["phi_lo"] * (ls["hi"] - ls["lo"]) / span
-    ls["gamma"] = torch.where(torch.isnan(nxt), (ls["lo"] + ls["hi"]) / 2, nxt)

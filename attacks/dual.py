@@ -1,0 +1,342 @@
+"""The LP dual of the minimal L-inf fooling distance, for one chunk of pairs (attacks/exact.py).
+
+For weights lambda (P, K) on K rivals per pair, ``g = sum_k lambda_k (W[t] - W[k])`` and
+
+    h(lambda, eps) = sum_k lambda_k q_k + sum_j |g_j| min(eps, R_j)   (R_j: the room to sign(g_j))
+
+``Problem`` holds the pairs and their rivals and evaluates h's root in eps (one 256-bin histogram),
+the corner ``clip(x + eps sign(g))`` and its rival margins, and the float64 certificate;
+``search_weights`` moves weight between two rivals at a time (SMO, regula falsi) towards the largest
+root or, at a fixed eps, towards a corner that beats every rival; ``newton`` minimizes h(., eps)
+with |g_j| smoothed, which reaches the LP's duals; ``Problem.balanced`` is the LP's basic solution
+for them. Shapes: x (P, D) uint8 pixels in 0..255, margins q (P, K) in score units.
+
+Only numpy and torch here: no Ray, no storage.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from attacks.linear import BOUND_SLACK, LinearModel, _round_down
+from attacks.sign import LEVELS
+
+KMAX = 8  # rivals in the dual search, nearest first (random 1,000-class models bind more)
+LINE_STEPS = 3  # evaluations per line search before it settles on its best point
+CONVERGED = 0.01  # stop once no rival's corner margin is short by more than this many levels
+FEASIBLE = 1e-4  # a corner that beats every rival by this much (score units) is tried
+TAU, TAU_DECAY = 0.05, 0.4  # the smoothing of |g_j| in Newton's method, relative to the mean
+# |g_j|, and its decay per step (a coarse model first, then closer to h's kinks)
+NEAR = 512  # pixels nearest a kink of h, the only ones that count in Newton's Hessian
+WEIGHT_FLOOR = 1e-3  # rivals with less weight (relative to the most) are not balanced
+GROW = 8  # rivals added per round: the classes that beat the step that lost
+DENSE_C = 128  # up to this many classes, products with all of W beat gathering rivals' rows
+COMPACT_AT = 0.75  # the search drops settled pairs once fewer than this fraction still move
+
+
+class Problem:
+    """One chunk of pairs: the K nearest rivals and their margins q_k (P, K).
+
+    ``g = sum_k lam_k (W[t] - W[k])`` and the corner's rival margins are computed as products
+    with W itself (a (P, C) x (C, D) product, W in cache) for few classes, and with the
+    gathered rows W[rivals] (P, K, D) for many.
+    """
+
+    def __init__(self, model: LinearModel, x, s, t, margin: float, rivals=None, q_all=None):
+        self.model, self.x, self.t, self.margin = model, x, t, margin
+        C = model.C
+        if q_all is None:
+            q_all = (s.gather(1, t[:, None]) - s).double() - margin  # (P, C)
+        self.q_all = q_all
+        if rivals is None:
+            K = C - 1 if C - 1 <= 2 * KMAX else KMAX
+            l1 = model.fact("dist_l1")[t].double().clamp(min=1e-30)
+            rank = (q_all / l1).scatter(1, t[:, None], float("inf"))
+            rivals = rank.topk(K, 1, largest=False).indices  # (P, K) nearest first
+        self.rivals, self.q, self.K = rivals, q_all.gather(1, rivals), rivals.shape[1]
+        self.dense = C <= DENSE_C
+        self.Wt = None if self.dense else model.W[t]  # (P, D)
+        self.Wr = None if self.dense else model.W[rivals]  # (P, K, D)
+        xi = x.to(torch.int16)
+        self.up, self.dn = (255 - xi).long(), xi.long()  # rooms towards 255 and 0
+        self.lo, self.hi = -xi.float(), (255 - xi).float()  # the step's box
+
+    def grow(self, S: torch.Tensor, lam: torch.Tensor) -> tuple[Problem, torch.Tensor]:
+        """The same pairs with up to GROW more rivals: the classes with the smallest margins
+        over t in scores S (P, C) of a step that lost (those that beat it first); lam (P, K)
+        padded with zeros for them."""
+        add = min(GROW, self.model.C - 1 - self.K)
+        if add <= 0:
+            return self, lam
+        rank = (S.gather(1, self.t[:, None]) - S).double()
+        rank.scatter_(1, torch.cat([self.rivals, self.t[:, None]], 1), float("inf"))
+        new = rank.topk(add, 1, largest=False).indices
+        rivals = torch.cat([self.rivals, new], 1)
+        grown = Problem(self.model, self.x, None, self.t, self.margin, rivals, self.q_all)
+        return grown, torch.cat([lam, lam.new_zeros(len(lam), add)], 1)
+
+    def subset(self, rows) -> Problem:
+        sub = object.__new__(Problem)
+        sub.model, sub.margin, sub.K, sub.dense = self.model, self.margin, self.K, self.dense
+        for key in ("x", "t", "rivals", "q", "q_all", "Wt", "Wr", "up", "dn", "lo", "hi"):
+            v = getattr(self, key)
+            setattr(sub, key, None if v is None else v[rows])
+        return sub
+
+    def g(self, lam: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+        """sum_k lam_k (W[t] - W[k]), (P, D), products in dtype."""
+        lam = lam.to(dtype)
+        if self.dense:
+            coef = torch.zeros(len(lam), self.model.C, dtype=dtype, device=lam.device)
+            coef.scatter_add_(1, self.rivals, -lam)
+            coef.scatter_add_(1, self.t[:, None], lam.sum(1, keepdim=True))
+            return coef @ self.model.W.to(dtype)
+        Wt, Wr = self.Wt.to(dtype), self.Wr.to(dtype)
+        return Wt * lam.sum(1, keepdim=True) - torch.bmm(lam[:, None, :], Wr)[:, 0]
+
+    def margins(self, step: torch.Tensor) -> torch.Tensor:
+        """q_k + (W[t] - W[k]) . step for the K rivals, (P, K) float64."""
+        if self.dense:
+            ds = step @ self.model.W.T  # (P, C)
+            gain = ds.gather(1, self.t[:, None]) - ds.gather(1, self.rivals)
+        else:
+            gain = (self.Wt * step).sum(1, keepdim=True) - torch.bmm(
+                self.Wr, step[:, :, None])[:, :, 0]
+        return self.q + gain.double()
+
+    def evaluate(self, lam: torch.Tensor, eps: torch.Tensor | None = None) -> dict:
+        """At the root r of h(lam, .) (inf: t cannot win at all), or at a given eps (P,): the
+        corner's rival margins M (P, K), h's slope in eps (P,) and the search's score: r, or at
+        eps the corner's smallest margin. Float32 products: this steers the search; the
+        certificate is recomputed in float64."""
+        g = self.g(lam)
+        if eps is None:
+            r, slope = root(self.histogram(g).double(), (lam * self.q).sum(1))
+        else:
+            r, slope = eps.double(), torch.ones_like(eps, dtype=torch.float64)
+        M = self.margins(self.corner(g, r))
+        return {"r": r, "M": M, "slope": slope, "score": r if eps is None else M.amin(1)}
+
+    def rows(self) -> torch.Tensor:
+        """(P, K, D) the rows W[t] - W[k] of the rivals."""
+        return self.model.W[self.t][:, None, :] - self.model.W[self.rivals]
+
+    def balanced(self, lam: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """The LP's basic solution at eps (P,) for its duals lam: the corner along sign(g), but
+        the pixels at a tie (smallest |g_j| against sum_k lam_k |a_kj|), one fewer than the
+        rivals with weight, set inside the box so that those rivals' margins are equal (a K x K
+        linear system per pair; a rival without weight fixes a spare pixel instead). Returns
+        the step (P, D) float32, rounded to integers."""
+        P, K = lam.shape
+        g = self.g(lam)
+        step = self.corner(g, eps)
+        A = self.rows()  # (P, K, D)
+        order = lam.argsort(1, descending=True)
+        active = (lam.gather(1, order) > WEIGHT_FLOOR * lam.amax(1, keepdim=True)).sum(1)
+        tie = g.abs() / torch.bmm(lam.float()[:, None, :], A.abs())[:, 0].clamp(min=1e-30)
+        T = tie.topk(max(K - 1, 1), 1, largest=False).indices  # (P, K - 1)
+        a_T = A.gather(1, order[:, :, None].expand(P, K, A.shape[2])).gather(
+            2, T[:, None, :].expand(P, K, T.shape[1]))  # (P, K, K - 1), rivals by weight
+        lhs = torch.cat([a_T, -torch.ones(P, K, 1, device=g.device)], 2)  # unknowns: moves, z
+        rhs = -self.margins(step).float().gather(1, order)
+        slot = torch.arange(K, device=g.device)[None].expand(P, K)
+        spare = slot >= active[:, None]
+        fix = torch.nn.functional.one_hot((slot - 1).clamp(0, K - 1), K).float()
+        lhs, rhs = torch.where(spare[:, :, None], fix, lhs), torch.where(spare, 0.0, rhs)
+        move = torch.nan_to_num(torch.linalg.lstsq(lhs, rhs[:, :, None]).solution[:, :-1, 0])
+        lo = torch.maximum(self.lo, -eps.float()[:, None]).gather(1, T)
+        hi = torch.minimum(self.hi, eps.float()[:, None]).gather(1, T)
+        step.scatter_(1, T, torch.minimum(torch.maximum(step.gather(1, T) + move, lo), hi))
+        return step.round()
+
+    def histogram(self, g: torch.Tensor) -> torch.Tensor:
+        """(P, 256): the sum of |g_j| over the pixels j whose room towards sign(g_j) is r."""
+        hist = torch.zeros(len(g), LEVELS, dtype=g.dtype, device=g.device)
+        hist.scatter_add_(1, self.up, g.clamp(min=0))
+        return hist.scatter_add_(1, self.dn, g.clamp(max=0).neg_())
+
+    def corner(self, g: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """The step (P, D) float32 to the corner clip(x + eps sign(g), 0, 255), eps (P,)."""
+        step = torch.sign(g).mul_(eps.clamp(max=255).float()[:, None])
+        return torch.clamp(step, self.lo, self.hi)
+
+    def certificate(self, lam: torch.Tensor) -> torch.Tensor:
+        """r(lam) recomputed in float64 from the float32 weights, shaved: a true lower bound."""
+        b, t = self.model.b, self.t
+        lam = lam.double().clamp(min=0)
+        g = self.g(lam, torch.float64)
+        c = (lam * (b[t].double()[:, None] - b[self.rivals].double() - self.margin)).sum(1)
+        lq = c + (g * self.x.double()).sum(1)
+        r, _ = root(self.histogram(g), lq)
+        return _round_down(r.clamp(max=255) * (1 - BOUND_SLACK))
+
+
+def root(hist: torch.Tensor, lq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Root in eps of ``lq + sum_r hist_r min(eps, r)`` (hist (P, 256) over integer rooms r) and
+    the slope there; inf where it stays negative up to 255 (then nothing in 0..255 gets there)."""
+    h = torch.arange(LEVELS, dtype=hist.dtype, device=hist.device)
+    below = torch.cumsum(hist * h, 1) - hist * h  # sum over rooms < e of hist_r r
+    above = hist.sum(1, keepdim=True) - (torch.cumsum(hist, 1) - hist)  # sum over rooms >= e
+    val = lq[:, None] + below + h * above  # (P, 256): the function at e = 0..255
+    ok = val >= 0
+    e1 = ok.int().argmax(1)  # the first integer where it is >= 0
+    v1 = val.gather(1, e1[:, None])[:, 0]
+    v0 = val.gather(1, (e1 - 1).clamp(min=0)[:, None])[:, 0]
+    frac = torch.where(v1 > v0, -v0 / (v1 - v0).clamp(min=1e-300), 1.0).clamp(0, 1)
+    r = torch.where(e1 > 0, e1 - 1 + frac, 0.0)
+    r = torch.where(ok.any(1), r, float("inf"))
+    return r, above.gather(1, e1[:, None])[:, 0]
+
+
+def newton(prob: Problem, lam: torch.Tensor, eps: torch.Tensor, steps: int):
+    """Weights (P, K) that minimize h(lam, eps) over the simplex, by Newton's method on h
+    smoothed (|g_j| as sqrt(g_j^2 + tau^2)): with thousands of pixels h is nearly smooth, and
+    a few steps from the root's weights reach the LP's duals. The rivals free to move are those
+    with weight and those whose corner margin is below h (they would take weight). Returns the
+    best weights met and h there (P,) (the LP's best worst-case margin at eps, from above)."""
+    P, K = lam.shape
+    A = prob.rows()  # (P, K, D)
+    e = eps.float()[:, None]
+    up, dn = torch.minimum(prob.hi, e), torch.minimum(-prob.lo, e)
+    w, v = (up + dn) / 2, (up - dn) / 2  # max(up g, -dn g) = w |g| + v g
+    best, best_h = lam.double().clone(), torch.full((P,), float("inf"), dtype=torch.float64,
+                                                     device=lam.device)
+    lam = lam.double()
+    for i in range(steps + 1):  # the last one only measures
+        g = torch.bmm(lam.float()[:, None, :], A)[:, 0]  # (P, D)
+        corner = torch.where(g > 0, up, -dn)
+        M = prob.q + torch.bmm(A, corner[:, :, None])[:, :, 0].double()  # the corner's margins
+        h = (lam * M).sum(1)
+        better = h < best_h
+        best[better], best_h[better] = lam[better], h[better]
+        if i == steps:
+            break
+        tau = TAU * TAU_DECAY**i * g.abs().mean(1, keepdim=True).clamp(min=1e-30)
+        root = torch.sqrt(g * g + tau * tau)
+        grad = prob.q + torch.bmm(A, (w * g / root + v)[:, :, None])[:, :, 0].double()
+        c, near = (w * tau * tau / root**3).topk(min(NEAR, A.shape[2]), 1)  # pixels at a kink
+        a = A.gather(2, near[:, None, :].expand(P, K, near.shape[1]))  # (P, K, NEAR)
+        H = torch.bmm(a * c[:, None, :], a.transpose(1, 2)).double()  # (P, K, K)
+        free = (lam > 0) | (M < h[:, None])
+        both = free[:, :, None] & free[:, None, :]
+        eye = torch.eye(K, dtype=H.dtype, device=H.device).expand(P, K, K)
+        H = torch.where(both, H, eye) + 1e-12 * eye * H.diagonal(0, 1, 2).abs().amax(1)[:, None,
+                                                                                        None]
+        one = free.double()
+        kkt = torch.cat([torch.cat([H, one[:, :, None]], 2),
+                         torch.cat([one[:, None, :], torch.zeros(P, 1, 1, dtype=H.dtype,
+                                                                 device=H.device)], 2)], 1)
+        rhs = torch.cat([-torch.where(free, grad, 0.0), torch.zeros(P, 1, dtype=H.dtype,
+                                                                    device=H.device)], 1)
+        d = torch.linalg.solve(kkt, rhs[:, :, None])[:, :K, 0]
+        d = torch.nan_to_num(d)
+        shrink = torch.where(d < 0, lam / (-d).clamp(min=1e-300), float("inf")).amin(1)
+        lam = (lam + shrink.clamp(max=1)[:, None] * d).clamp(min=0)
+        lam = lam / lam.sum(1, keepdim=True).clamp(min=1e-300)
+    return best, best_h
+
+
+def search_weights(prob: Problem, lam: torch.Tensor, calls: int, eps=None):
+    """Dual weights (P, K) by SMO with regula falsi, from lam: the largest root r(lam) found,
+    or with eps (P,) the corner at eps with the largest smallest margin (a corner that beats
+    every rival ends the search).
+
+    At the root the corner's margins M satisfy ``lam . M = 0``, and lam is optimal when no
+    M_k < 0. Otherwise weight moves from o (the most satisfied rival with weight) to v (the most
+    violated) along ``lam + gamma (e_v - e_o)``, 0 <= gamma <= lam_o: the root is unimodal along
+    it and peaks where ``M_v = M_o``, the zero that the line search brackets. Returns the best
+    weights (P, K), their root r (P,) (or eps) and h's slope in eps there (P,). At eps the same
+    moves minimize h(lam, eps), whose corner then beats every rival if any image within eps does.
+    """
+    P, K = lam.shape
+    best = {"lam": lam.clone(), "r": torch.zeros(P, dtype=torch.float64, device=lam.device),
+            "slope": torch.zeros(P, dtype=torch.float64, device=lam.device),
+            "score": torch.full((P,), -float("inf"), dtype=torch.float64, device=lam.device)}
+    ids = torch.arange(P, device=lam.device)
+    base = prob.evaluate(lam, eps)
+    base["lam"] = lam.clone()
+    ls = _new_line(base)
+    for _ in range(calls - 1):
+        done = _settled(base, eps)
+        if done.any():  # record the settled pairs, keep searching with the rest
+            _record(best, ids[done], {k: base[k][done] for k in best})
+        if done.all():
+            return best["lam"], best["r"], best["slope"]
+        if done.float().mean() > 1 - COMPACT_AT:
+            keep = ~done
+            ids, prob = ids[keep], prob.subset(keep)
+            base = {k: v[keep] for k, v in base.items()}
+            ls = {k: v[keep] for k, v in ls.items()}
+            eps = None if eps is None else eps[keep]
+        rows = torch.arange(len(ids), device=lam.device)
+        query = base["lam"] + ls["gamma"][:, None] * (onehot(ls["v"], K) - onehot(ls["o"], K))
+        ev = prob.evaluate(query.clamp(min=0), eps)
+        ev["lam"] = query.clamp(min=0)
+        phi = ev["M"][rows, ls["v"]] - ev["M"][rows, ls["o"]]
+        better = ev["score"] > ls["score"]  # the best point of the segment so far
+        for key in KEYS:
+            ls[key][better] = ev[key][better]
+        _regula_falsi(ls, phi)
+        ls["steps"] += 1
+        end = (ls["steps"] >= LINE_STEPS) | ls["at_end"]
+        if end.any():
+            for key in KEYS:
+                base[key][end] = ls[key][end]
+            new = _new_line(base)
+            for key, v in new.items():
+                ls[key][end] = v[end]
+    _record(best, ids, {k: base[k] for k in best})
+    return best["lam"], best["r"], best["slope"]
+
+
+KEYS = ("lam", "r", "M", "slope", "score")  # what a point of the search holds
+
+
+def _settled(base: dict, eps) -> torch.Tensor:
+    if eps is not None:
+        return base["M"].amin(1) > FEASIBLE
+    short = (-base["M"].amin(1)).clamp(min=0)
+    return (short <= CONVERGED * base["slope"].clamp(min=1e-30)) | ~torch.isfinite(base["r"])
+
+
+def _record(best: dict, ids, new: dict) -> None:
+    better = new["score"] > best["score"][ids]
+    for k in best:
+        best[k][ids[better]] = new[k][better]
+
+
+def onehot(i: torch.Tensor, K: int) -> torch.Tensor:
+    return torch.nn.functional.one_hot(i, K).double()
+
+
+def _new_line(base: dict) -> dict:
+    """A line search from base: weight from o (largest M with weight) to v (smallest M)."""
+    M, lam = base["M"], base["lam"]
+    rows = torch.arange(len(M), device=M.device)
+    v = M.argmin(1)
+    o = torch.where(lam > 0, M, -float("inf")).argmax(1)
+    top = lam[rows, o]
+    phi0 = M[rows, v] - M[rows, o]  # < 0 unless settled
+    return {"v": v, "o": o, "lo": torch.zeros_like(top), "phi_lo": phi0, "hi": top,
+            "phi_hi": torch.full_like(top, float("nan")), "gamma": top.clone(),
+            "side": torch.zeros_like(v), "steps": torch.zeros_like(v),
+            "at_end": torch.zeros_like(v, dtype=torch.bool),
+            **{k: base[k].clone() for k in KEYS}}
+
+
+def _regula_falsi(ls: dict, phi: torch.Tensor) -> None:
+    """Update the bracket [lo, hi] of the zero of phi (phi(lo) < 0) with phi at ls["gamma"],
+    and choose the next gamma (Illinois: halve a stale end's value)."""
+    g = ls["gamma"]
+    first = torch.isnan(ls["phi_hi"])
+    ls["at_end"] = first & (phi <= 0)  # still rising at gamma = lam_o: o drops out, stop there
+    neg = phi < 0
+    stale_hi, stale_lo = neg & (ls["side"] == -1), ~neg & (ls["side"] == 1)
+    ls["phi_hi"] = torch.where(stale_hi, ls["phi_hi"] / 2, ls["phi_hi"])
+    ls["phi_lo"] = torch.where(stale_lo, ls["phi_lo"] / 2, ls["phi_lo"])
+    ls["lo"], ls["phi_lo"] = torch.where(neg, g, ls["lo"]), torch.where(neg, phi, ls["phi_lo"])
+    ls["hi"], ls["phi_hi"] = torch.where(neg, ls["hi"], g), torch.where(neg, ls["phi_hi"], phi)
+    ls["side"] = torch.where(neg, -1, 1)
+    span = (ls["phi_hi"] - ls["phi_lo"]).clamp(min=1e-300)
+    nxt = ls["lo"] - ls["phi_lo"] * (ls["hi"] - ls["lo"]) / span
+    ls["gamma"] = torch.where(torch.isnan(nxt), (ls["lo"] + ls["hi"]) / 2, nxt)
