@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 POLL_S = 0.5  # how often the driver asks the counter: cheap (one small actor call)
 EVERY_S = 10.0  # one progress line this often when the output is not a terminal
+QUIET_TIMES = 6  # ... and this many times less often while the count stands still
 
 
 def clock(seconds: float) -> str:
@@ -92,12 +93,13 @@ class _Counter:
 
 
 class _Display:
-    """A live bar on a terminal, else a log line every ``every`` seconds."""
+    """A live bar on a terminal, else a log line every ``every`` seconds when the count moved
+    (and every QUIET_TIMES x ``every`` when it did not: the job is still there)."""
 
     def __init__(self, log: logging.Logger, meter: Meter, every: float, live: bool):
         self.log, self.meter, self.every = log, meter, every
         self.bar = None
-        self.last = time.monotonic()
+        self.last, self.shown = time.monotonic(), 0
         if live:
             from tqdm import tqdm
 
@@ -111,9 +113,10 @@ class _Display:
             self.bar.update(done - self.meter.done)
         self.meter.update(done)
         now = time.monotonic()
-        if self.bar is None and now - self.last >= self.every and done:
+        due = now - self.last >= self.every * (1 if done != self.shown else QUIET_TIMES)
+        if self.bar is None and done and due:
             self.log.info("%s", self.meter.line(now))
-            self.last = now
+            self.last, self.shown = now, done
 
     def close(self) -> None:
         if self.bar is not None:
