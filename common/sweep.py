@@ -19,12 +19,14 @@ TABLE = schema.SWEEP_TABLE
 
 
 def markdown(rows: list[dict]) -> str:
-    """The table as Markdown: reg vs accuracy, weight norms and the strength that fools."""
-    lines = ["| reg | val top-1 | val top-5 | val loss | train loss | ‖W‖ | ‖W‖ (pixels) | "
-             "median sign eps |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    """The table as Markdown: reg and robust radius vs accuracy, weight norms and the strength
+    that fools."""
+    lines = ["| reg | robust eps | val top-1 | val top-5 | val loss | train loss | ‖W‖ | "
+             "‖W‖ (pixels) | median sign eps |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['reg']:g} | {r['val_top1']:.1%} | {r['val_top5']:.1%} | "
-                     f"{r['val_loss']:.3f} | {r['train_loss']:.3f} | {r['w_norm']:.4g} | "
+        lines.append(f"| {r['reg']:g} | {r['robust_eps']:g} | {r['val_top1']:.1%} | "
+                     f"{r['val_top5']:.1%} | {r['val_loss']:.3f} | {r['train_loss']:.3f} | "
+                     f"{r['w_norm']:.4g} | "
                      f"{r['w_pixels_norm']:.4g} | {r['median_sign_eps']:g} |")
     return "\n".join(lines) + "\n"
 
