@@ -172,3 +172,8 @@ SUMMARY_COLUMNS = {
 # --- A sweep: <out>/sweep.parquet, one row per trained setting ---------------------------------
 SWEEP_COLUMNS = ["reg", "robust_eps", "val_top1", "val_top5", "val_loss", "train_loss",
                  "train_top1", "w_norm", "w_pixels_norm", "epochs", "median_sign_eps", "model"]
+
+# --- Transfer: <out>/transfer.parquet, one row per (scoring model, method, origin) --------------
+TRANSFER_TABLE = "transfer"
+TRANSFER_COLUMNS = ["source_model", "scoring_model", "same_model", METHOD, ORIGIN, S_PAIRS,
+                    "target_rate", "moved_rate", "median_p_target"]
