@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 
 import pandas as pd
 
-from attacks import charts, summary
+from attacks import charts, frontier, summary
 from common import cli, lifecycle, schema, storage
 from common.errors import ConfigError
 from common.model import Model, read_model
@@ -41,6 +41,10 @@ class Settings:
         "help": "the model's training output (default: the one the attack used)"})
     sweep: str | None = field(default=None, metadata={
         "help": "a training.sweep output, for the regularization trade-off"})
+    frontier: str | None = field(default=None, metadata={
+        "help": "an attacks.frontier output: accuracy against fooling strength"})
+    transfer: tuple[str, ...] = field(default=(), metadata={
+        "help": "attacks.transfer outputs, shown as one matrix"})
     top: int = field(default=8, metadata={"help": "classes shown as easiest and hardest"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing report"})
 
@@ -161,6 +165,9 @@ def build(cfg: Settings) -> tuple[str, dict[str, bytes]]:
             "targets, measured by the sweep job).")
             + table_html(sweep.drop(columns=["model"]))
             + "".join(img(k, v, f"templates at {k}") for k, v in templates.items())))
+    extra, files = frontier.report_parts(cfg.frontier, cfg.transfer, img)
+    sections += extra
+    figures.update(files)
     run_info = {k: m.get(k) for k in (schema.M_COUNTS, schema.M_CONFIG, schema.M_TIMINGS,
                                       schema.M_VERSIONS, schema.M_CREATED)}
     sections.append(("The run", f"<pre>{html.escape(json.dumps(run_info, indent=1))}</pre>"))
@@ -169,7 +176,8 @@ def build(cfg: Settings) -> tuple[str, dict[str, bytes]]:
 
 def output(cfg: Settings) -> lifecycle.Output:
     """The report's lifecycle: it owns its page and figures, and reads the outputs it shows."""
-    inputs = {"results": cfg.results, "model": cfg.model, "sweep": cfg.sweep}
+    inputs = {"results": cfg.results, "model": cfg.model, "sweep": cfg.sweep,
+              "frontier": cfg.frontier, **{f"transfer {i}": t for i, t in enumerate(cfg.transfer)}}
     return lifecycle.Output(
         cfg.output, "report", owns=(INDEX, schema.FIGURES_DIR), inputs=inputs,
         identity={"inputs": {k: v and lifecycle.absolute(v) for k, v in inputs.items()},

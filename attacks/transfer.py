@@ -30,7 +30,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
-import pyarrow.parquet as pq
 import torch
 
 from attacks import parts
@@ -39,6 +38,7 @@ from attacks.noise import noise_ids, noise_images
 from common import cli, dataset, lifecycle, schema, storage
 from common.errors import ConfigError
 from common.model import Model, read_model
+from common.tables import read_table, write_table
 
 log = logging.getLogger(__name__)
 
@@ -196,15 +196,7 @@ def output(cfg: Settings, m: dict, models: list[Model]) -> lifecycle.Output:
 
 def read_transfer(uri: str) -> pa.Table:
     """The table of a finished transfer output, with every column of the contract."""
-    m = storage.read_manifest(uri, "transfer output")
-    if m.get(schema.M_KIND) != "transfer":
-        raise ConfigError(f"{uri} is not a transfer output (kind: {m.get(schema.M_KIND)!r})")
-    fs, path = storage.filesystem(storage.join(uri, f"{TABLE}.parquet"))
-    table = pq.read_table(path, filesystem=fs)
-    missing = [c for c in schema.TRANSFER_COLUMNS if c not in table.column_names]
-    if missing:
-        raise ConfigError(f"{uri}'s table lacks the columns {', '.join(missing)}")
-    return table
+    return read_table(uri, "transfer", TABLE, schema.TRANSFER_COLUMNS)
 
 
 def run(cfg: Settings) -> dict:
@@ -214,14 +206,10 @@ def run(cfg: Settings) -> dict:
     out = output(cfg, m, models)
     out.prepare(cfg.overwrite, resumable=False)
     table = rows(m, models, score(cfg.results, m, models, cfg.batch_rows))
-    fs, path = storage.filesystem(storage.join(cfg.output, f"{TABLE}.parquet"))
-    pq.write_table(pa.Table.from_pylist(table).select(schema.TRANSFER_COLUMNS), path,
-                   filesystem=fs)
-    storage.write_bytes(storage.join(cfg.output, f"{TABLE}.md"), markdown(table).encode())
+    files = write_table(cfg.output, TABLE, table, schema.TRANSFER_COLUMNS, markdown(table))
     manifest = out.finish({
         schema.M_KIND: "transfer", schema.M_SOURCE: out.identity["inputs"], "rows": table,
-        schema.M_FILES: [{"path": f"{TABLE}.parquet", "rows": len(table)},
-                         {"path": f"{TABLE}.md"}],
+        schema.M_FILES: files,
         schema.M_CONFIG: asdict(cfg), schema.M_VERSIONS: schema.versions(),
         schema.M_TIMINGS: {"total_s": round(time.perf_counter() - t0, 3)},
         schema.M_CREATED: datetime.now(UTC).isoformat(timespec="seconds")})

@@ -177,3 +177,8 @@ SWEEP_COLUMNS = ["reg", "robust_eps", "val_top1", "val_top5", "val_loss", "train
 TRANSFER_TABLE = "transfer"
 TRANSFER_COLUMNS = ["source_model", "scoring_model", "same_model", METHOD, ORIGIN, S_PAIRS,
                     "target_rate", "moved_rate", "median_p_target"]
+
+# --- Frontier: <out>/frontier.parquet, one row per model of the sweeps it attacked --------------
+FRONTIER_TABLE = "frontier"
+FRONTIER_COLUMNS = ["sweep", "reg", "robust_eps", "val_top1", "val_top5", "method", "median_linf",
+                    S_SUCCESS_RATE, S_PAIRS, "model", "attack"]

@@ -10,10 +10,9 @@ accuracy and losses, the weight norms, the median sign strength that fools it, a
 from __future__ import annotations
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from common import schema, storage
-from common.errors import ConfigError
+from common import schema
+from common.tables import read_table, write_table
 
 TABLE = schema.SWEEP_TABLE
 
@@ -33,25 +32,9 @@ def markdown(rows: list[dict]) -> str:
 
 def write_sweep(out: str, rows: list[dict]) -> list[dict]:
     """Write sweep.parquet and sweep.md; returns their manifest entries."""
-    table = pa.Table.from_pylist(rows).select(schema.SWEEP_COLUMNS)
-    fs, path = storage.filesystem(storage.join(out, f"{TABLE}.parquet"))
-    pq.write_table(table, path, filesystem=fs)
-    storage.write_bytes(storage.join(out, f"{TABLE}.md"), markdown(rows).encode())
-    return [{"path": f"{TABLE}.parquet", "rows": len(rows)}, {"path": f"{TABLE}.md"}]
+    return write_table(out, TABLE, rows, schema.SWEEP_COLUMNS, markdown(rows))
 
 
 def read_sweep(sweep: str) -> pa.Table:
     """The table of a finished sweep, with every column of the contract."""
-    m = storage.read_manifest(sweep, "sweep output")
-    if m.get(schema.M_KIND) != "sweep":
-        raise ConfigError(f"{sweep} is not a sweep output (kind: {m.get(schema.M_KIND)!r})")
-    uri = storage.join(sweep, f"{TABLE}.parquet")
-    fs, path = storage.filesystem(uri)
-    try:
-        table = pq.read_table(path, filesystem=fs)
-    except FileNotFoundError:
-        raise ConfigError(f"{uri} is missing: the sweep output is incomplete") from None
-    missing = [c for c in schema.SWEEP_COLUMNS if c not in table.column_names]
-    if missing:
-        raise ConfigError(f"{uri} lacks the columns {', '.join(missing)}")
-    return table
+    return read_table(sweep, "sweep", TABLE, schema.SWEEP_COLUMNS)

@@ -7,12 +7,13 @@ import numpy as np
 import pyarrow.dataset as ds
 import pytest
 
-from attacks import fool, summary, transfer
+from attacks import summary, transfer
+from attacks.linear import LinearModel
 from attacks.noise import noise_images
 from common import schema, storage
 from common.errors import ConfigError
 from common.model import read_model
-from tests.attack_models import fit_softmax, load_split, write_model
+from tests.attack_models import load_split
 
 
 def stored_pairs(results: str) -> dict:
@@ -27,19 +28,14 @@ def stored_pairs(results: str) -> dict:
 
 
 @pytest.mark.slow
-def test_transfer_of_two_models(ingested, tmp_path, bucket):
-    X, y, ids = load_split(ingested, "train")
-    classes = storage.read_manifest(ingested)[schema.M_CLASSES]
-    models = [write_model(str(tmp_path / name), *fit_softmax(X, y, len(classes), l2, steps=40),
-                          classes) for name, l2 in (("a", 1e-4), ("b", 1.0))]
-    results = str(tmp_path / "fooling")
-    fool.run(fool.Settings(data=ingested, model=models[0], output=results, methods=("sign",),
-                           limit_images=6, noise_images=2))
+def test_transfer_of_two_models(attacked_sweep, ingested, bucket, tmp_path):
+    models = attacked_sweep["models"]
+    results = attacked_sweep["manifest"]["rows"][0]["attack"]  # made for the first model
     out = f"{bucket}/transfer-{tmp_path.name}"  # written to the S3 server, read locally
     manifest = transfer.run(transfer.Settings(results=results, models=tuple(models), output=out,
                                               batch_rows=5))  # several batches per fragment
     table = transfer.read_transfer(out).to_pylist()
-    assert table == manifest["rows"] and len(table) == 2 * 2  # 2 models x (val, noise)
+    assert table == manifest["rows"] and len(table) == 2  # 2 models x validation images
 
     # the diagonal is the attack's own success rate, origin by origin
     own = summary.read_summary(results)["methods"].to_pylist()
@@ -52,7 +48,6 @@ def test_transfer_of_two_models(ingested, tmp_path, bucket):
     pairs = stored_pairs(results)
     val_X, _, val_ids = load_split(ingested, "val")
     originals = dict(zip(val_ids, val_X))
-    originals.update(zip([f"noise-{i:05d}" for i in range(2)], noise_images(2, 0, (64, 64, 3))))
     X0 = np.stack([originals[i] for i in pairs[schema.IMAGE_ID]]).astype(np.float64)
     t = pairs[schema.TARGET].astype(int)
     for r in table:
@@ -91,3 +86,14 @@ def test_median_of_the_histogram_is_the_lower_median():
     tally.add(np.zeros(4), np.zeros(4), np.ones(4), p)
     assert tally.median_p() == pytest.approx(0.2, rel=10 ** transfer.LOG_STEP - 1)
     assert tally.to_target == 4 and tally.moved == 4 and tally.pairs == 4
+
+
+def test_noise_originals_are_the_seeded_images():
+    """The originals of noise pairs are regenerated from the attack's seed, not stored."""
+    W = np.random.default_rng(0).normal(size=(3, 12)).astype(np.float32)
+    m = {schema.M_IMAGE_SHAPE: [2, 2, 3], schema.M_SOURCE: {"data": "unused"},
+         schema.M_COUNTS: {"val_images": 0, "noise_images": 3}, schema.M_CONFIG: {"seed": 4}}
+    ids, preds = transfer.predictions(m, [LinearModel(W, np.zeros(3, np.float32))], 2)
+    assert ids.to_pylist() == ["noise-00000", "noise-00001", "noise-00002"]
+    X = noise_images(3, 4, (2, 2, 3)).astype(np.float64)
+    assert preds[0].tolist() == (X @ W.T.astype(np.float64)).argmax(1).tolist()
