@@ -5,11 +5,13 @@
 The data: scikit-learn's two real photographs cut into labelled regions (benchmarks/
 train_defaults.py, ``photo_regions``: 8 classes, 300 training and 60 validation crops each),
 ingested with pipelines.ingest. Two sweeps (training.sweep; the jobs' defaults otherwise, shards
-cached in memory): L2 strengths at --robust-eps 0, and robust radii at the default reg 0.1. For
-every model: validation top-1 and the median minimal sign strength that fools it (attacks/sign.py:
-the smallest integer eps, exact, clipping included) over every validation image and every class
-other than its prediction, fooled pairs only. Prints the table and checks the goal of issue 12: at
-E = 8, at least 1.5x the default model's median at top-1 >= 0.70.
+cached in memory): L2 strengths at --robust-eps 0, and robust radii at the default reg 0.1. Then
+attacks.frontier attacks every model with the sign method (the smallest integer eps, exact,
+clipping included) on every validation image and every target, and gives each model's validation
+top-1 and median minimal L-inf strength over the fooled pairs that had to move (frontier.png: the
+figure); attacks.transfer scores three models' fooling images with each other (the matrix).
+Prints both and checks the goal of issue 12: at E = 8, at least 1.5x the default model's median
+at top-1 >= 0.70. Every finished output under --keep is kept on a rerun.
 Needs scikit-learn (the ``dev`` extra).
 """
 
@@ -20,39 +22,17 @@ import os
 import tempfile
 import time
 
-import numpy as np
 import ray
 import torch
 
-from attacks.linear import LinearModel
-from attacks.sign import Sign
+from attacks import frontier, tradeoff, transfer
 from benchmarks.train_defaults import photo_regions
-from common.model import read_model
 from pipelines import ingest
-from tests.attack_models import load_split
 from training import sweep
 
 REGS = (1e-4, 1e-2, 0.1, 1.0)  # the L2 curve, --robust-eps 0
 RADII = (2.0, 8.0, 16.0)  # the robust curve, at the default reg 0.1
-
-
-def median_strength(model: str, X: np.ndarray, chunk: int = 64) -> tuple[float, float]:
-    """(median minimal sign eps over the fooled pairs, fraction fooled), every image x every
-    class other than its prediction."""
-    m = read_model(model)
-    lin = LinearModel(m.W, m.b)
-    strengths, fooled, total = [], 0, 0
-    for i in range(0, len(X), chunk):
-        Xc = torch.from_numpy(X[i:i + chunk])
-        S = lin.scores(Xc)
-        targets = torch.arange(lin.C)
-        f = Sign(lin)(Xc, S, targets)
-        t = targets.repeat(len(Xc))
-        other = t != S.argmax(1).repeat_interleave(lin.C)  # not already the prediction
-        ok = (f.scores.argmax(1) == t) & other
-        strengths.append(f.strength[ok].numpy())
-        fooled, total = fooled + int(ok.sum()), total + int(other.sum())
-    return float(np.median(np.concatenate(strengths))), fooled / max(total, 1)
+TRANSFER = ((0.1, 0.0), (1.0, 0.0), (0.1, 8.0))  # (reg, robust_eps): sources and scorers
 
 
 def step_cost(C: int = 1000, N: int = 256, D: int = 12288, steps: int = 3) -> None:
@@ -84,39 +64,54 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         root = args.keep or tmp
-        src, data = os.path.join(root, "src"), os.path.join(root, "data")
-        if not os.path.exists(src):
-            photo_regions(src, 2, 2, 300, 60)
         ray.init(include_dashboard=False, logging_level="WARNING")
         ray.data.DataContext.get_current().enable_progress_bars = False
-        if not os.path.exists(os.path.join(data, "manifest.json")):  # kept: sweeps resume
-            ingest.run(ingest.Settings(source=src, output=data))
-        runs = {"l2": (REGS, (0.0,)), "robust": ((0.1,), RADII)}
-        for name, (regs, radii) in runs.items():
-            sweep.run(sweep.Settings(data=data, output=os.path.join(root, name), reg=regs,
-                                     robust_eps=radii, epochs=args.epochs, cache=True))
+        rows, matrix = measure(root, args.epochs)
         ray.shutdown()
-        X, _, _ = load_split(data, "val")
-        rows = []
-        for name, (regs, radii) in runs.items():
-            for reg in regs:
-                for eps in radii:
-                    model = sweep.trial_output(os.path.join(root, name), reg, eps)
-                    final = read_model(model).manifest["final"]
-                    med, rate = median_strength(model, X)
-                    rows.append((reg, eps, final["val_top1"], med, rate))
-    print(f"\n{len(X)} validation images x every other class, {args.epochs} epochs")
-    print("| reg | robust eps | val top-1 | median sign eps | fooled within 255 |")
-    print("|---:|---:|---:|---:|---:|")
-    for reg, eps, top1, med, rate in rows:
-        print(f"| {reg:g} | {eps:g} | {top1:.1%} | {med:g} | {rate:.1%} |")
-    default = next(r for r in rows if r[0] == 0.1 and r[1] == 0)
-    at8 = next(r for r in rows if r[0] == 0.1 and r[1] == 8)
-    ratio = at8[3] / default[3]
-    met = ratio >= 1.5 and at8[2] >= 0.7
-    print(f"E = 8: median {at8[3]:g} = {ratio:.2f}x the default model's {default[3]:g}, top-1 "
-          f"{at8[2]:.1%}: goal (>= 1.5x at >= 70%) {'met' if met else 'NOT met'}")
+    print(f"\nmedian minimal sign strength (L-inf of the stored image) over every validation "
+          f"image x every class but its prediction, fooled pairs; {args.epochs} epochs")
+    print(frontier.markdown(rows))
+    print(f"transfer of the fooling images (validation images):\n{matrix}")
+    default = next(r for r in rows if r["reg"] == 0.1 and r["robust_eps"] == 0)
+    at8 = next(r for r in rows if r["reg"] == 0.1 and r["robust_eps"] == 8)
+    ratio = at8["median_linf"] / default["median_linf"]
+    met = ratio >= 1.5 and at8["val_top1"] >= 0.7
+    print(f"E = 8: median {at8['median_linf']:g} = {ratio:.2f}x the default model's "
+          f"{default['median_linf']:g}, top-1 {at8['val_top1']:.1%}: goal (>= 1.5x at >= 70%) "
+          f"{'met' if met else 'NOT met'}")
 
+
+def measure(root: str, epochs: int) -> tuple[list[dict], str]:
+    """Data, the two sweeps, the frontier and the transfer tables under root (each kept when
+    it finished before); returns the frontier's rows and the transfer table as Markdown."""
+    src, data = os.path.join(root, "src"), os.path.join(root, "data")
+    if not os.path.exists(src):
+        photo_regions(src, 2, 2, 300, 60)
+    if not finished(data):
+        ingest.run(ingest.Settings(source=src, output=data))
+    sweeps = {"l2": (REGS, (0.0,)), "robust": ((0.1,), RADII)}
+    for name, (regs, radii) in sweeps.items():
+        if not finished(os.path.join(root, name)):
+            sweep.run(sweep.Settings(data=data, output=os.path.join(root, name), reg=regs,
+                                     robust_eps=radii, epochs=epochs, cache=True))
+    out = os.path.join(root, "frontier")
+    if not finished(out):
+        frontier.run(frontier.Settings(sweeps=tuple(os.path.join(root, n) for n in sweeps),
+                                       output=out, limit_images=10**6, keep_images="all"))
+    rows, _ = frontier.read_frontier(out)
+    picked = [r for r in rows if (r["reg"], r["robust_eps"]) in TRANSFER]
+    tables = []
+    for r in picked:
+        t = os.path.join(root, "transfer", os.path.basename(r["attack"]))
+        if not finished(t):
+            transfer.run(transfer.Settings(results=r["attack"], output=t,
+                                           models=tuple(p["model"] for p in picked)))
+        tables += transfer.read_transfer(t).to_pylist()
+    return rows, tradeoff.transfer_matrix(tables)
+
+
+def finished(out: str) -> bool:
+    return os.path.exists(os.path.join(out, "manifest.json"))
 
 if __name__ == "__main__":
     main()
