@@ -275,9 +275,14 @@ def fit(X: np.ndarray, y: np.ndarray, eps: float, shift, scale, steps: int = 150
     model = softmax.make_model(X.shape[1], int(y.max()) + 1, init_std=1e-3, seed=0)
     opt = epochs.make_optimizer("adam", model.parameters(), lr=1e-2, momentum=0.0)
     batch = [(torch.from_numpy(X), torch.from_numpy(y))]
-    for _ in range(steps):
-        epochs.train_epoch(model, model, opt, batch, shift, scale, 1e-3, lambda i: 1e-2,
-                           robust_eps=eps)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny steps: threads would only wait for each other
+    try:
+        for _ in range(steps):
+            epochs.train_epoch(model, model, opt, batch, shift, scale, 1e-3, lambda i: 1e-2,
+                               robust_eps=eps)
+    finally:
+        torch.set_num_threads(threads)
     return softmax.fold(model.weight, model.bias, shift, scale)
 
 
