@@ -3,9 +3,10 @@
     python -m benchmarks.robust [--epochs 10] [--keep out/robust]
 
 The data: scikit-learn's two real photographs cut into labelled regions (benchmarks/
-train_defaults.py, ``photo_regions``: 8 classes, 300 training and 60 validation crops each),
-ingested with pipelines.ingest. Two sweeps (training.sweep; the jobs' defaults otherwise, shards
-cached in memory): L2 strengths at --robust-eps 0, and robust radii at the default reg 0.1. Then
+train_defaults.py, ``photo_regions``: 8 classes, 300 training and 60 validation crops each), as
+grayscale JPEGs (--color: as they are), ingested with pipelines.ingest. Two sweeps
+(training.sweep; the jobs' defaults otherwise, shards cached in memory): L2 strengths at
+--robust-eps 0, and robust radii at the default reg 0.1. Then
 attacks.frontier attacks every model with the sign method (the smallest integer eps, exact,
 clipping included) on every validation image and every target, and gives each model's validation
 top-1 and median minimal L-inf strength over the fooled pairs that had to move (frontier.png: the
@@ -24,6 +25,7 @@ import time
 
 import ray
 import torch
+from PIL import Image
 
 from attacks import frontier, tradeoff, transfer
 from benchmarks.train_defaults import photo_regions
@@ -58,6 +60,8 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=10, help="epochs of every training")
     p.add_argument("--keep", default=None, help="folder to keep the data, sweeps and models in")
     p.add_argument("--cost", action="store_true", help="only time a step at 1,000 classes")
+    p.add_argument("--color", action="store_true", help="the photographs in color (default: "
+                   "grayscale JPEGs, which ingest converts to RGB)")
     args = p.parse_args()
     if args.cost:
         step_cost()
@@ -66,7 +70,7 @@ def main() -> None:
         root = args.keep or tmp
         ray.init(include_dashboard=False, logging_level="WARNING")
         ray.data.DataContext.get_current().enable_progress_bars = False
-        rows, matrix = measure(root, args.epochs)
+        rows, matrix = measure(root, args.epochs, gray=not args.color)
         ray.shutdown()
     print(f"\nmedian minimal sign strength (L-inf of the stored image) over every validation "
           f"image x every class but its prediction, fooled pairs; {args.epochs} epochs")
@@ -81,12 +85,14 @@ def main() -> None:
           f"{'met' if met else 'NOT met'}")
 
 
-def measure(root: str, epochs: int) -> tuple[list[dict], str]:
+def measure(root: str, epochs: int, gray: bool) -> tuple[list[dict], str]:
     """Data, the two sweeps, the frontier and the transfer tables under root (each kept when
     it finished before); returns the frontier's rows and the transfer table as Markdown."""
     src, data = os.path.join(root, "src"), os.path.join(root, "data")
     if not os.path.exists(src):
         photo_regions(src, 2, 2, 300, 60)
+        if gray:
+            to_gray(src)
     if not finished(data):
         ingest.run(ingest.Settings(source=src, output=data))
     sweeps = {"l2": (REGS, (0.0,)), "robust": ((0.1,), RADII)}
@@ -108,6 +114,14 @@ def measure(root: str, epochs: int) -> tuple[list[dict], str]:
                                            models=tuple(p["model"] for p in picked)))
         tables += transfer.read_transfer(t).to_pylist()
     return rows, tradeoff.transfer_matrix(tables)
+
+
+def to_gray(root: str) -> None:
+    """Every JPEG under root rewritten as a one-channel (L) JPEG, as grayscale photos are."""
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(folder, name)
+            Image.open(path).convert("L").save(path, quality=92)
 
 
 def finished(out: str) -> bool:
