@@ -15,10 +15,9 @@ import io
 
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.offsetbox import AnnotationBbox, OffsetImage
 from PIL import Image
 
-THUMB = 140  # pixels across each point's templates thumbnail
+THUMB = 240  # pixels across each point's templates thumbnail
 
 
 def curves(rows: list[dict]) -> dict[str, list[dict]]:
@@ -43,13 +42,20 @@ def _thumb(png: bytes) -> np.ndarray:
 
 def frontier_figure(rows: list[dict], templates: dict[str, bytes] | None = None) -> Figure:
     """Validation top-1 against the median minimal fooling strength, one curve per objective,
-    each point labelled with its setting and, when given, its templates beside it."""
-    fig = Figure(figsize=(9, 6))
-    ax = fig.subplots()
+    each point labelled with its setting; when given, each point's templates in a strip below,
+    in the curves' order."""
+    rows = [r for r in rows if r["median_linf"] is not None]  # None: nothing was fooled
+    series = curves(rows)
+    shown = [p for points in series.values() for p in points
+             if (templates or {}).get(p["model"]) is not None]
+    shown = list({p["model"]: p for p in shown}.values())  # a plain model starts two curves
+    fig = Figure(figsize=(max(9.0, 1.4 * len(shown)), 8.5 if shown else 6))
+    grid = fig.add_gridspec(2 if shown else 1, max(1, len(shown)),
+                            height_ratios=[3, 1.1] if shown else [1])
+    ax = fig.add_subplot(grid[0, :])
     styles = {"L2": ("o-", "tab:blue")}
     others = iter(["tab:red", "tab:green", "tab:purple", "tab:brown"])
-    rows = [r for r in rows if r["median_linf"] is not None]  # None: nothing was fooled
-    for name, points in curves(rows).items():
+    for name, points in series.items():
         marker, color = styles.get(name, ("s-", next(others, "black")))
         x = [p["median_linf"] for p in points]
         y = [100 * p["val_top1"] for p in points]
@@ -57,21 +63,18 @@ def frontier_figure(rows: list[dict], templates: dict[str, bytes] | None = None)
         for p, xi, yi in zip(points, x, y):
             ax.annotate(_label(p), (xi, yi), textcoords="offset points", xytext=(5, -12),
                         fontsize=8, color=color)
-    for i, r in enumerate(rows):
-        png = (templates or {}).get(r["model"])
-        if png is None:
-            continue
-        box = OffsetImage(_thumb(png), zoom=0.5)
-        ax.add_artist(AnnotationBbox(box, (r["median_linf"], 100 * r["val_top1"]),
-                                     xybox=(40, 35 if i % 2 else -35),
-                                     boxcoords="offset points", frameon=True, pad=0.1,
-                                     arrowprops={"arrowstyle": "-", "alpha": 0.4}))
     method = ", ".join(sorted({r["method"] for r in rows}))
     ax.set_xlabel(f"median minimal L-inf strength that fools ({method}, pixel levels)")
     ax.set_ylabel("validation top-1 (%)")
     ax.set_title("harder to fool vs accurate: L2 regularization against the robust objective")
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
+    for i, p in enumerate(shown):
+        thumb = fig.add_subplot(grid[1, i])
+        thumb.imshow(_thumb(templates[p["model"]]))
+        thumb.set_title(f"reg={p['reg']:g}, E={p['robust_eps']:g}\n{100 * p['val_top1']:.1f}%, "
+                        f"{p['median_linf']:g}", fontsize=7)
+        thumb.axis("off")
     return fig
 
 

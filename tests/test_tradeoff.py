@@ -37,7 +37,7 @@ def test_frontier_figure_draws_each_point_and_its_templates():
     lines = {line.get_label(): line for line in ax.get_lines()}
     assert list(lines["L2"].get_xdata()) == [10, 20, 30]
     assert list(lines["robust, reg=0.1"].get_ydata()) == [78.0, 77.0, 74.0]  # None left out
-    assert len(ax.artists) == 5  # one thumbnail per measured point
+    assert len(fig.axes) == 1 + 5  # one templates thumbnail per measured model
     png = Image.open(io.BytesIO(to_png(fig)))
     assert png.size[0] > 500
 
