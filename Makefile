@@ -8,7 +8,7 @@ DEMO := demo-out
 help: ## this list
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
 
-.PHONY: help install test chromium lint demo bench-ingest bench-train bench-attack s3-start s3-stop \
+.PHONY: help install test chromium lint demo bench-ingest bench-train bench-robust bench-attack s3-start s3-stop \
 	clean cluster-demo
 
 $(STAMP): pyproject.toml
@@ -49,6 +49,9 @@ bench-ingest: $(STAMP) ## ingest benchmark: the job against Ray's stock reader
 
 bench-train: $(STAMP) ## training benchmark: the job against a plain PyTorch loop
 	$(PY) -m benchmarks.train
+
+bench-robust: $(STAMP) ## robust training against L2 on real photos: the frontier's numbers
+	$(PY) -m benchmarks.robust
 
 # torchattacks' own metadata asks for another torch: installed without its dependencies
 bench-attack: $(STAMP) ## attack benchmark: the methods against torchattacks

@@ -1,7 +1,8 @@
 """The analysts' report: one static HTML page that tells what the attack run found.
 
     python -m attacks.report --results out/fooling --output out/report \\
-        [--model out/model] [--sweep out/sweep]
+        [--model out/model] [--sweep out/sweep] [--frontier out/frontier] \\
+        [--transfer out/transfer]
 
 Reads the attack job's output (local or s3://; refused without its manifest): its summary tables,
 a few dozen of its stored pairs (the galleries) with the images they started from, the model's
@@ -36,6 +37,10 @@ class Settings:
         "help": "the model's training output (default: the one the attack used)"})
     sweep: str | None = field(default=None, metadata={
         "help": "a training.sweep output, for the regularization trade-off"})
+    frontier: str | None = field(default=None, metadata={
+        "help": "an attacks.frontier output: accuracy against fooling strength"})
+    transfer: tuple[str, ...] = field(default=(), metadata={
+        "help": "attacks.transfer outputs, shown as one matrix"})
     top: int = field(default=8, metadata={"help": "classes shown as easiest and hardest"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing report"})
 
@@ -45,7 +50,8 @@ def build(cfg: Settings) -> tuple[str, dict[str, bytes]]:
     frames = {k: t.to_pandas() for k, t in summary.read_summary(cfg.results).items()}
     m = storage.read_manifest(cfg.results, "attack output")
     model = examples.attack_model(cfg.results, m, cfg.model)
-    f = sections.Facts(cfg.results, m, frames, model, examples.class_names(m), cfg.top, cfg.sweep)
+    f = sections.Facts(cfg.results, m, frames, model, examples.class_names(m), cfg.top, cfg.sweep,
+                       cfg.frontier, cfg.transfer)
     parts = [s for builder in sections.SECTIONS for s in builder(f)]
     counts = m[schema.M_COUNTS]
     lead = story.LEAD + story.headline(frames["budget"], f.method,
@@ -55,7 +61,8 @@ def build(cfg: Settings) -> tuple[str, dict[str, bytes]]:
 
 def output(cfg: Settings) -> lifecycle.Output:
     """The report's lifecycle: it owns its page and figures, and reads the outputs it shows."""
-    inputs = {"results": cfg.results, "model": cfg.model, "sweep": cfg.sweep}
+    inputs = {"results": cfg.results, "model": cfg.model, "sweep": cfg.sweep,
+              "frontier": cfg.frontier, **{f"transfer {i}": t for i, t in enumerate(cfg.transfer)}}
     return lifecycle.Output(
         cfg.output, "report", owns=(INDEX, schema.FIGURES_DIR), inputs=inputs,
         identity={"inputs": {k: v and lifecycle.absolute(v) for k, v in inputs.items()},

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from attacks import charts, examples, figures, page, story
+from attacks import charts, examples, figures, frontier, page, story
 from common import schema, storage
 from common.errors import ConfigError
 from common.model import Model, read_model
@@ -43,6 +43,8 @@ class Facts:
     names: list[str]  # a name per class (the WNID where the data has none)
     top: int = 8  # classes in the easiest and hardest lists
     sweep: str | None = None  # a training.sweep output
+    frontier: str | None = None  # an attacks.frontier output
+    transfer: tuple[str, ...] = ()  # attacks.transfer outputs
     files: dict[str, bytes] = field(default_factory=dict)  # figures/<name> -> PNG
 
     @property
@@ -238,24 +240,39 @@ def classes(f: Facts) -> list[page.Section]:
 
 
 def sweep(f: Facts) -> list[page.Section]:
+    """Each trained setting's accuracy, strength and templates; the L2 curve over the trainings
+    without a robust radius (the frontier, attacks.frontier, sets both objectives side by side)."""
     if not f.sweep:
         return []
-    frame = read_sweep(f.sweep).to_pandas().sort_values("reg")
+    frame = read_sweep(f.sweep).to_pandas()
+    if "robust_eps" not in frame:  # a table written before the robust objective
+        frame["robust_eps"] = 0.0
+    frame = frame.sort_values(["robust_eps", "reg"])
     grids = []
-    for reg, uri in zip(frame["reg"], frame["model"]):
+    for reg, eps, uri in zip(frame["reg"], frame["robust_eps"], frame["model"]):
         m = read_model(uri)
-        name = f"templates_reg={reg:g}.png"
+        setting = f"reg={reg:g}" + (f"_eps={eps:g}" if eps else "")
+        name = f"templates_{setting}.png"
         f.files[name] = full_templates(uri, m.W, f.shape, f.names)
-        grids.append(f'<p>reg = {page.number(reg)} (<a href="{schema.FIGURES_DIR}/{name}">all '
-                     f"templates</a>)</p>" + template_grid(m.W, f.shape, f.names, 12))
-    cols = [("reg", "reg"), ("val_top1", "val top-1", page.percent),
+        label = f"reg = {page.number(reg)}" + (f", robust ε = {page.number(eps)}" if eps else "")
+        grids.append(f'<p>{label} (<a href="{schema.FIGURES_DIR}/{name}">all templates</a>)</p>'
+                     + template_grid(m.W, f.shape, f.names, 12))
+    cols = [("reg", "reg"), ("robust_eps", "robust ε"), ("val_top1", "val top-1", page.percent),
             ("val_top5", "val top-5", page.percent), ("median_sign_eps", "median sign eps"),
             ("w_pixels_norm", "‖W‖"), ("epochs", "epochs")]
-    body = (f.figure("tradeoff.png", charts.tradeoff(frame), "Stronger L2: lower accuracy, and "
+    l2 = frame[frame["robust_eps"] == 0]
+    chart = f.figure("tradeoff.png", charts.tradeoff(l2), "Stronger L2: lower accuracy, and "
                      "larger steps needed to fool (sign method, median over the first validation "
-                     "images and all targets, measured by the sweep job).")
-            + page.table(frame.to_dict("records"), cols) + "".join(grids))
+                     "images and all targets, measured by the sweep job).") if len(l2) else ""
+    body = chart + page.table(frame.to_dict("records"), cols) + "".join(grids)
     return [page.Section("The regularization trade-off", body, "tradeoff")]
+
+
+def tradeoff(f: Facts) -> list[page.Section]:
+    """The frontier (accuracy against fooling strength) and the transfer matrix, when given."""
+    parts, files = frontier.report_parts(f.frontier, f.transfer, page.img)
+    f.files.update(files)
+    return [page.Section(title, body) for title, body in parts]
 
 
 def the_run(f: Facts) -> list[page.Section]:
@@ -277,7 +294,7 @@ def the_run(f: Facts) -> list[page.Section]:
 
 # The page, in order: each builder returns its sections (none when it has nothing to show).
 SECTIONS: list[Callable[[Facts], list[page.Section]]] = [
-    about, methods, budget, galleries, strength, classes, sweep, the_run]
+    about, methods, budget, galleries, strength, classes, sweep, tradeoff, the_run]
 
 
 def _sheet_files(results: str, manifest: dict) -> dict[str, bytes]:

@@ -80,7 +80,7 @@ WEIGHTS_FILE = "weights.npz"
 W_KEY, B_KEY, CLASSES_KEY = "W", "b", "classes"  # float32 (C, D), float32 (C,), str (C,)
 METRICS_FILE = "metrics.json"  # {"history": [{epoch, train_loss, val_loss, val_top1, val_top5}]}
 TEMPLATES_FILE = "templates.png"
-SWEEP_TABLE = "sweep"  # a sweep's <out>/sweep.parquet and sweep.md: one row per reg value
+SWEEP_TABLE = "sweep"  # a sweep's <out>/sweep.parquet and sweep.md: one row per (reg, robust_eps)
 CHECKPOINTS_DIR = "checkpoints"  # the Ray Train run folder: <out>/checkpoints/epoch-NNNN/
 CHECKPOINT_FILE = "model.pt"  # torch.save of plain data; load with weights_only=True
 M_DATA = "data"  # manifest: the ingest output the model was trained on
@@ -204,5 +204,15 @@ SUMMARY_COLUMNS = {
 }
 
 # --- A sweep: <out>/sweep.parquet, one row per trained setting ---------------------------------
-SWEEP_COLUMNS = ["reg", "val_top1", "val_top5", "val_loss", "train_loss", "train_top1",
-                 "w_norm", "w_pixels_norm", "epochs", "median_sign_eps", "model"]
+SWEEP_COLUMNS = ["reg", "robust_eps", "val_top1", "val_top5", "val_loss", "train_loss",
+                 "train_top1", "w_norm", "w_pixels_norm", "epochs", "median_sign_eps", "model"]
+
+# --- Transfer: <out>/transfer.parquet, one row per (scoring model, method, origin) --------------
+TRANSFER_TABLE = "transfer"
+TRANSFER_COLUMNS = ["source_model", "scoring_model", "same_model", METHOD, ORIGIN, S_PAIRS,
+                    "target_rate", "moved_rate", "median_p_target"]
+
+# --- Frontier: <out>/frontier.parquet, one row per model of the sweeps it attacked --------------
+FRONTIER_TABLE = "frontier"
+FRONTIER_COLUMNS = ["sweep", "reg", "robust_eps", "val_top1", "val_top5", "method", "median_linf",
+                    S_SUCCESS_RATE, S_PAIRS, "model", "attack"]

@@ -10,46 +10,31 @@ accuracy and losses, the weight norms, the median sign strength that fools it, a
 from __future__ import annotations
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from common import schema, storage
-from common.errors import ConfigError
+from common import schema
+from common.tables import read_table, write_table
 
 TABLE = schema.SWEEP_TABLE
 
 
 def markdown(rows: list[dict]) -> str:
-    """The table as Markdown: reg vs accuracy, weight norms and the strength that fools."""
-    lines = ["| reg | val top-1 | val top-5 | val loss | train loss | ‖W‖ | ‖W‖ (pixels) | "
-             "median sign eps |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    """The table as Markdown: reg and robust radius vs accuracy, weight norms and the strength
+    that fools."""
+    lines = ["| reg | robust eps | val top-1 | val top-5 | val loss | train loss | ‖W‖ | "
+             "‖W‖ (pixels) | median sign eps |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['reg']:g} | {r['val_top1']:.1%} | {r['val_top5']:.1%} | "
-                     f"{r['val_loss']:.3f} | {r['train_loss']:.3f} | {r['w_norm']:.4g} | "
+        lines.append(f"| {r['reg']:g} | {r['robust_eps']:g} | {r['val_top1']:.1%} | "
+                     f"{r['val_top5']:.1%} | {r['val_loss']:.3f} | {r['train_loss']:.3f} | "
+                     f"{r['w_norm']:.4g} | "
                      f"{r['w_pixels_norm']:.4g} | {r['median_sign_eps']:g} |")
     return "\n".join(lines) + "\n"
 
 
 def write_sweep(out: str, rows: list[dict]) -> list[dict]:
     """Write sweep.parquet and sweep.md; returns their manifest entries."""
-    table = pa.Table.from_pylist(rows).select(schema.SWEEP_COLUMNS)
-    fs, path = storage.filesystem(storage.join(out, f"{TABLE}.parquet"))
-    pq.write_table(table, path, filesystem=fs)
-    storage.write_bytes(storage.join(out, f"{TABLE}.md"), markdown(rows).encode())
-    return [{"path": f"{TABLE}.parquet", "rows": len(rows)}, {"path": f"{TABLE}.md"}]
+    return write_table(out, TABLE, rows, schema.SWEEP_COLUMNS, markdown(rows))
 
 
 def read_sweep(sweep: str) -> pa.Table:
     """The table of a finished sweep, with every column of the contract."""
-    m = storage.read_manifest(sweep, "sweep output")
-    if m.get(schema.M_KIND) != "sweep":
-        raise ConfigError(f"{sweep} is not a sweep output (kind: {m.get(schema.M_KIND)!r})")
-    uri = storage.join(sweep, f"{TABLE}.parquet")
-    fs, path = storage.filesystem(uri)
-    try:
-        table = pq.read_table(path, filesystem=fs)
-    except FileNotFoundError:
-        raise ConfigError(f"{uri} is missing: the sweep output is incomplete") from None
-    missing = [c for c in schema.SWEEP_COLUMNS if c not in table.column_names]
-    if missing:
-        raise ConfigError(f"{uri} lacks the columns {', '.join(missing)}")
-    return table
+    return read_table(sweep, "sweep", TABLE, schema.SWEEP_COLUMNS)

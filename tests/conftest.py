@@ -62,3 +62,12 @@ def ingested(sample_dir, ray_local, tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("ingested"))
     ingest.run(ingest.Settings(source=str(sample_dir), output=out))
     return out
+
+
+@pytest.fixture(scope="session")
+def attacked_sweep(ingested, tmp_path_factory) -> dict:
+    """Two models in a sweep's layout, each attacked by the frontier job with images kept
+    (tests/sweeps.py): what the frontier and transfer tests read (read-only for tests)."""
+    from tests.sweeps import attack_sweep
+
+    return attack_sweep(ingested, str(tmp_path_factory.mktemp("attacked-sweep")))

@@ -67,7 +67,8 @@ def test_verbose_is_no_setting(capsys):
 
 
 JOBS = ["pipelines.ingest", "pipelines.sample", "pipelines.summary", "training.train",
-        "training.sweep", "attacks.fool", "attacks.summary", "attacks.report"]
+        "training.sweep", "attacks.fool", "attacks.summary", "attacks.report",
+        "attacks.frontier", "attacks.transfer"]
 
 
 def test_help_answers_without_importing_ray_or_pyplot():
@@ -78,7 +79,7 @@ def test_help_answers_without_importing_ray_or_pyplot():
         "from common import cli",
         f"for name in {JOBS!r}:",
         "    cli.build_parser(importlib.import_module(name).Settings).format_help()",
-        "import attacks.charts, attacks.figures, training.templates",
+        "import attacks.charts, attacks.figures, attacks.tradeoff, training.templates",
         "print(sorted(m for m in ('ray', 'matplotlib.pyplot') if m in sys.modules))",
     ])
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -39,8 +39,9 @@ def run_dirs(ingested, tmp_path_factory):
     for reg in (1e-4, 1.0):
         W, b = fit_softmax(X, y, len(classes), reg, steps=60)
         model = write_model(str(sweep / f"reg={reg:g}"), W, b, classes)
-        rows.append({"reg": reg, "val_top1": float(np.mean((X @ W.T + b).argmax(1) == y)),
-                     "val_top5": 1.0, "val_loss": 1.0, "train_loss": 1.0, "train_top1": 1.0,
+        rows.append({"reg": reg, "robust_eps": 0.0,
+                     "val_top1": float(np.mean((X @ W.T + b).argmax(1) == y)), "val_top5": 1.0,
+                     "val_loss": 1.0, "train_loss": 1.0, "train_top1": 1.0,
                      "w_norm": 1.0, "w_pixels_norm": float(np.linalg.norm(W)), "epochs": 1,
                      "median_sign_eps": 10.0 * (1 + reg), "model": model})
     write_sweep(str(sweep), rows)

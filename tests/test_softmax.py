@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from training import epochs, softmax
 
@@ -187,3 +188,130 @@ def test_core_modules_do_not_import_ray(module):
     names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
     names += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
     assert not [n for n in names if n == "ray" or n.startswith("ray.")]
+
+
+# --- the robust objective (--robust-eps) --------------------------------------------------------
+
+
+def robust_ce(W_raw: np.ndarray, b_raw: np.ndarray, X_raw: np.ndarray, y: np.ndarray,
+              eps: float) -> float:
+    """The certified worst-case cross-entropy, written out pair by pair in float64 (oracle)."""
+    S = X_raw @ W_raw.T + b_raw
+    for i in range(len(X_raw)):
+        for k in range(W_raw.shape[0]):
+            S[i, k] += eps * np.abs(W_raw[k] - W_raw[y[i]]).sum()
+    S -= S.max(1, keepdims=True)
+    return float(np.mean(np.log(np.exp(S).sum(1)) - S[np.arange(len(y)), y]))
+
+
+def raw_problem(seed: int = 5):
+    """Pixels 0..255, per-channel stats that are not 0 and 1, and normalized-space weights."""
+    rng = np.random.default_rng(seed)
+    X = rng.integers(0, 256, (N, D)).astype(np.float64)
+    shift, scale = softmax.channel_stats([100.0, 120.0, 90.0], [50.0, 20.0, 70.0], D)
+    return X, rng.integers(0, C, N), rng.normal(0, 0.1, (C, D)), rng.normal(0, 0.1, C), \
+        shift.double(), scale.double()
+
+
+def numpy_fold(W, b, shift, scale):
+    W_raw = W / scale.numpy()
+    return W_raw, b - W_raw @ shift.numpy()
+
+
+@pytest.mark.parametrize("eps, block", [(0.5, None), (4.0, None), (4.0, 2 * C * D)])
+def test_robust_loss_and_gradient_match_numpy_on_raw_pixels(eps, block, monkeypatch):
+    if block:  # two labels per cdist call, as the 1,000-class runs do with more
+        monkeypatch.setattr(softmax, "CDIST_ELEMENTS", block)
+    X, y, W, b, shift, scale = raw_problem()
+    model = torch.nn.Linear(D, C).double()
+    with torch.no_grad():
+        model.weight.copy_(torch.from_numpy(W))
+        model.bias.copy_(torch.from_numpy(b))
+    scores = model(softmax.normalize(torch.from_numpy(X), shift, scale).double())
+    loss, data_loss = softmax.objective(scores, torch.from_numpy(y), model.weight, 0.3, eps, scale)
+    loss.backward()
+    assert data_loss.item() == pytest.approx(robust_ce(*numpy_fold(W, b, shift, scale), X, y, eps),
+                                             rel=1e-6)
+    assert data_loss.item() > F.cross_entropy(scores, torch.from_numpy(y)).item()
+
+    def f():  # the numpy oracle as a function of the normalized-space weights
+        return robust_ce(*numpy_fold(W, b, shift, scale), X, y, eps) + 0.15 * (W**2).sum()
+
+    rng = np.random.default_rng(6)
+    coords = [tuple(rng.integers(0, s) for s in W.shape) for _ in range(20)]
+    np.testing.assert_allclose(numeric_grad(f, W, coords, h=1e-5),
+                               [model.weight.grad.numpy()[c] for c in coords], rtol=1e-4,
+                               atol=1e-7)
+    np.testing.assert_allclose(numeric_grad(f, b, [(k,) for k in range(C)], h=1e-5),
+                               model.bias.grad.numpy(), rtol=1e-4, atol=1e-7)
+
+
+def test_two_class_robust_loss_is_the_loss_of_the_worst_image():
+    """For two classes the bound is attained (Goodfellow et al. 2015): at x + E sign(W[k] - W[y])
+    in raw pixels, without clipping, the plain cross-entropy equals the robust one."""
+    X, y, W, b, shift, scale = raw_problem(7)
+    y, W, b, eps = y % 2, W[:2], b[:2], 3.0
+    W_raw, b_raw = numpy_fold(W, b, shift, scale)
+    worst = X + eps * np.sign(W_raw[1 - y] - W_raw[y])  # (N, D), may leave 0..255: no clipping
+    scores = torch.from_numpy(worst @ W_raw.T + b_raw)
+    want = F.cross_entropy(scores, torch.from_numpy(y)).item()
+    clean = torch.from_numpy(softmax.normalize(torch.from_numpy(X), shift, scale).numpy() @ W.T + b)
+    _, got = softmax.objective(clean, torch.from_numpy(y), torch.from_numpy(W), 0.0, eps, scale)
+    assert got.item() == pytest.approx(want, rel=1e-9)
+
+
+def certified_radius(W: np.ndarray, b: np.ndarray, X: np.ndarray) -> np.ndarray:
+    """(N,) L-inf radius within which no image changes the predicted class (Hoelder), float64:
+    min over k != pred of (s_pred - s_k) / ||W[pred] - W[k]||_1, W and b on raw pixels."""
+    W, b, X = (np.asarray(a, dtype=np.float64) for a in (W, b, X))
+    S = X @ W.T + b
+    pred = S.argmax(1)
+    dist = np.abs(W[pred][:, None, :] - W[None]).sum(2)  # (N, C)
+    ratio = (S[np.arange(len(X)), pred][:, None] - S) / np.where(dist > 0, dist, np.nan)
+    ratio[np.arange(len(X)), pred] = np.inf
+    return np.nan_to_num(ratio, nan=np.inf).min(1)
+
+
+def fit(X: np.ndarray, y: np.ndarray, eps: float, shift, scale, steps: int = 150):
+    """A small model trained by train_epoch (full batch, Adam) with the given robust radius."""
+    model = softmax.make_model(X.shape[1], int(y.max()) + 1, init_std=1e-3, seed=0)
+    opt = epochs.make_optimizer("adam", model.parameters(), lr=1e-2, momentum=0.0)
+    batch = [(torch.from_numpy(X), torch.from_numpy(y))]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny steps: threads would only wait for each other
+    try:
+        for _ in range(steps):
+            epochs.train_epoch(model, model, opt, batch, shift, scale, 1e-3, lambda i: 1e-2,
+                               robust_eps=eps)
+    finally:
+        torch.set_num_threads(threads)
+    return softmax.fold(model.weight, model.bias, shift, scale)
+
+
+def test_robust_training_certifies_what_no_sign_attack_breaks():
+    """A model trained with --robust-eps E: images its bound certifies at E resist the targeted
+    sign attack at every target within E (the attack's minimal eps, clipping included, lies
+    beyond), and it certifies more training images at E than the plain objective does."""
+    from attacks.linear import LinearModel
+    from attacks.sign import Sign
+
+    rng = np.random.default_rng(8)
+    centers = 128 + rng.normal(0, 8, (3, D))  # close classes: the plain fit certifies few at E
+    y = np.repeat(np.arange(3), 20)
+    X = np.clip(centers[y] + rng.normal(0, 40, (len(y), D)), 0, 255).astype(np.uint8)
+    shift, scale = softmax.channel_stats([128.0, 110.0, 140.0], [40.0, 25.0, 60.0], D)
+    E = 6.0
+    W, b = fit(X, y, E, shift, scale)
+    radius = certified_radius(W, b, X)
+    plain = certified_radius(*fit(X, y, 0.0, shift, scale), X)
+    assert (radius > E).sum() >= 40 and (plain > E).sum() <= 20
+
+    model = LinearModel(W, b)
+    targets = torch.arange(3)
+    fooled = Sign(model)(torch.from_numpy(X), model.scores(torch.from_numpy(X)), targets)
+    pred = np.repeat(model.scores(torch.from_numpy(X)).argmax(1).numpy(), 3)
+    moved = (fooled.scores.argmax(1).numpy() != pred)  # the stored image changed the class
+    linf = np.abs(fooled.images.numpy().astype(int) - np.repeat(X, 3, 0).astype(int)).max(1)
+    assert moved.sum() > 0  # the attack does flip images, farther out
+    assert (linf[moved] >= np.repeat(radius, 3)[moved]).all()  # the certificate holds
+    assert (linf[moved & (np.repeat(radius, 3) > E)] > E).all()

@@ -125,6 +125,8 @@ def fake_ingest(tmp_path_factory) -> str:
     ({"lr": -1.0}, "--lr must be positive"),
     ({"reg": -0.1}, "--reg"),
     ({"momentum": 1.0}, "--momentum"),
+    ({"robust_eps": 256.0}, "--robust-eps"),
+    ({"robust_eps": float("nan")}, "--robust-eps"),
     ({"num_workers": 3}, "multiple of --num-workers"),
     ({"optimizer": "lbfgs"}, "unknown --optimizer"),
 ])

@@ -45,9 +45,13 @@ def lr_at(peak: float, schedule: str, progress: float) -> float:
 
 def train_epoch(model: nn.Linear, step_model: nn.Module, opt: torch.optim.Optimizer,
                 batches: Batches, shift: torch.Tensor, scale: torch.Tensor, reg: float,
-                lr: Callable[[int], float], fail_at_step: int | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                lr: Callable[[int], float], fail_at_step: int | None = None,
+                robust_eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One pass of minibatch steps on loss = cross-entropy + 0.5 * reg * ||W||^2.
+
+    With ``robust_eps`` > 0 the cross-entropy is its certified worst case within that L-inf
+    radius of raw pixels (training/softmax.py, ``robust_scores``); the summed loss is that bound,
+    top-1 and top-5 are of the clean images.
 
     ``step_model`` is what the forward pass goes through (``model`` itself, or its DDP wrapper,
     which averages the gradients across workers); ``lr(i)`` sets the rate of step i.
@@ -63,7 +67,7 @@ def train_epoch(model: nn.Linear, step_model: nn.Module, opt: torch.optim.Optimi
         for group in opt.param_groups:
             group["lr"] = lr(i)
         scores = step_model(softmax.normalize(X, shift, scale))  # (N, C)
-        loss, data_loss = softmax.objective(scores, y, model.weight, reg)
+        loss, data_loss = softmax.objective(scores, y, model.weight, reg, robust_eps, scale)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

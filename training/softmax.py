@@ -9,6 +9,18 @@ normalization back in (DESIGN.md, "weights.npz"):
            = x @ (W / std).T + (b - (W / std) @ mean)
     loss   = mean_i cross_entropy(scores_i, y_i) + 0.5 * reg * ||W||^2     (b not regularized)
 
+With a robust radius E > 0 (L-inf, pixel levels 0..255) the cross-entropy is replaced by its
+certified upper bound over every image within E of x_i (Goodfellow et al. 2015 for two classes;
+Wong and Kolter 2018 for the idea). A perturbation delta with ||delta||_inf <= E moves the margin
+of a rival k over the label y by (W'[k] - W'[y]) . delta <= E * ||W'[k] - W'[y]||_1, W' = W / std
+the folded (raw-pixel) weights, so
+
+    robust_i = CE(scores_i + E * ||W'[.] - W'[y_i]||_1, y_i)  >=  max_delta CE(x_i + delta)
+
+(the label's own logit is unchanged: its distance to itself is 0). Clipping to 0..255 only shrinks
+the set of images, so the bound holds for stored images too. Only the distances from the batch's
+distinct labels are computed: U x C x D, U <= min(N, C).
+
     >>> model = make_model(12288, 1000, init_std=1e-3, seed=0)
     >>> loss, data_loss = objective(model(normalize(X, shift, scale)), y, model.weight, reg=1e-2)
     >>> W, b = fold(model.weight, model.bias, shift, scale)     # scores = x @ W.T + b on raw pixels
@@ -20,6 +32,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+# cdist's CUDA backward allocates a (labels x C x D) buffer: at 1,000 classes and 224 labels,
+# 11 GB. Labels go through it in blocks of at most this many elements (1 GiB of float32).
+CDIST_ELEMENTS = 2**28
 
 
 def make_model(D: int, C: int, init_std: float, seed: int) -> nn.Linear:
@@ -53,12 +69,35 @@ def normalize(X: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torc
     return (X.to(torch.float32) - shift) / scale
 
 
-def objective(scores: torch.Tensor, y: torch.Tensor, W: torch.Tensor, reg: float
+def objective(scores: torch.Tensor, y: torch.Tensor, W: torch.Tensor, reg: float,
+              eps: float = 0.0, scale: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(loss, data_loss)``: mean cross-entropy of scores (N, C) against labels y (N,),
-    plus ``0.5 * reg * ||W||^2`` in the loss."""
+    plus ``0.5 * reg * ||W||^2`` in the loss.
+
+    With ``eps`` > 0 (pixel levels) the cross-entropy is the certified worst case within that
+    L-inf radius of raw pixels (:func:`robust_scores`); ``scale`` (D,) is the normalization's std.
+    """
+    if eps > 0:
+        scores = robust_scores(scores, y, W, eps, scale)
     data_loss = F.cross_entropy(scores, y)
     return data_loss + 0.5 * reg * W.pow(2).sum(), data_loss
+
+
+def robust_scores(scores: torch.Tensor, y: torch.Tensor, W: torch.Tensor, eps: float,
+                  scale: torch.Tensor | None) -> torch.Tensor:
+    """Every rival's worst-case score within L-inf radius ``eps`` of raw pixels: (N, C).
+
+    ``scores + eps * ||W'[k] - W'[y_i]||_1`` with ``W' = W / scale`` (C, D), the weights on raw
+    pixels; computed from the U distinct labels of the batch only (``cdist``, p = 1, in blocks of
+    labels: see ``CDIST_ELEMENTS``). ``scale`` None: W already acts on raw pixels.
+    """
+    labels, row = torch.unique(y, return_inverse=True)  # (U,), (N,)
+    W_raw = W if scale is None else W / scale.to(W.dtype)
+    step = max(1, CDIST_ELEMENTS // W.numel())  # labels per cdist call
+    dist = torch.cat([torch.cdist(W_raw[labels[i:i + step]], W_raw, p=1)
+                      for i in range(0, len(labels), step)])  # (U, C), 0 at each label's class
+    return scores + eps * dist[row]
 
 
 def topk_correct(scores: torch.Tensor, y: torch.Tensor, ks: tuple[int, ...] = (1, 5)

@@ -1,12 +1,15 @@
 """The regularization sweep of "Breaking Linear Classifiers on ImageNet", as Ray Tune trials.
 
     python -m training.sweep --data out/imagenet64 --output out/sweep --reg 1e-4,1e-2,1,100
+    python -m training.sweep --data DATA --output OUT --reg 0.1 --robust-eps 0,2,8,16
 
-Ray Tune runs one training (training/train.py, the same job and flags) per --reg value, as many
-at once as the cluster's CPUs or GPUs allow, each into ``<output>/reg=<value>/`` with its own
-checkpoints, weights.npz and templates.png. Then it writes ``sweep.parquet`` and ``sweep.md``:
-one row per value with the validation top-1 and top-5, the losses and the weight norms, and last
-``manifest.json``. Stronger regularization gives smoother templates and a less accurate model.
+Ray Tune runs one training (training/train.py, the same job and flags) per (--reg, --robust-eps)
+pair of the grid, as many at once as the cluster's CPUs or GPUs allow, each into
+``<output>/reg=<value>/`` (``reg=<value>_eps=<E>/`` when robust) with its own checkpoints,
+weights.npz and templates.png. Then it writes ``sweep.parquet`` and ``sweep.md``: one row per
+setting with the validation top-1 and top-5, the losses, the weight norms and the median sign
+strength that fools it, and last ``manifest.json``. Stronger regularization gives smoother
+templates and a less accurate model; so does a larger robust radius.
 Rerunning on the same --output keeps the finished trainings and resumes the unfinished ones.
 """
 
@@ -38,6 +41,9 @@ class Settings:
     output: str = field(metadata={"help": "where to write the models and table: local or s3://"})
     reg: tuple[float, ...] = field(default=(1e-4, 1e-2, 1.0, 100.0), metadata={
         "help": "L2 strengths to train with, one training each"})
+    robust_eps: tuple[float, ...] = field(default=(0.0,), metadata={
+        "help": "robust radii (pixel levels, training.train --robust-eps): one training per "
+                "(reg, radius) pair"})
     epochs: int = field(default=10, metadata={"help": "passes over the training split"})
     batch_size: int = field(default=256, metadata={"help": "global batch of each training"})
     lr: float | None = field(default=None, metadata={
@@ -57,13 +63,18 @@ class Settings:
     overwrite: bool = field(default=False, metadata={"help": "replace an existing sweep"})
 
 
-def trial_name(reg: float) -> str:
-    return f"reg={reg:g}"
+def trial_name(reg: float, robust_eps: float = 0.0) -> str:
+    return f"reg={reg:g}" + (f"_eps={robust_eps:g}" if robust_eps else "")
 
 
-def trial_output(output: str, reg: float) -> str:
-    """``<output>/reg=<value>``: where the training with that strength writes its model."""
-    return storage.join(output, trial_name(reg))
+def trial_output(output: str, reg: float, robust_eps: float = 0.0) -> str:
+    """``<output>/reg=<value>[_eps=<E>]``: where the training with that setting writes."""
+    return storage.join(output, trial_name(reg, robust_eps))
+
+
+def grid(cfg: Settings) -> list[tuple[float, float]]:
+    """Every (reg, robust_eps) pair to train, in the table's order."""
+    return sorted((reg, eps) for reg in cfg.reg for eps in cfg.robust_eps)
 
 
 def _absolute(uri: str) -> str:
@@ -71,12 +82,13 @@ def _absolute(uri: str) -> str:
     return uri if "://" in uri else os.path.abspath(uri)
 
 
-def train_settings(cfg: Settings, reg: float) -> train.Settings:
+def train_settings(cfg: Settings, reg: float, robust_eps: float = 0.0) -> train.Settings:
     """The training job's settings for one trial."""
     shared = {f.name for f in fields(train.Settings)} & {f.name for f in fields(Settings)}
-    values = {k: getattr(cfg, k) for k in shared - {"output", "overwrite", "reg", "data"}}
-    return train.Settings(**values, data=_absolute(cfg.data), reg=reg,
-                          output=_absolute(trial_output(cfg.output, reg)))
+    values = {k: getattr(cfg, k) for k in shared - {"output", "overwrite", "reg", "robust_eps",
+                                                     "data"}}
+    return train.Settings(**values, data=_absolute(cfg.data), reg=reg, robust_eps=robust_eps,
+                          output=_absolute(trial_output(cfg.output, reg, robust_eps)))
 
 
 def train_one(config: dict) -> None:
@@ -92,11 +104,12 @@ def train_one(config: dict) -> None:
     tune.report({k: final[k] for k in ("val_top1", "val_top5", "val_loss", "train_loss")})
 
 
-def _row(cfg: Settings, reg: float, X) -> dict:
-    out = lifecycle.absolute(trial_output(cfg.output, reg))
+def _row(cfg: Settings, reg: float, robust_eps: float, X) -> dict:
+    out = lifecycle.absolute(trial_output(cfg.output, reg, robust_eps))
     m = storage.read_manifest(out, "model")
     final, norms = m[schema.M_FINAL], m[schema.M_WEIGHT_NORMS]
-    return {"reg": reg, "val_top1": final["val_top1"], "val_top5": final["val_top5"],
+    return {"reg": reg, "robust_eps": robust_eps, "val_top1": final["val_top1"],
+            "val_top5": final["val_top5"],
             "val_loss": final["val_loss"], "train_loss": final["train_loss"],
             "train_top1": final["train_top1"], "w_norm": norms["W"],
             "w_pixels_norm": norms["W_pixels"], "epochs": final["epoch"],
@@ -136,12 +149,14 @@ def _val_images(data: str):
 def _check(cfg: Settings) -> None:
     if not cfg.reg or len(set(cfg.reg)) != len(cfg.reg):
         raise ConfigError(f"--reg must list distinct values, got {cfg.reg}")
+    if not cfg.robust_eps or len(set(cfg.robust_eps)) != len(cfg.robust_eps):
+        raise ConfigError(f"--robust-eps must list distinct values, got {cfg.robust_eps}")
     if cfg.max_concurrent is not None and cfg.max_concurrent < 1:
         raise ConfigError(f"--max-concurrent must be positive, got {cfg.max_concurrent}")
     if any(r < 0 or not math.isfinite(r) for r in cfg.reg):
         raise ConfigError(f"--reg values must be >= 0, got {cfg.reg}")
-    for reg in cfg.reg:  # every training's settings and data, before Ray starts
-        train.check(train_settings(cfg, reg))
+    for reg, eps in grid(cfg):  # every training's settings and data, before Ray starts
+        train.check(train_settings(cfg, reg, eps))
 
 
 def _concurrency(cfg: Settings) -> int:
@@ -182,7 +197,7 @@ def _tune(cfg: Settings) -> None:
     from ray import tune
 
     fs, path = storage.filesystem(_absolute(cfg.output))
-    settings = [asdict(train_settings(cfg, reg)) for reg in cfg.reg]
+    settings = [asdict(train_settings(cfg, reg, eps)) for reg, eps in grid(cfg)]
     tuner = tune.Tuner(
         # the trial only drives its TorchTrainer: no CPU of its own (Tune needs some resource)
         tune.with_resources(train_one, {"cpu": 0, "memory": TRIAL_MEMORY}),
@@ -197,16 +212,16 @@ def _tune(cfg: Settings) -> None:
     if failed:
         cause = find_config_error(failed[0])  # e.g. a training that diverged: its one line
         if cause is not None:
-            raise ConfigError(f"{len(failed)} of {len(cfg.reg)} trainings failed; the first: "
+            raise ConfigError(f"{len(failed)} of {len(settings)} trainings failed; the first: "
                               f"{cause}")
-        raise RuntimeError(f"{len(failed)} of {len(cfg.reg)} trainings failed: {failed[0]}")
+        raise RuntimeError(f"{len(failed)} of {len(settings)} trainings failed: {failed[0]}")
 
 
 def output(cfg: Settings) -> lifecycle.Output:
     """The sweep's lifecycle: it owns the trainings' folders, Tune's and the table; a rerun with
     the same settings keeps the finished trainings and resumes the others."""
     owns = ("tune", f"{TABLE}.parquet", f"{TABLE}.md",
-            *(trial_name(reg) for reg in cfg.reg))
+            *(trial_name(reg, eps) for reg, eps in grid(cfg)))
     settings = {k: v for k, v in asdict(cfg).items()
                 if k not in train.RESUMABLE | {"data", "max_concurrent"}}
     return lifecycle.Output(cfg.output, "sweep", owns=owns, inputs={"data": cfg.data},
@@ -215,7 +230,7 @@ def output(cfg: Settings) -> lifecycle.Output:
 
 
 def run(cfg: Settings) -> dict:
-    """Train once per --reg value, then write the table; returns the manifest."""
+    """Train once per (--reg, --robust-eps) pair, then write the table; returns the manifest."""
     t0 = time.perf_counter()
     _check(cfg)
     out = output(cfg)
@@ -223,7 +238,7 @@ def run(cfg: Settings) -> dict:
     cli.connect_ray()
     _tune(cfg)
     X = _val_images(cfg.data)
-    rows = sorted((_row(cfg, reg, X) for reg in cfg.reg), key=lambda r: r["reg"])
+    rows = [_row(cfg, reg, eps, X) for reg, eps in grid(cfg)]
     files = write_sweep(cfg.output, rows)
     manifest = {
         schema.M_KIND: "sweep", schema.M_DATA: lifecycle.absolute(cfg.data), "rows": rows,

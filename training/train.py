@@ -5,12 +5,13 @@
         --data s3://bucket/imagenet64 --output s3://bucket/model --num-workers 4 --use-gpu
 
 One ``nn.Linear(D, C)`` on the pixels normalized with the ingest manifest's per-channel mean and
-std; loss = cross-entropy + 0.5 * reg * ||W||^2 (training/softmax.py). Workers are a TorchTrainer
-(DDP over gloo on CPU, NCCL on GPU). Rows stream from the Parquet files through Ray Data every
-epoch: Ray Data shuffles the training split with a fixed seed (ingest writes its files in class
-order; ``--shuffle local`` skips this) and each worker's buffer reshuffles it with a per-epoch
-seed. With ``--cache`` (the default on GPU) each worker instead reads its shard once into device
-memory, when it fits, and draws a fresh permutation every epoch.
+std; loss = cross-entropy + 0.5 * reg * ||W||^2 (training/softmax.py); with --robust-eps E the
+cross-entropy is its certified worst case over every image within E pixel levels (L-inf).
+Workers are a TorchTrainer (DDP over gloo on CPU, NCCL on GPU). Rows stream from the Parquet
+files through Ray Data every epoch: Ray Data shuffles the training split with a fixed seed (ingest
+writes its files in class order; ``--shuffle local`` skips this) and each worker's buffer
+reshuffles it with a per-epoch seed. With ``--cache`` (the default on GPU) each worker instead
+reads its shard once into device memory, when it fits, and draws a fresh permutation every epoch.
 
 Writes, under --output: ``checkpoints/epoch-NNNN/model.pt`` (one per epoch: a Ray Train run whose
 storage_path is --output), ``weights.npz`` (normalization folded in: scores = x @ W.T + b on raw
@@ -55,6 +56,9 @@ class Settings:
     lr: float | None = field(default=None, metadata={
         "help": "peak learning rate, decayed by --schedule (default: 3e-3 sgd, 3e-4 adam)"})
     reg: float = field(default=0.1, metadata={"help": "L2 strength: loss += 0.5 * reg * ||W||^2"})
+    robust_eps: float = field(default=0.0, metadata={
+        "help": "L-inf radius in pixel levels (0..255): train on the certified upper bound of "
+                "the worst-case cross-entropy within it (0: the plain cross-entropy)"})
     optimizer: str = field(default="sgd", metadata={
         "help": "sgd: Nesterov momentum; adam", "choices": ("sgd", "adam")})
     momentum: float = field(default=0.9, metadata={"help": "momentum of sgd"})
@@ -101,10 +105,12 @@ def check(cfg: Settings) -> dict:
     for name, value in positive.items():
         if not (value > 0 and math.isfinite(value)):
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    numbers = {"reg": cfg.reg, "init_std": cfg.init_std, "momentum": cfg.momentum}
-    if not all(v >= 0 and math.isfinite(v) for v in numbers.values()) or cfg.momentum >= 1:
-        raise ConfigError(f"--reg and --init-std must be >= 0 and --momentum in [0, 1), got "
-                          f"{numbers}")
+    numbers = {"reg": cfg.reg, "init_std": cfg.init_std, "momentum": cfg.momentum,
+               "robust_eps": cfg.robust_eps}
+    if (not all(v >= 0 and math.isfinite(v) for v in numbers.values()) or cfg.momentum >= 1
+            or cfg.robust_eps > 255):
+        raise ConfigError(f"--reg and --init-std must be >= 0, --momentum in [0, 1) and "
+                          f"--robust-eps in [0, 255], got {numbers}")
     if cfg.batch_size % cfg.num_workers:
         raise ConfigError(f"--batch-size {cfg.batch_size} must be a multiple of --num-workers "
                           f"{cfg.num_workers} (it is split evenly across them)")

@@ -60,7 +60,8 @@ def write_model(output: lifecycle.Output, data: dict, state: dict, config: dict,
                "ln_classes": significant(math.log(len(classes))),
                "resumed_after": state.get("resumed_after", [])}  # epochs a run resumed from
     files.append(write_file(out, schema.METRICS_FILE, json.dumps(metrics, indent=2).encode()))
-    title = (f"reg={config['reg']:g}: val top-1 {final['val_top1']:.1%}, "
+    robust = f", robust eps {config['robust_eps']:g}" if config.get("robust_eps") else ""
+    title = (f"reg={config['reg']:g}{robust}: val top-1 {final['val_top1']:.1%}, "
              f"top-5 {final['val_top5']:.1%} after {final['epoch']} epochs")
     png = templates.render(W, tuple(data[schema.M_IMAGE_SHAPE]),
                            data.get(schema.M_CLASS_NAMES) or classes, title)

@@ -201,7 +201,7 @@ def train_loop_per_worker(config: dict) -> None:
         sums, first = epochs.train_epoch(
             model, ddp, opt, rows_of, shift, scale, cfg.reg, lambda i, e=epoch: epochs.lr_at(
                 cfg.peak_lr, cfg.schedule, (e + i / steps) / cfg.epochs),
-            fail_at_step=steps // 2 if fail else None)
+            fail_at_step=steps // 2 if fail else None, robust_eps=cfg.robust_eps)
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # the steps run asynchronously: time them whole
         seconds = time.perf_counter() - t

@@ -1,0 +1,189 @@
+"""The trade-off frontier of a sweep: attack every model, then accuracy against fooling strength.
+
+    python -m attacks.frontier --sweeps out/sweep-l2,out/sweep-robust --output out/frontier
+    python -m attacks.frontier --sweeps out/sweep --output out/frontier --methods sign,exact \\
+        --limit-images 200 --use-gpu
+
+For every model of the sweeps (training.sweep outputs on the same data) this runs the attack job
+(attacks.fool; images kept with --keep-images all, for attacks.transfer) on its first
+--limit-images validation images and every target, into ``<output>/attacks/<sweep
+index>_<trial>/``; an attack already finished there is kept, an unfinished one resumes. Then it
+writes ``frontier.parquet`` and ``frontier.md``: per model, its setting (reg, robust_eps),
+validation top-1 and top-5 (from the sweep), and the median minimal L-inf strength that fools it
+over the fooled pairs that had to move (``exact`` when it is among --methods: the true minimum;
+else ``sign``), with the success rate; ``frontier.png``: top-1 against that median, one curve for
+L2 regularization and one per robust series, each point's templates beside it
+(attacks/tradeoff.py); and last ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+
+from attacks import summary, tradeoff
+from attacks.charts import to_png
+from common import cli, lifecycle, schema, storage
+from common.errors import ConfigError
+from common.sweep import read_sweep
+from common.tables import read_table, write_table
+
+log = logging.getLogger(__name__)
+
+TABLE = schema.FRONTIER_TABLE
+ATTACKS_DIR = "attacks"
+FIGURE = f"{TABLE}.png"
+
+
+@dataclass(frozen=True)
+class Settings:
+    sweeps: tuple[str, ...] = field(metadata={"help": "training.sweep outputs on the same data"})
+    output: str = field(metadata={"help": "where to write the attacks and the table"})
+    methods: tuple[str, ...] = field(default=("sign",), metadata={
+        "help": "attacks to run; the median is exact's when given, else sign's"})
+    limit_images: int = field(default=100, metadata={
+        "help": "validation images attacked per model (x every target)"})
+    keep_images: str = field(default="none", metadata={
+        "help": "store the fooling images: all, to score them with attacks.transfer",
+        "choices": ("all", "none")})
+    use_gpu: bool = field(default=False, metadata={"help": "attack on GPUs (attacks.fool)"})
+    workers: int | None = field(default=None, metadata={"help": "attack actors per model"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing frontier"})
+
+
+def measured_method(methods: tuple[str, ...]) -> str:
+    """The method whose median is the frontier's: the exact minimum where available."""
+    for m in ("exact", "sign"):
+        if m in methods:
+            return m
+    raise ConfigError(f"--methods must include sign or exact, got {','.join(methods)}")
+
+
+def _models(cfg: Settings) -> tuple[str, list[dict]]:
+    """The sweeps' common data and their rows, each with the folder its attack goes to."""
+    if not cfg.sweeps or len(set(cfg.sweeps)) != len(cfg.sweeps) or cfg.limit_images < 1:
+        raise ConfigError("--sweeps must list distinct sweeps and --limit-images be positive")
+    data, rows = set(), []
+    for i, sweep in enumerate(cfg.sweeps):
+        data.add(storage.read_manifest(sweep, "sweep output")[schema.M_DATA])
+        for r in read_sweep(sweep).to_pylist():
+            name = f"{i}_{r['model'].rstrip('/').rsplit('/', 1)[-1]}"
+            rows.append({**r, "sweep": lifecycle.absolute(sweep),
+                         "attack": lifecycle.absolute(storage.join(cfg.output, ATTACKS_DIR, name))})
+    if len(data) != 1:
+        raise ConfigError(f"the sweeps were trained on different data: {', '.join(sorted(data))}")
+    return data.pop(), rows
+
+
+def _attack(cfg: Settings, data: str, row: dict) -> None:
+    """Run the attack on one model, unless it finished before."""
+    from attacks import fool
+
+    if storage.exists(storage.join(row["attack"], storage.MANIFEST)):
+        return
+    fool.run(fool.Settings(data=data, model=row["model"], output=row["attack"],
+                           methods=cfg.methods, limit_images=cfg.limit_images,
+                           keep_images=cfg.keep_images, use_gpu=cfg.use_gpu,
+                           workers=cfg.workers))
+
+
+def point(row: dict, method: str) -> dict:
+    """One frontier row from a sweep row and its attack's methods summary (validation images)."""
+    table = summary.read_summary(row["attack"])["methods"].to_pylist()
+    s = next(t for t in table if t[schema.METHOD] == method and t[schema.ORIGIN] == "val")
+    median = s[schema.quantile_column(schema.LINF, 0.5)]
+    return {"sweep": row["sweep"], "reg": row["reg"], "robust_eps": row["robust_eps"],
+            "val_top1": row["val_top1"], "val_top5": row["val_top5"], "method": method,
+            "median_linf": median if math.isfinite(median) else None,  # None: none fooled
+            schema.S_SUCCESS_RATE: s[schema.S_SUCCESS_RATE], schema.S_PAIRS: s[schema.S_PAIRS],
+            "model": row["model"], "attack": row["attack"]}
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| reg | robust eps | val top-1 | median L-inf to fool | method | fooled |",
+             "|---:|---:|---:|---:|---|---:|"]
+    for r in rows:
+        median = "none fooled" if r["median_linf"] is None else f"{r['median_linf']:g}"
+        lines.append(f"| {r['reg']:g} | {r['robust_eps']:g} | {r['val_top1']:.1%} | "
+                     f"{median} | {r['method']} | {r['success_rate']:.1%} |")
+    return "\n".join(lines) + "\n"
+
+
+def read_frontier(uri: str) -> tuple[list[dict], dict[str, bytes]]:
+    """A finished frontier's rows and each model's templates.png (for the figure)."""
+    table = read_table(uri, "frontier", TABLE, schema.FRONTIER_COLUMNS)
+    rows = table.to_pylist()
+    return rows, templates(rows)
+
+
+def templates(rows: list[dict]) -> dict[str, bytes]:
+    """Each row's model's templates.png, by the model's URI."""
+    return {r["model"]: storage.read_bytes(storage.join(r["model"], schema.TEMPLATES_FILE))
+            for r in rows}
+
+
+def report_parts(frontier: str | None, transfers: tuple[str, ...], img
+                 ) -> tuple[list[tuple[str, str]], dict[str, bytes]]:
+    """The report's sections for a frontier output and transfer outputs: (title, HTML) pairs and
+    the figures (name -> PNG); ``img(name, png, caption)`` is the report's embedded figure."""
+    from attacks.transfer import read_transfer
+
+    sections, figures = [], {}
+    if frontier:
+        rows, pngs = read_frontier(frontier)
+        figures[FIGURE] = to_png(tradeoff.frontier_figure(rows, pngs))
+        caption = ("Validation top-1 against the median minimal L-inf strength that fools each "
+                   "model (fooled pairs that had to move, validation images): L2 regularization "
+                   "against the robust objective, each point's templates beside it.")
+        table = "<pre>" + markdown(rows) + "</pre>"
+        sections.append(("The frontier: regularize or change the objective",
+                         img("frontier", figures[FIGURE], caption) + table))
+    if transfers:
+        rows = [r for t in transfers for r in read_transfer(t).to_pylist()]
+        sections.append(("Do fooling images transfer?", tradeoff.transfer_matrix(rows)))
+    return sections, figures
+
+
+def output(cfg: Settings) -> lifecycle.Output:
+    inputs = {f"sweep {i}": s for i, s in enumerate(cfg.sweeps)}
+    return lifecycle.Output(
+        cfg.output, "frontier", owns=(ATTACKS_DIR, f"{TABLE}.parquet", f"{TABLE}.md", FIGURE),
+        inputs=inputs,
+        identity={"inputs": {"sweeps": [lifecycle.input_identity(s) for s in cfg.sweeps]},
+                  "settings": {"methods": list(cfg.methods), "limit_images": cfg.limit_images,
+                               "keep_images": cfg.keep_images}})
+
+
+def run(cfg: Settings) -> dict:
+    """Attack every model of the sweeps, then write the table and the figure."""
+    t0 = time.perf_counter()
+    method = measured_method(cfg.methods)
+    data, models = _models(cfg)
+    out = output(cfg)
+    out.prepare(cfg.overwrite)
+    rows = []
+    for row in models:
+        _attack(cfg, data, row)
+        rows.append(point(row, method))
+    files = write_table(cfg.output, TABLE, rows, schema.FRONTIER_COLUMNS, markdown(rows))
+    storage.write_bytes(storage.join(cfg.output, FIGURE),
+                        to_png(tradeoff.frontier_figure(rows, templates(rows))))
+    manifest = out.finish({
+        schema.M_KIND: "frontier", schema.M_DATA: lifecycle.absolute(data), "rows": rows,
+        schema.M_FILES: [*files, {"path": FIGURE}],
+        schema.M_CONFIG: asdict(cfg), schema.M_VERSIONS: schema.versions(),
+        schema.M_TIMINGS: {"total_s": round(time.perf_counter() - t0, 3)},
+        schema.M_CREATED: datetime.now(UTC).isoformat(timespec="seconds")})
+    log.info("frontier of %d models written to %s:\n%s", len(rows), cfg.output, markdown(rows))
+    return manifest
+
+
+def main(argv=None) -> None:
+    cli.main(Settings, run, argv, __doc__)
+
+
+if __name__ == "__main__":
+    main()

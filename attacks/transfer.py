@@ -1,0 +1,225 @@
+"""Do fooling images transfer? Score one attack run's stored images with other models.
+
+    python -m attacks.transfer --results out/fooling --models out/sweep/reg=0.1,out/sweep/reg=1 \\
+        --output out/transfer
+
+The blog: "fooling images generalize across models". The attack run (attacks.fool, with its
+images kept) made its images for one model; every model of --models scores them, and the table
+says, per (source model, scoring model, method, origin):
+- ``target_rate``: the fraction of pairs the scoring model classifies as the intended target;
+- ``moved_rate``: the fraction it classifies differently from the original image (its own
+  prediction of the original: the validation image of the attack's data, or the seeded noise);
+- ``median_p_target``: the median softmax probability of the target (from a histogram of
+  log10 p in steps of ``LOG_STEP`` decades, so within a factor 10 ** LOG_STEP = 1.023).
+``same_model`` marks the row whose scoring model is the attack's own (its weights' sha256): its
+target_rate is the attack's success rate. The pairs are read in batches of --batch-rows, one
+Parquet fragment at a time, local or s3://: memory does not grow with the run. Plain Python (no
+Ray): scoring is one matrix product per model and batch.
+
+Writes ``transfer.parquet``, ``transfer.md`` and, last, ``manifest.json`` under --output.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import torch
+
+from attacks import parts
+from attacks.linear import LinearModel
+from attacks.noise import noise_ids, noise_images
+from common import cli, dataset, lifecycle, schema, storage
+from common.errors import ConfigError
+from common.model import Model, read_model
+from common.tables import read_table, write_table
+
+log = logging.getLogger(__name__)
+
+TABLE = schema.TRANSFER_TABLE
+LOG_STEP = 0.01  # decades per bin of the p_target histogram
+LOG_MIN = -45.0  # log10 p below this (float32 underflows near 1e-45) counts in the first bin
+BINS = int(-LOG_MIN / LOG_STEP) + 1
+
+
+@dataclass(frozen=True)
+class Settings:
+    results: str = field(metadata={"help": "an attack output with its images kept"})
+    models: tuple[str, ...] = field(metadata={"help": "model outputs that score the images"})
+    output: str = field(metadata={"help": "where to write the table: local path or s3://"})
+    batch_rows: int = field(default=4096, metadata={"help": "pairs read and scored at a time"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing table"})
+
+
+@dataclass
+class Tally:
+    """Counts for one (scoring model, method, origin)."""
+
+    pairs: int = 0
+    to_target: int = 0
+    moved: int = 0
+    hist: np.ndarray = field(default_factory=lambda: np.zeros(BINS, np.int64))
+
+    def add(self, pred: np.ndarray, t: np.ndarray, before: np.ndarray, p: np.ndarray) -> None:
+        self.pairs += len(t)
+        self.to_target += int((pred == t).sum())
+        self.moved += int((pred != before).sum())
+        logp = np.log10(np.maximum(p.astype(np.float64), 1e-300))
+        idx = np.clip(np.floor((logp - LOG_MIN) / LOG_STEP), 0, BINS - 1).astype(np.int64)
+        self.hist += np.bincount(idx, minlength=BINS)
+
+    def median_p(self) -> float:
+        """The bin centre that holds the median of p_target (lower median for even counts)."""
+        i = int(np.searchsorted(np.cumsum(self.hist), (self.pairs + 1) // 2))
+        return float(min(1.0, 10 ** (LOG_MIN + (i + 0.5) * LOG_STEP)))
+
+
+def _check(cfg: Settings) -> tuple[dict, list[Model]]:
+    """The attack's manifest (images kept) and the models, which must share its classes."""
+    if cfg.batch_rows < 1 or not cfg.models or len(set(cfg.models)) != len(cfg.models):
+        raise ConfigError("--batch-rows must be positive and --models list distinct models")
+    m = storage.read_manifest(cfg.results, "attack output")
+    if m.get(schema.M_KIND) != "attack":
+        raise ConfigError(f"{cfg.results} is not an attack output (kind {m.get(schema.M_KIND)!r})")
+    if m[schema.M_CONFIG].get("keep_images") != "all":
+        raise ConfigError(f"{cfg.results} kept no images (--keep-images none): nothing to score")
+    D = int(np.prod(m[schema.M_IMAGE_SHAPE]))
+    models = [read_model(uri, D) for uri in cfg.models]
+    for model in models:
+        if model.classes != m[schema.M_CLASSES]:
+            raise ConfigError(f"{model.uri}'s classes differ from those of {cfg.results}")
+    return m, models
+
+
+def _originals(m: dict, batch_rows: int):
+    """(ids, X (n, D) uint8) batches of every image the attack started from: validation, then
+    the seeded noise."""
+    D, counts = int(np.prod(m[schema.M_IMAGE_SHAPE])), m[schema.M_COUNTS]
+    data = m[schema.M_SOURCE]["data"]
+    if counts["val_images"]:
+        im = dataset.open_ingest(data, splits=("val",))
+        for t in parts.read_images(dataset.split_files(data, im, "val"),
+                                   dataset.split_counts(im, "val"), 0, counts["val_images"],
+                                   batch_rows, D):
+            yield t.column(schema.IMAGE_ID).to_pylist(), dataset.pixels(t.column(schema.IMAGE), D)
+    n = counts["noise_images"]
+    if n:
+        yield noise_ids(n), noise_images(n, m[schema.M_CONFIG]["seed"],
+                                         tuple(m[schema.M_IMAGE_SHAPE]))
+
+
+def predictions(m: dict, linear: list[LinearModel], batch_rows: int) -> tuple[pa.Array, list]:
+    """The ids of the originals and each model's class for them ((n,) int64 per model)."""
+    ids, preds = [], [[] for _ in linear]
+    for chunk, X in _originals(m, batch_rows):
+        ids += chunk
+        for i, lin in enumerate(linear):
+            preds[i].append(lin.scores(torch.from_numpy(X)).argmax(1).numpy())
+    return pa.array(ids, pa.string()), [np.concatenate(p) for p in preds]
+
+
+def _batches(results: str, batch_rows: int):
+    """The pairs' images, targets, ids, methods and origins, ``batch_rows`` at a time."""
+    fs, path = storage.filesystem(storage.join(results, schema.PAIRS_DIR))
+    pairs = ds.dataset(path, filesystem=fs, format="parquet",
+                       partitioning=ds.partitioning(schema.PAIRS_PARTITION_SCHEMA, flavor="hive"))
+    columns = [schema.IMAGE_ID, schema.ORIGIN, schema.METHOD, schema.TARGET, schema.IMAGE]
+    yield from pairs.to_batches(columns=columns, batch_size=batch_rows, batch_readahead=1,
+                                fragment_readahead=1)
+
+
+def score(results: str, m: dict, models: list[Model], batch_rows: int) -> dict:
+    """{(model index, method, origin): Tally} over every stored pair."""
+    linear = [LinearModel(model.W, model.b) for model in models]
+    ids, before = predictions(m, linear, batch_rows)
+    D, tallies = models[0].D, {}
+    for batch in _batches(results, batch_rows):
+        X = torch.from_numpy(dataset.pixels(batch.column(schema.IMAGE), D,
+                                            batch.column(schema.IMAGE_ID), results))
+        row = pc.index_in(batch.column(schema.IMAGE_ID), value_set=ids)
+        if row.null_count:
+            raise ConfigError(f"{results} holds pairs of images that the attack's manifest does "
+                              "not list: it is not one run's output")
+        row = row.to_numpy().astype(np.int64)
+        t = batch.column(schema.TARGET).to_numpy().astype(np.int64)
+        keys = [batch.column(c).to_numpy(zero_copy_only=False).astype(str)
+                for c in (schema.METHOD, schema.ORIGIN)]
+        for i, lin in enumerate(linear):
+            S = lin.scores(X)
+            pred = S.argmax(1).numpy()
+            p = torch.log_softmax(S, 1).gather(1, torch.from_numpy(t)[:, None])[:, 0].exp()
+            for method, origin in set(zip(*keys)):
+                sel = (keys[0] == method) & (keys[1] == origin)
+                tallies.setdefault((i, method, origin), Tally()).add(
+                    pred[sel], t[sel], before[i][row[sel]], p.numpy()[sel])
+    return tallies
+
+
+def rows(m: dict, models: list[Model], tallies: dict) -> list[dict]:
+    """The table's rows, sorted by scoring model (in --models order), method and origin."""
+    source = m[schema.M_SOURCE]
+    out = []
+    for (i, method, origin), tally in sorted(tallies.items()):
+        out.append({"source_model": source["model"], "scoring_model": models[i].uri,
+                    "same_model": models[i].sha256 == source["model_sha256"],
+                    schema.METHOD: method, schema.ORIGIN: origin, schema.S_PAIRS: tally.pairs,
+                    "target_rate": tally.to_target / tally.pairs,
+                    "moved_rate": tally.moved / tally.pairs, "median_p_target": tally.median_p()})
+    return out
+
+
+def markdown(table: list[dict]) -> str:
+    lines = ["| scoring model | same | method | origin | pairs | to target | moved | "
+             "median p_target |", "|---|---|---|---|---:|---:|---:|---:|"]
+    for r in table:
+        lines.append(f"| {r['scoring_model']} | {'yes' if r['same_model'] else ''} | "
+                     f"{r['method']} | {r['origin']} | {r['pairs']} | {r['target_rate']:.1%} | "
+                     f"{r['moved_rate']:.1%} | {r['median_p_target']:.3g} |")
+    return "\n".join(lines) + "\n"
+
+
+def output(cfg: Settings, m: dict, models: list[Model]) -> lifecycle.Output:
+    inputs = {"results": cfg.results, **{f"model {i}": u for i, u in enumerate(cfg.models)}}
+    return lifecycle.Output(
+        cfg.output, "transfer", owns=(f"{TABLE}.parquet", f"{TABLE}.md"), inputs=inputs,
+        identity={"inputs": {"results": lifecycle.input_identity(cfg.results),
+                             "models": [{"uri": lifecycle.absolute(x.uri),
+                                         "weights_sha256": x.sha256} for x in models]},
+                  "settings": {}})
+
+
+def read_transfer(uri: str) -> pa.Table:
+    """The table of a finished transfer output, with every column of the contract."""
+    return read_table(uri, "transfer", TABLE, schema.TRANSFER_COLUMNS)
+
+
+def run(cfg: Settings) -> dict:
+    """Score the attack's stored images with every model; returns the manifest written."""
+    t0 = time.perf_counter()
+    m, models = _check(cfg)
+    out = output(cfg, m, models)
+    out.prepare(cfg.overwrite, resumable=False)
+    table = rows(m, models, score(cfg.results, m, models, cfg.batch_rows))
+    files = write_table(cfg.output, TABLE, table, schema.TRANSFER_COLUMNS, markdown(table))
+    manifest = out.finish({
+        schema.M_KIND: "transfer", schema.M_SOURCE: out.identity["inputs"], "rows": table,
+        schema.M_FILES: files,
+        schema.M_CONFIG: asdict(cfg), schema.M_VERSIONS: schema.versions(),
+        schema.M_TIMINGS: {"total_s": round(time.perf_counter() - t0, 3)},
+        schema.M_CREATED: datetime.now(UTC).isoformat(timespec="seconds")})
+    log.info("transfer of %s to %d models:\n%s", cfg.results, len(models), markdown(table))
+    return manifest
+
+
+def main(argv=None) -> None:
+    cli.main(Settings, run, argv, __doc__)
+
+
+if __name__ == "__main__":
+    main()
