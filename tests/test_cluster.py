@@ -24,6 +24,10 @@ def cluster(s3_server):
 
 # What looks like trouble in a log: a level, a traceback, a C++ error line, a colour code.
 ALARMING = re.compile(r"\b(WARNING|ERROR|Error|Traceback|Deprecat)|^\[[^]]* E \d+|\x1b\[")
+# ... except the raylet's note that many worker processes started at once, which these 2-CPU
+# nodes give when a training starts its controller, worker and data actors together (the
+# threshold is 4 x the node's CPUs; the README's "What a run prints" says so)
+STARTUP_NOTE = re.compile(r"^\(raylet\) WARNING: \d+ PYTHON worker processes have been started")
 
 
 # `ray job submit`'s own lines: "<date> <time>\tINFO cli.py:42 -- ..." (also sdk.py, ERR, and
@@ -48,7 +52,8 @@ def test_three_jobs_submitted_to_a_cluster_write_everything_to_s3(cluster, bucke
     for name, output in logs.items():  # `ray job logs` of a successful run reads cleanly
         lines = driver_lines(output)
         assert 3 <= len(lines) <= 40, (name, lines)
-        alarming = [line for line in lines if ALARMING.search(line)]
+        alarming = [line for line in lines
+                    if ALARMING.search(line) and not STARTUP_NOTE.match(line)]
         assert not alarming, (name, alarming)
     client = local_s3.client(s3_server)
     m = cluster_demo.read_manifests(client, bucket.removeprefix("s3://"), "cluster/")

@@ -10,7 +10,7 @@ import pyarrow.dataset as ds
 import pytest
 from PIL import Image
 
-from attacks import frontier, report
+from attacks import frontier, page
 from common import schema, storage
 from common.errors import ConfigError
 
@@ -32,7 +32,7 @@ def test_frontier_attacks_every_model_of_the_sweep(attacked_sweep):
     Image.open(os.path.join(out, frontier.FIGURE)).verify()
     assert len(open(os.path.join(out, f"{frontier.TABLE}.md")).read().splitlines()) == 4
 
-    sections, figures = frontier.report_parts(out, (), report.img)  # the report's hook
+    sections, figures = frontier.report_parts(out, (), page.img)  # the report's hook
     assert len(sections) == 1 and Image.open(io.BytesIO(figures[frontier.FIGURE])).size[0] > 500
     # an unfinished frontier resumes: the finished attacks are kept, not rerun
     os.remove(os.path.join(out, storage.MANIFEST))

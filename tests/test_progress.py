@@ -57,7 +57,7 @@ def test_workers_counts_and_notes_reach_the_driver_log(ray_local, caplog):
 
     @ray.remote(num_cpus=0)
     def work(counter, n: int, i: int) -> None:
-        counter.add.remote(n)
+        ray.get(counter.add.remote(n))  # delivered before the task ends (workers need not wait)
         if i == 0:
             counter.note.remote("epoch 1/1: a line from a worker")
 

@@ -50,7 +50,7 @@ def test_bad_reg_lists_fail_before_ray(tmp_path):
 
 
 @pytest.mark.slow
-def test_sweep_writes_one_row_per_setting(ingested, tmp_path):
+def test_sweep_writes_one_row_per_setting(ingested, tmp_path, caplog):
     out = str(tmp_path / "sweep")
     radii = (0.0, 16.0)
     # cached shards on CPU: the path a GPU takes by default, and quick for tiny data
@@ -76,6 +76,11 @@ def test_sweep_writes_one_row_per_setting(ingested, tmp_path):
     # needs trained-to-convergence models: tests/test_fooling.py checks it on fitted ones)
     assert all(0 < r["median_sign_eps"] <= 255 for r in table)
     assert storage.read_manifest(out, "sweep")[schema.M_KIND] == "sweep"
+    # each finished model was announced on the driver, through the sweep's progress
+    done = [r.getMessage() for r in caplog.records
+            if r.name == "training.sweep" and "val top-1" in r.getMessage()]
+    announced = sorted(d.split(": val top-1")[0] for d in done)
+    assert announced == sorted(r["model"] for r in table), done
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 
-from common import cli, dataset, lifecycle, schema, storage
+from common import cli, dataset, lifecycle, progress, schema, storage
 from common.errors import ConfigError, find_config_error
 from common.model import read_model
 from common.sweep import TABLE, markdown, write_sweep
@@ -91,8 +91,9 @@ def train_settings(cfg: Settings, reg: float, robust_eps: float = 0.0) -> train.
                           output=_absolute(trial_output(cfg.output, reg, robust_eps)))
 
 
-def train_one(config: dict) -> None:
-    """A Tune trial: one training (or its finished model, when rerun), reported to Tune."""
+def train_one(config: dict, counter=None) -> None:
+    """A Tune trial: one training (or its finished model, when rerun), reported to Tune and, as
+    a line and a count, to the sweep's progress (``counter``, common/progress.py)."""
     from ray import tune
 
     cfg = train.Settings(**config["settings"])
@@ -101,6 +102,10 @@ def train_one(config: dict) -> None:
     except ConfigError:
         manifest = train.run(cfg)  # resumes an unfinished training in the same folder
     final = manifest[schema.M_FINAL]
+    if counter is not None:
+        counter.note.remote(f"{cfg.output}: val top-1 {100 * final['val_top1']:.1f}% after "
+                            f"{final['epoch']} epochs")
+        counter.add.remote(1)
     tune.report({k: final[k] for k in ("val_top1", "val_top5", "val_loss", "train_loss")})
 
 
@@ -198,16 +203,18 @@ def _tune(cfg: Settings) -> None:
 
     fs, path = storage.filesystem(_absolute(cfg.output))
     settings = [asdict(train_settings(cfg, reg, eps)) for reg, eps in grid(cfg)]
-    tuner = tune.Tuner(
-        # the trial only drives its TorchTrainer: no CPU of its own (Tune needs some resource)
-        tune.with_resources(train_one, {"cpu": 0, "memory": TRIAL_MEMORY}),
-        param_space={"settings": tune.grid_search(settings)},
-        tune_config=tune.TuneConfig(max_concurrent_trials=_concurrency(cfg)),
-        run_config=tune.RunConfig(name="tune", storage_path=path,
-                                  storage_filesystem=fs if storage.is_s3(cfg.output) else None,
-                                  verbose=0))
-    with no_credentials_in_trials():
-        results = tuner.fit()
+    with progress.watch(log, "sweep", len(settings), "models") as counter:
+        tuner = tune.Tuner(
+            # the trial only drives its TorchTrainer: no CPU of its own (Tune needs some resource)
+            tune.with_resources(tune.with_parameters(train_one, counter=counter),
+                                {"cpu": 0, "memory": TRIAL_MEMORY}),
+            param_space={"settings": tune.grid_search(settings)},
+            tune_config=tune.TuneConfig(max_concurrent_trials=_concurrency(cfg)),
+            run_config=tune.RunConfig(name="tune", storage_path=path,
+                                      storage_filesystem=fs if storage.is_s3(cfg.output) else None,
+                                      verbose=0))
+        with no_credentials_in_trials():
+            results = tuner.fit()
     failed = [r.error for r in results if r.error]
     if failed:
         cause = find_config_error(failed[0])  # e.g. a training that diverged: its one line
