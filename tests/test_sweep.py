@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -50,40 +52,6 @@ def test_bad_reg_lists_fail_before_ray(tmp_path):
 
 
 @pytest.mark.slow
-def test_sweep_writes_one_row_per_setting(ingested, tmp_path, caplog):
-    out = str(tmp_path / "sweep")
-    radii = (0.0, 16.0)
-    # cached shards on CPU: the path a GPU takes by default, and quick for tiny data
-    sweep.run(sweep.Settings(data=ingested, output=out, reg=(1e-4,), robust_eps=radii, epochs=2,
-                             batch_size=16, cpus_per_worker=0.5, cache=True))
-    table = pq.read_table(os.path.join(out, f"{sweep.TABLE}.parquet")).to_pylist()
-    assert [(r["reg"], r["robust_eps"]) for r in table] == [(1e-4, e) for e in radii]
-    md = open(os.path.join(out, f"{sweep.TABLE}.md")).read().strip().splitlines()
-    assert len(md) == 2 + len(radii)
-    for row in table:  # each training has its own complete model
-        m = storage.read_manifest(row["model"], "model")
-        W = read_model(row["model"]).W
-        assert m[schema.M_CONFIG]["reg"] == row["reg"]
-        assert m[schema.M_CONFIG]["robust_eps"] == row["robust_eps"]
-        assert row["w_pixels_norm"] == pytest.approx(float(np.linalg.norm(W)), rel=1e-5)
-        assert os.path.exists(os.path.join(row["model"], schema.TEMPLATES_FILE))
-    plain, robust = table
-    # the robust loss is the certified worst case: above the plain loss; and the model is
-    # harder to fool (measured: median sign eps 22.5 against 21; same seed, same weights on CPU)
-    assert robust["train_loss"] > plain["train_loss"] + 0.5
-    assert robust["median_sign_eps"] > plain["median_sign_eps"]
-    # each model's median sign strength over the first validation images (the trade-off itself
-    # needs trained-to-convergence models: tests/test_fooling.py checks it on fitted ones)
-    assert all(0 < r["median_sign_eps"] <= 255 for r in table)
-    assert storage.read_manifest(out, "sweep")[schema.M_KIND] == "sweep"
-    # each finished model was announced on the driver, through the sweep's progress
-    done = [r.getMessage() for r in caplog.records
-            if r.name == "training.sweep" and "val top-1" in r.getMessage()]
-    announced = sorted(d.split(": val top-1")[0] for d in done)
-    assert announced == sorted(r["model"] for r in table), done
-
-
-@pytest.mark.slow
 def test_a_diverging_sweep_is_one_line_and_publishes_nothing(ingested, tmp_path):
     out = tmp_path / "sweep"
     with pytest.raises(ConfigError, match=r"1 of 1 trainings failed; the first: training "
@@ -103,26 +71,31 @@ def every_file(top: str):
 
 
 @pytest.mark.slow
-def test_no_credential_in_any_log_output_or_object(sample_dir, s3_server, bucket, ray_local,
-                                                   capfd):
-    """Every job with AWS credentials in the environment against the real local S3 server, then
-    a search for the access key and the secret in: the Ray session folder (runtime_env agent,
-    raylet, GCS, workers' logs), what the jobs printed, and every object they wrote."""
+def test_every_job_on_s3_and_no_credential_in_any_log_output_or_object(
+        sample_dir, s3_server, bucket, ray_local, capfd, caplog):
+    """Every job with AWS credentials in the environment against the real local S3 server (the
+    sweep with two robust radii, its table checked), then a search for the access key and the
+    secret in: the Ray session folder (runtime_env agent, raylet, GCS, workers' logs), what the
+    jobs printed, and every object they wrote."""
     import ray
 
     from attacks import fool, report
     from pipelines import ingest
 
+    caplog.set_level(logging.INFO, logger="training.sweep")  # the sweep's own lines
     assert os.environ["AWS_SECRET_ACCESS_KEY"] == s3_server.secret_key  # set as a user would
     root = f"{bucket}/secrets-{os.getpid()}"
     data, swept, fooled = (f"{root}/{p}" for p in ("data", "sweep", "fooling"))
-    ingest.run(ingest.Settings(source=str(sample_dir), output=data, limit_per_class=4))
+    ingest.run(ingest.Settings(source=str(sample_dir), output=data))
     # the sweep is the one job that runs training.train, as Tune trials: its model is the attack's
-    sweep.run(sweep.Settings(data=data, output=swept, reg=(1.0,), epochs=1, batch_size=16,
-                             cpus_per_worker=0.5))
-    fool.run(fool.Settings(data=data, model=sweep.trial_output(swept, 1.0), output=fooled,
+    radii = (0.0, 16.0)
+    # cached shards on CPU: the path a GPU takes by default, and quick for tiny data
+    sweep.run(sweep.Settings(data=data, output=swept, reg=(1e-4,), robust_eps=radii, epochs=2,
+                             batch_size=16, cpus_per_worker=0.5, cache=True))
+    fool.run(fool.Settings(data=data, model=sweep.trial_output(swept, 1e-4), output=fooled,
                            targets=("0", "1"), methods=("sign",), limit_images=4))
     report.run(report.Settings(results=fooled, output=f"{root}/report", sweep=swept))
+    _check_sweep_table(swept, radii, caplog)
 
     secrets = [s3_server.secret_key.encode(), s3_server.access_key.encode()]
     printed = capfd.readouterr()
@@ -136,3 +109,33 @@ def test_no_credential_in_any_log_output_or_object(sample_dir, s3_server, bucket
     leaks += [n for n, text in (("stdout", printed.out), ("stderr", printed.err))
               if any(s.decode() in text for s in secrets)]
     assert leaks == []
+
+
+def _check_sweep_table(out: str, radii: tuple[float, ...], caplog) -> None:
+    """One row, one complete model per setting; the robust model harder to fool."""
+    fs, path = storage.filesystem(out)
+    table = pq.read_table(f"{path}/{sweep.TABLE}.parquet", filesystem=fs).to_pylist()
+    assert [(r["reg"], r["robust_eps"]) for r in table] == [(1e-4, e) for e in radii]
+    md = storage.read_bytes(storage.join(out, f"{sweep.TABLE}.md")).decode().strip().splitlines()
+    assert len(md) == 2 + len(radii)
+    for row in table:  # each training has its own complete model
+        m = storage.read_manifest(row["model"], "model")
+        W = read_model(row["model"]).W
+        assert m[schema.M_CONFIG]["reg"] == row["reg"]
+        assert m[schema.M_CONFIG]["robust_eps"] == row["robust_eps"]
+        assert row["w_pixels_norm"] == pytest.approx(float(np.linalg.norm(W)), rel=1e-5)
+        assert storage.exists(storage.join(row["model"], schema.TEMPLATES_FILE))
+    plain, robust = table
+    # the robust loss is the certified worst case: above the plain loss; and the model is
+    # harder to fool (measured: median sign eps 22.5 against 21; same seed, same weights on CPU)
+    assert robust["train_loss"] > plain["train_loss"] + 0.5
+    assert robust["median_sign_eps"] > plain["median_sign_eps"]
+    # each model's median sign strength over the first validation images (the trade-off itself
+    # needs trained-to-convergence models: tests/test_fooling.py checks it on fitted ones)
+    assert all(0 < r["median_sign_eps"] <= 255 for r in table)
+    assert storage.read_manifest(out, "sweep")[schema.M_KIND] == "sweep"
+    # each finished model was announced on the driver, through the sweep's progress
+    done = [r.getMessage() for r in caplog.records if r.name == "training.sweep"
+            and re.fullmatch(r".+: val top-1 [\d.]+% after \d+ epochs", r.getMessage())]
+    announced = sorted(d.split(": val top-1")[0] for d in done)
+    assert announced == sorted(r["model"] for r in table), done
