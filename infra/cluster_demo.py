@@ -41,7 +41,8 @@ def stages(root: str) -> list[tuple[str, list[str]]]:
         ("ingest", ["python", "-m", "pipelines.ingest", "--source", f"{root}/sample",
                     "--output", f"{root}/imagenet64"]),
         ("train", ["python", "-m", "training.train", "--data", f"{root}/imagenet64",
-                   "--output", f"{root}/model", "--num-workers", "2", "--epochs", "2"]),
+                   "--output", f"{root}/model", "--num-workers", "2", "--epochs", "2",
+                   "--batch-size", "16"]),
         ("attack", ["python", "-m", "attacks.fool", "--data", f"{root}/imagenet64",
                     "--model", f"{root}/model", "--output", f"{root}/fooling"]),
     ]

@@ -64,6 +64,9 @@ def test_three_jobs_submitted_to_a_cluster_write_everything_to_s3(cluster, bucke
     keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(
         Bucket=bucket.removeprefix("s3://"), Prefix="cluster/") for o in page.get("Contents", [])]
     assert "cluster/model/weights.npz" in keys
+    # two workers, one on each node (DDP over gloo between them), learned the classes
+    final = m["train"][schema.M_FINAL]
+    assert final["val_top1"] >= 0.5 and m["train"][schema.M_CONFIG]["num_workers"] == 2
     assert any(k.startswith("cluster/fooling/pairs/") and k.endswith(".parquet") for k in keys)
     assert all("AWS_SECRET" not in json.dumps(v) for v in m.values())  # no secrets in manifests
 

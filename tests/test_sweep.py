@@ -54,12 +54,18 @@ def test_bad_reg_lists_fail_before_ray(tmp_path):
 @pytest.mark.slow
 def test_a_diverging_sweep_is_one_line_and_publishes_nothing(ingested, tmp_path):
     out = tmp_path / "sweep"
+    """The training (training.train in a Tune trial) stops in its first epoch with nothing
+    published, and the sweep says so in one line."""
     with pytest.raises(ConfigError, match=r"1 of 1 trainings failed; the first: training "
-                                          r"diverged in epoch 1") as e:
+                                          r"diverged in epoch 1: .*lower --lr") as e:
         sweep.run(sweep.Settings(data=ingested, output=str(out), reg=(1.0,), epochs=1,
                                  batch_size=16, cpus_per_worker=0.5, lr=1e30))
     assert "\n" not in str(e.value)
     assert not (out / storage.MANIFEST).exists() and not (out / "sweep.parquet").exists()
+    trial = out / sweep.trial_name(1.0)
+    assert not set(os.listdir(trial)) & {storage.MANIFEST, schema.WEIGHTS_FILE,
+                                         schema.METRICS_FILE}
+    assert not (trial / schema.CHECKPOINTS_DIR / "epoch-0001").exists()
 
 
 def every_file(top: str):
