@@ -22,7 +22,6 @@ import dataclasses
 import logging
 import os
 import sys
-import time
 import types
 import typing
 from collections.abc import Callable, Sequence
@@ -182,15 +181,6 @@ def connect_ray(verbose: bool | None = None) -> None:
     if not ray.is_initialized():
         ray.init(logging_level=logging.INFO if verbose else logging.WARNING,
                  log_to_driver=verbose)
-        _await_resources(ray)
-
-
-def _await_resources(ray, seconds: float = 10.0) -> None:
-    """Wait (briefly) until the cluster's free CPUs are known: a job that starts before the
-    nodes' first resource report reads none free, and Ray Data warns that it will hang."""
-    deadline = time.monotonic() + seconds
-    while not ray.available_resources().get("CPU") and time.monotonic() < deadline:
-        time.sleep(0.2)
 
 
 def main(cls: type, run: Callable, argv: Sequence[str] | None, description: str | None) -> None:
