@@ -78,7 +78,7 @@ def build_parser(cls: type, description: str | None = None,
 
 
 def _show(value: object) -> str:
-    if value is None:
+    if value is None or value == ():
         return "none"
     if value is True:
         return "on"
