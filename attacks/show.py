@@ -17,7 +17,7 @@ import logging
 from dataclasses import dataclass, field
 
 from attacks import examples, figures, story
-from common import cli, schema, storage
+from common import cli, lifecycle, schema, storage
 from common.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,7 @@ def resolve(cfg: Settings, manifest: dict) -> tuple[int, str]:
 
 def run(cfg: Settings) -> bytes:
     """Write the picture of one pair; returns its PNG bytes."""
+    lifecycle.refuse_overlap(cfg.output, {"results": cfg.results})  # never write into the input
     m = storage.read_manifest(cfg.results, "attack output")
     if m.get(schema.M_KIND) != "attack":
         raise ConfigError(f"{cfg.results} is not an attack output (kind: {m.get(schema.M_KIND)!r})")

@@ -119,3 +119,15 @@ def test_results_without_images_are_refused(ingested, results, tmp_path):
     with pytest.raises(ConfigError, match="--keep-images none"):
         show.run(show.Settings(results=out, image_id="noise-00000", target="1",
                                output=str(tmp_path / "x.png")))
+
+
+def test_a_picture_inside_the_results_is_refused_and_the_results_untouched(tmp_path):
+    from attacks import show
+
+    results = tmp_path / "fooling"
+    results.mkdir()
+    (results / "manifest.json").write_text("{}")
+    with pytest.raises(ConfigError, match="is inside the results"):
+        show.run(show.Settings(results=str(results), image_id="x", target="0",
+                               output=str(results / "manifest.json")))
+    assert (results / "manifest.json").read_text() == "{}"
