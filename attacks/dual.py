@@ -26,10 +26,13 @@ LINE_STEPS = 3  # evaluations per line search before it settles on its best poin
 CONVERGED = 0.01  # stop once no rival's corner margin is short by more than this many levels
 FEASIBLE = 1e-4  # a corner that beats every rival by this much (score units) is tried
 KERNEL = 8  # Newton's Hessian: pixels per rival in the kernel around h's kinks (4x as many used)
+TAU_FLOOR = 1e-3  # Newton's kernel is at least this wide, relative to the mean |g_j|
 DAMP = 1e-3  # Newton's Hessian: damping, relative to its mean diagonal
+LINE_GRID, LINE_OCTAVES = 16, 12  # Newton's line search: steps per octave, octaves each side of 1
 WEIGHT_FLOOR = 1e-3  # rivals with less weight (relative to the most) are not balanced
 GROW = 8  # rivals added per round: the classes that beat the step that lost
 DENSE_C = 128  # up to this many classes, products with all of W beat gathering rivals' rows
+CERT_CHUNK = 16  # pairs per float64 product of the certificate: CERT_CHUNK x K x D x 8 bytes
 COMPACT_AT = 0.75  # the search drops settled pairs once fewer than this fraction still move
 
 
@@ -73,16 +76,17 @@ class Problem:
         grown = object.__new__(Problem)
         grown.__dict__.update(self.__dict__)
         grown.rivals, grown.q, grown.K = rivals, self.q_all.gather(1, rivals), rivals.shape[1]
-        if not self.dense:
-            W = self.model.W
-            grown.A = torch.cat([self.A, W[self.t][:, None, :] - W[new]], 1)
+        W = self.model.W
+        grown.A = None if self.dense else torch.cat([self.A, W[self.t][:, None, :] - W[new]], 1)
         return grown, torch.cat([lam, lam.new_zeros(len(lam), add)], 1)
 
-    def subset(self, rows) -> Problem:
+    def subset(self, rows, rows_only: bool = False) -> Problem:
+        """The pairs ``rows``; ``rows_only``: without the rows W[t] - W[k] (no copy of them),
+        enough for the certificate."""
         sub = object.__new__(Problem)
         sub.model, sub.margin, sub.K, sub.dense = self.model, self.margin, self.K, self.dense
         for key in ("x", "t", "rivals", "q", "q_all", "A", "up", "dn", "lo", "hi"):
-            v = getattr(self, key)
+            v = None if rows_only and key == "A" else getattr(self, key)
             setattr(sub, key, None if v is None else v[rows])
         return sub
 
@@ -120,9 +124,9 @@ class Problem:
 
     def rows(self) -> torch.Tensor:
         """(P, K, D) the rows W[t] - W[k] of the rivals."""
-        if self.A is not None:
-            return self.A
-        return self.model.W[self.t][:, None, :] - self.model.W[self.rivals]
+        if self.A is None:  # few classes: made when first needed, then kept
+            self.A = self.model.W[self.t][:, None, :] - self.model.W[self.rivals]
+        return self.A
 
     def balanced(self, lam: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """The LP's basic solution at eps (P,) for its duals lam: the corner along sign(g), but
@@ -165,9 +169,14 @@ class Problem:
 
     def certificate(self, lam: torch.Tensor) -> torch.Tensor:
         """r(lam) recomputed in float64 from the float32 weights, shaved: a true lower bound."""
-        b, t = self.model.b, self.t
+        W, b, t = self.model.W, self.model.b, self.t
         lam = lam.double().clamp(min=0)
-        g = self.g(lam, torch.float64)
+        if self.dense:
+            g = self.g(lam, torch.float64)
+        else:  # from W itself, not the rounded rows A
+            g = torch.cat([lam[c].sum(1, keepdim=True) * W[t[c]].double() - torch.bmm(
+                lam[c][:, None, :], W[self.rivals[c]].double())[:, 0]
+                for c in torch.arange(len(lam), device=lam.device).split(CERT_CHUNK)])
         c = (lam * (b[t].double()[:, None] - b[self.rivals].double() - self.margin)).sum(1)
         lq = c + (g * self.x.double()).sum(1)
         r, _ = root(self.histogram(g), lq)
@@ -223,7 +232,8 @@ def newton(prob: Problem, lam: torch.Tensor, eps: torch.Tensor, steps: int):
         M = prob.q + dots(A, torch.where(g > 0, up, -dn)).double()  # h's gradient
         h = (lam * M).sum(1)
         near, idx = g.abs().topk(min(4 * nk, A.shape[2]), 1, largest=False)
-        tau = near[:, nk - 1:nk].clamp(min=1e-30)
+        tau = torch.maximum(near[:, nk - 1:nk], TAU_FLOOR * g.abs().mean(1, keepdim=True))
+        tau = tau.clamp(min=1e-30)  # pixels at g_j = 0 (rows of W equal there) count, finitely
         c = (up + dn).gather(1, idx) / 2 * tau * tau / (near * near + tau * tau) ** 1.5
         a = A.gather(2, idx[:, None, :].expand(P, K, idx.shape[1]))  # (P, K, 4 nk)
         H = torch.bmm(a * c[:, None, :], a.transpose(1, 2)).double()
@@ -237,7 +247,7 @@ def newton(prob: Problem, lam: torch.Tensor, eps: torch.Tensor, steps: int):
         d = torch.where(held, 0.0, d)
         reach = torch.where(d < 0, lam / (-d).clamp(min=1e-300), float("inf")).amin(1)
         gd = torch.bmm(d.float()[:, None, :], A)[:, 0]
-        alpha = line_min(d, g, gd, prob.q, up, dn, reach.clamp(max=1e6))
+        alpha = line_min(d, g, gd, prob.q, up, dn, reach.clamp(max=2.0**LINE_OCTAVES))
         lam = (lam + alpha[:, None] * d).clamp(min=0)
         lam = lam / lam.sum(1, keepdim=True).clamp(min=1e-300)
         g = torch.bmm(lam.float()[:, None, :], A)[:, 0]
@@ -260,22 +270,35 @@ def _kkt_step(H, grad, free, eye):
 
 
 def line_min(d, g, gd, q, up, dn, reach) -> torch.Tensor:
-    """The exact minimizer a in [0, reach] (P,) of h(lam + a d) - h(lam), where g and gd (P, D)
-    are the g of lam and of d: ``a d.q + sum_j phi_j(g_j + a gd_j)``, phi_j(z) = up_j z for
-    z > 0, -dn_j z below, is convex and piecewise linear in a. Its slope starts at ``slope0`` and
-    rises by ``|gd_j| (up_j + dn_j)`` where pixel j's sign flips (a = -g_j / gd_j): the first
-    kink where it turns >= 0 is the minimum."""
+    """A step a in [0, reach] (P,) that lowers h(lam + a d) - h(lam), where g and gd (P, D) are
+    the g of lam and of d: ``a d.q + sum_j phi_j(g_j + a gd_j)``, phi_j(z) = up_j z for z > 0,
+    -dn_j z below, is convex and piecewise linear in a. Its slope starts at ``slope0`` and rises
+    by ``|gd_j| (up_j + dn_j)`` where pixel j's sign flips (a = -g_j / gd_j). The flips are
+    binned on a grid of LINE_GRID steps per octave (one bucketize and one sum, no sort): the
+    step is the last grid point before the slope turns >= 0, so h only falls, and the minimum
+    is at most one grid step further."""
     pos = (g > 0) | ((g == 0) & (gd > 0))
     slope0 = (d * q).sum(1) + (gd * torch.where(pos, up, -dn)).sum(1).double()
-    kink = -g / gd
-    inside = (kink > 0) & (kink < reach.float()[:, None]) & (gd != 0)
-    kink, order = torch.where(inside, kink, float("inf")).sort(1)
-    rise = (gd.abs() * (up + dn)).gather(1, order).masked_fill_(~torch.isfinite(kink), 0)
-    slope = slope0[:, None] + rise.double().cumsum(1)
-    turns = slope >= 0
-    a = torch.where(turns.any(1), kink.gather(1, turns.int().argmax(1)[:, None])[:, 0].double(),
-                    reach)
-    return torch.where(slope0 >= 0, 0.0, a).clamp(min=0)
+    grid = _grid(g.device)
+    kink = (-g / gd).nan_to_num_(nan=-1.0)
+    ahead = kink > 0
+    # the bin i of grid[i - 1] < kink <= grid[i], from the exponent (bucketize is 5x slower)
+    bins = (torch.log2(kink.clamp_(min=1e-30)).mul_(LINE_GRID).ceil_().add_(
+        LINE_OCTAVES * LINE_GRID)).clamp_(0, len(grid)).long()
+    rise = (gd.abs() * (up + dn)).masked_fill_(~ahead, 0)
+    hist = torch.zeros(len(g), len(grid) + 1, dtype=torch.float64, device=g.device)
+    hist.scatter_add_(1, bins, rise.double())
+    slope = slope0[:, None] + hist.cumsum(1)[:, :-1]  # (P, len(grid)): the slope just after
+    turns = slope >= 0  # each grid point
+    last = torch.where(turns.any(1), turns.int().argmax(1) - 1, len(grid) - 1)
+    a = torch.where(last >= 0, grid.double()[last.clamp(min=0)], 0.0)
+    return torch.minimum(torch.where(slope0 >= 0, 0.0, a), reach)
+
+
+def _grid(device) -> torch.Tensor:
+    """Step sizes 2^-LINE_OCTAVES .. 2^LINE_OCTAVES, LINE_GRID per octave (float32)."""
+    n = 2 * LINE_OCTAVES * LINE_GRID + 1
+    return torch.logspace(-LINE_OCTAVES, LINE_OCTAVES, n, base=2.0, device=device)
 
 
 def search_weights(prob: Problem, lam: torch.Tensor, calls: int, eps=None):

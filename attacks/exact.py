@@ -37,15 +37,14 @@ from __future__ import annotations
 
 import torch
 
-from attacks.dual import Problem, newton, onehot, search_weights
+from attacks.dual import Problem, newton, onehot, root, search_weights
 from attacks.fooling import Fooled, expand, first_success, pairs
 from attacks.iterative import Iterative
 from attacks.sign import Sign
 
-STAGES = 5  # searches, each followed by a step that is scored
-STAGE_CALLS = 8  # root evaluations per pair and stage at most
-STEP_CALLS = 8  # the same, for the step to store: it starts from the certificate's optimum
-NEWTON_STEPS = 6  # Newton steps towards the weights that are optimal at the step's eps
+STAGES = 5  # Newton's method at e, then a step that is scored
+ROOT_CALLS = 8  # root evaluations per pair of the first search (the first certificate and e)
+NEWTON_STEPS = 6  # Newton steps towards the weights that are optimal at e
 CHUNK = 256  # pairs per dual search: memory CHUNK x K x D x 4 bytes (100 MB for 64x64x3, K = 8)
 
 
@@ -94,54 +93,68 @@ class Exact(Sign):
         return fooled
 
     def solve(self, x, s, t) -> Fooled:
-        """One chunk of pairs, in stages: a few moves of the dual search, then the step at the
-        next integer above its root, scored; the pairs whose step wins are done (their bound is
-        certified then), the classes that beat the others' step join their rivals. After the
+        """One chunk of pairs: the root search gives a first certificate r and e = floor(r) + 1;
+        then in stages, Newton's method on h(., e) over the rivals so far. Where even its
+        weights keep h below zero, no image within e beats those rivals: their root, beyond e,
+        is the next certificate and e moves up. Elsewhere the step at e along Newton's weights
+        (the tie pixels balanced where needed) is scored: where t wins, e is proved minimal by
+        the best certificate; where not, the classes that beat it join the rivals. After the
         last stage, Sign's exact search along the last step's direction, from there up."""
         f = Fooled(x.clone(), s.clone(), torch.zeros(len(t), device=t.device),
                    torch.zeros(len(t), device=t.device))
         idx = (~self.passes(s, t)).nonzero()[:, 0]  # pairs already won keep the original
         prob = Problem(self.model, x[idx], s[idx], t[idx], self.margin)
-        lam = onehot(torch.zeros_like(idx), prob.K)
+        lam, r, _ = search_weights(prob, onehot(torch.zeros_like(idx), prob.K), ROOT_CALLS)
+        cert = {"lam": lam.clone(), "r": r.clone()}  # the weights with the largest root so far
+        e = (torch.floor(r) + 1).clamp(1, self.kmax)
         for stage in range(STAGES):
-            lam, r, _ = search_weights(prob, lam, STAGE_CALLS)
-            e = (torch.floor(r) + 1).clamp(1, self.kmax)
-            d, lam_e = self.step(prob, lam, e)
-            img = self.image_at(x[idx], d, e.long())
+            lam, g, r = self.newton(prob, lam, e, cert)
+            d = torch.sign(g).to(torch.int8)
+            img = self.image_at(prob.x, d, e.long())
             sc = self.model.scores(img)
-            ok = self.passes(sc, t[idx])
-            if (~ok).any():  # the LP's duals at e, closer: Newton's method
-                bad = (~ok).nonzero()[:, 0]
+            ok = self.passes(sc, prob.t) & (r < e)
+            if ((~ok) & (r < e)).any():  # the few pixels at a tie set inside the box
+                bad = ((~ok) & (r < e)).nonzero()[:, 0]
                 sub = prob.subset(bad)
-                lam_e[bad] = newton(sub, lam_e[bad], e[bad], NEWTON_STEPS)[0].to(lam_e.dtype)
-                d[bad] = torch.sign(sub.g(lam_e[bad])).to(torch.int8)
-                img[bad] = self.image_at(x[idx[bad]], d[bad], e[bad].long())
+                img[bad] = (sub.x.float() + sub.balanced(lam[bad], e[bad])).to(torch.uint8)
                 sc[bad] = self.model.scores(img[bad])
-                ok = self.passes(sc, t[idx])
-            if (~ok).any():  # the few pixels at a tie set inside the box
-                bad = (~ok).nonzero()[:, 0]
-                sub = prob.subset(bad)
-                img[bad] = (sub.x.float() + sub.balanced(lam_e[bad], e[bad])).to(torch.uint8)
-                sc[bad] = self.model.scores(img[bad])
-                ok = self.passes(sc, t[idx])
+                ok = self.passes(sc, prob.t) & (r < e)
             if stage == STAGES - 1:
-                found = self.search(x[idx], d, s[idx], self.model.estimate(d), t[idx], e.long())
+                found = self.search(prob.x, d, s[idx], self.model.estimate(d), prob.t, e.long())
                 img, sc, e = found.images, found.scores, found.strength
                 ok = torch.ones_like(ok)
+            weak = (ok & (cert["r"] <= e - 1)).nonzero()[:, 0]
+            if len(weak):  # the weights optimal at e - 1 prove that no image gets there
+                sub = prob.subset(weak)
+                part = {k: v[weak] for k, v in cert.items()}
+                self.newton(sub, part["lam"], e[weak] - 1, part)
+                for k in cert:
+                    cert[k][weak] = part[k]
             won = idx[ok]
             f.images[won], f.scores[won], f.strength[won] = img[ok], sc[ok], e[ok].float()
-            f.bound[won] = prob.subset(ok).certificate(lam[ok])
-            idx, prob, lam, sc = idx[~ok], prob.subset(~ok), lam_e[~ok], sc[~ok]
+            f.bound[won] = prob.subset(ok, rows_only=True).certificate(cert["lam"][ok])
+            keep = ~ok
+            e = torch.where(r >= e, torch.floor(r) + 1, e)[keep].clamp(1, self.kmax)
+            idx, prob, lam, sc = idx[keep], prob.subset(keep), lam[keep], sc[keep]
+            cert = {k: v[keep] for k, v in cert.items()}
             if len(idx) == 0:
                 break
             prob, lam = prob.grow(sc, lam)
+            cert["lam"] = torch.cat([cert["lam"], cert["lam"].new_zeros(len(lam), prob.K -
+                                                                         cert["lam"].shape[1])], 1)
         return f
 
-    def step(self, prob, lam, e) -> torch.Tensor:
-        """The sign vector (P, D) int8 to store a step along: from the root's optimum lam, the
-        weights whose corner at e beats every rival (or comes closest)."""
-        lam, _, _ = search_weights(prob, lam, STEP_CALLS, e.double())
-        return torch.sign(prob.g(lam)).to(torch.int8), lam
+    @staticmethod
+    def newton(prob, lam, e, cert: dict):
+        """Newton's weights at e from lam, their g and root r (float32, to steer); cert (the
+        weights with the largest root so far, and that root) takes them where r is larger."""
+        lam, _ = newton(prob, lam, e, NEWTON_STEPS)
+        g = prob.g(lam)
+        r = root(prob.histogram(g).double(), (lam * prob.q).sum(1))[0]
+        better = r > cert["r"]
+        cert["lam"][better] = lam[better].to(cert["lam"].dtype)
+        cert["r"][better] = r[better]
+        return lam, g, r
 
     def passes(self, S: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """t wins, and by ``margin`` over every rival (the margin form of the confidence)."""
