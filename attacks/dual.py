@@ -206,7 +206,8 @@ def root(hist: torch.Tensor, lq: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return r, above.gather(1, e1[:, None])[:, 0]
 
 
-def newton(prob: Problem, lam: torch.Tensor, eps: torch.Tensor, steps: int):
+def newton(prob: Problem, lam: torch.Tensor, eps: torch.Tensor, steps: int,
+           until_feasible: bool = False):
     """Weights (P, K) that minimize h(lam, eps) over the simplex, from lam: Newton directions
     with an exact line search on h itself.
 
@@ -216,30 +217,41 @@ def newton(prob: Problem, lam: torch.Tensor, eps: torch.Tensor, steps: int):
     with the smallest |g_j| (``sum_j c_j a_j a_j^T``, ``c_j`` a kernel of width the largest of
     those |g_j|), damped; the step solves the KKT system on the simplex over the rivals free to
     move (with weight, or whose margin is below h and would take weight; one without weight
-    that the step would push below zero is held). Along the step, h's minimum comes exactly from
-    its kinks (``line_min``), so h never rises. Returns the weights and h there (P,) (the LP's
-    best worst-case margin at eps, from above: the restricted problem's optimum is at most it).
+    that the step would push below zero is held). Along the step, h's minimum comes from its
+    kinks (``line_min``), so h does not rise. ``until_feasible``: a pair stops once its corner
+    beats every rival (all of M > FEASIBLE), which is all that its step needs. Returns the
+    weights and h there (P,) (the LP's best worst-case margin at eps, from above).
     """
     P, K = lam.shape
-    A = prob.rows()  # (P, K, D)
+    out, out_h = lam.double().clone(), torch.empty(P, dtype=torch.float64, device=lam.device)
+    rows = torch.arange(P, device=lam.device)
+    A, q, lam = prob.rows(), prob.q, out.clone()  # A (P, K, D)
     e = eps.float()[:, None]
     up, dn = torch.minimum(prob.hi, e), torch.minimum(-prob.lo, e)
-    lam = lam.double().clone()
     g = torch.bmm(lam.float()[:, None, :], A)[:, 0]  # (P, D)
-    eye = torch.eye(K, dtype=torch.float64, device=lam.device).expand(P, K, K)
     nk = min(KERNEL * K, A.shape[2])
-    for _ in range(steps):
-        M = prob.q + dots(A, torch.where(g > 0, up, -dn)).double()  # h's gradient
+    for i in range(steps + 1):  # the last one only measures
+        M = q + dots(A, torch.where(g > 0, up, -dn)).double()  # h's gradient
         h = (lam * M).sum(1)
+        stop = (M.amin(1) > FEASIBLE) if until_feasible else torch.zeros_like(h, dtype=bool)
+        if i == steps:
+            stop[:] = True
+        if stop.any():
+            out[rows[stop]], out_h[rows[stop]] = lam[stop], h[stop]
+            if stop.all():
+                break
+            keep = ~stop
+            rows, A, q, lam, g, up, dn, M, h = (v[keep] for v in (rows, A, q, lam, g, up, dn,
+                                                                  M, h))
         near, idx = g.abs().topk(min(4 * nk, A.shape[2]), 1, largest=False)
         tau = torch.maximum(near[:, nk - 1:nk], TAU_FLOOR * g.abs().mean(1, keepdim=True))
         tau = tau.clamp(min=1e-30)  # pixels at g_j = 0 (rows of W equal there) count, finitely
         c = (up + dn).gather(1, idx) / 2 * tau * tau / (near * near + tau * tau) ** 1.5
-        a = A.gather(2, idx[:, None, :].expand(P, K, idx.shape[1]))  # (P, K, 4 nk)
+        a = A.gather(2, idx[:, None, :].expand(len(A), K, idx.shape[1]))  # (P, K, 4 nk)
         H = torch.bmm(a * c[:, None, :], a.transpose(1, 2)).double()
         free = (lam > 0) | (M < h[:, None])
         for _ in range(3):  # hold the rivals without weight that the step would push below 0
-            d = _kkt_step(H, M, free, eye)
+            d = _kkt_step(H, M, free)
             held = (lam <= 0) & (d < 0)
             if not held.any():
                 break
@@ -247,18 +259,18 @@ def newton(prob: Problem, lam: torch.Tensor, eps: torch.Tensor, steps: int):
         d = torch.where(held, 0.0, d)
         reach = torch.where(d < 0, lam / (-d).clamp(min=1e-300), float("inf")).amin(1)
         gd = torch.bmm(d.float()[:, None, :], A)[:, 0]
-        alpha = line_min(d, g, gd, prob.q, up, dn, reach.clamp(max=2.0**LINE_OCTAVES))
+        alpha = line_min(d, g, gd, q, up, dn, reach.clamp(max=2.0**LINE_OCTAVES))
         lam = (lam + alpha[:, None] * d).clamp(min=0)
         lam = lam / lam.sum(1, keepdim=True).clamp(min=1e-300)
         g = torch.bmm(lam.float()[:, None, :], A)[:, 0]
-    h = (lam * prob.q).sum(1) + (torch.where(g > 0, up, -dn) * g).sum(1).double()
-    return lam, h
+    return out, out_h
 
 
-def _kkt_step(H, grad, free, eye):
+def _kkt_step(H, grad, free):
     """The Newton step (P, K) on the simplex: H d + nu 1 = -grad, sum d = 0, over the free
     rivals (the others stay), H damped by DAMP times its mean diagonal."""
     P, K = grad.shape
+    eye = torch.eye(K, dtype=H.dtype, device=H.device).expand(P, K, K)
     H = torch.where(free[:, :, None] & free[:, None, :], H, eye)
     H = H + DAMP * eye * H.diagonal(0, 1, 2).abs().mean(1)[:, None, None]
     one = free.double()

@@ -42,7 +42,7 @@ from attacks.fooling import Fooled, expand, first_success, pairs
 from attacks.iterative import Iterative
 from attacks.sign import Sign
 
-STAGES = 5  # Newton's method at e, then a step that is scored
+STAGES = 5  # Newton's method at e, then a step that is scored (after the root search's step)
 ROOT_CALLS = 8  # root evaluations per pair of the first search (the first certificate and e)
 NEWTON_STEPS = 6  # Newton steps towards the weights that are optimal at e
 CHUNK = 256  # pairs per dual search: memory CHUNK x K x D x 4 bytes (100 MB for 64x64x3, K = 8)
@@ -93,13 +93,15 @@ class Exact(Sign):
         return fooled
 
     def solve(self, x, s, t) -> Fooled:
-        """One chunk of pairs: the root search gives a first certificate r and e = floor(r) + 1;
-        then in stages, Newton's method on h(., e) over the rivals so far. Where even its
-        weights keep h below zero, no image within e beats those rivals: their root, beyond e,
-        is the next certificate and e moves up. Elsewhere the step at e along Newton's weights
-        (the tie pixels balanced where needed) is scored: where t wins, e is proved minimal by
-        the best certificate; where not, the classes that beat it join the rivals. After the
-        last stage, Sign's exact search along the last step's direction, from there up."""
+        """One chunk of pairs: the root search gives the first certificate r and e = floor(r) +
+        1, and its weights' step at e is scored. Then in stages, for the pairs not yet won,
+        Newton's method on h(., e) over the rivals so far. Where even its weights keep h below
+        zero, no image within e beats those rivals: their root, beyond e, is the next
+        certificate and e moves up. Elsewhere the step at e along Newton's weights (the tie
+        pixels balanced where needed) is scored: where t wins, e is proved minimal by the best
+        certificate (where that falls short, Newton's weights at e - 1 give one); where not,
+        the classes that beat it join the rivals. After the last stage, Sign's exact search
+        along the last step's direction, from there up."""
         f = Fooled(x.clone(), s.clone(), torch.zeros(len(t), device=t.device),
                    torch.zeros(len(t), device=t.device))
         idx = (~self.passes(s, t)).nonzero()[:, 0]  # pairs already won keep the original
@@ -107,54 +109,56 @@ class Exact(Sign):
         lam, r, _ = search_weights(prob, onehot(torch.zeros_like(idx), prob.K), ROOT_CALLS)
         cert = {"lam": lam.clone(), "r": r.clone()}  # the weights with the largest root so far
         e = (torch.floor(r) + 1).clamp(1, self.kmax)
-        for stage in range(STAGES):
-            lam, g, r = self.newton(prob, lam, e, cert)
+        g = prob.g(lam)
+        for stage in range(STAGES + 1):
             d = torch.sign(g).to(torch.int8)
             img = self.image_at(prob.x, d, e.long())
             sc = self.model.scores(img)
             ok = self.passes(sc, prob.t) & (r < e)
-            if ((~ok) & (r < e)).any():  # the few pixels at a tie set inside the box
-                bad = ((~ok) & (r < e)).nonzero()[:, 0]
-                sub = prob.subset(bad)
-                img[bad] = (sub.x.float() + sub.balanced(lam[bad], e[bad])).to(torch.uint8)
-                sc[bad] = self.model.scores(img[bad])
+            tie = ((~ok) & (r < e)).nonzero()[:, 0]
+            if stage > 0 and len(tie):  # the few pixels at a tie set inside the box
+                sub = prob.subset(tie)
+                img[tie] = (sub.x.float() + sub.balanced(lam[tie], e[tie])).to(torch.uint8)
+                sc[tie] = self.model.scores(img[tie])
                 ok = self.passes(sc, prob.t) & (r < e)
-            if stage == STAGES - 1:
+            if stage == STAGES:
                 found = self.search(prob.x, d, s[idx], self.model.estimate(d), prob.t, e.long())
                 img, sc, e = found.images, found.scores, found.strength
                 ok = torch.ones_like(ok)
             weak = (ok & (cert["r"] <= e - 1)).nonzero()[:, 0]
             if len(weak):  # the weights optimal at e - 1 prove that no image gets there
-                sub = prob.subset(weak)
-                part = {k: v[weak] for k, v in cert.items()}
-                self.newton(sub, part["lam"], e[weak] - 1, part)
-                for k in cert:
-                    cert[k][weak] = part[k]
+                self.newton(prob, weak, lam.clone(), e - 1, cert, until_feasible=False)
             won = idx[ok]
             f.images[won], f.scores[won], f.strength[won] = img[ok], sc[ok], e[ok].float()
             f.bound[won] = prob.subset(ok, rows_only=True).certificate(cert["lam"][ok])
             keep = ~ok
+            if not keep.any():
+                break
             e = torch.where(r >= e, torch.floor(r) + 1, e)[keep].clamp(1, self.kmax)
             idx, prob, lam, sc = idx[keep], prob.subset(keep), lam[keep], sc[keep]
             cert = {k: v[keep] for k, v in cert.items()}
-            if len(idx) == 0:
-                break
-            prob, lam = prob.grow(sc, lam)
-            cert["lam"] = torch.cat([cert["lam"], cert["lam"].new_zeros(len(lam), prob.K -
-                                                                         cert["lam"].shape[1])], 1)
+            if stage > 0:
+                prob, lam = prob.grow(sc, lam)
+                cert["lam"] = torch.cat([cert["lam"], cert["lam"].new_zeros(
+                    len(lam), prob.K - cert["lam"].shape[1])], 1)
+            g, r = self.newton(prob, None, lam, e, cert)
         return f
 
     @staticmethod
-    def newton(prob, lam, e, cert: dict):
-        """Newton's weights at e from lam, their g and root r (float32, to steer); cert (the
-        weights with the largest root so far, and that root) takes them where r is larger."""
-        lam, _ = newton(prob, lam, e, NEWTON_STEPS)
-        g = prob.g(lam)
-        r = root(prob.histogram(g).double(), (lam * prob.q).sum(1))[0]
-        better = r > cert["r"]
-        cert["lam"][better] = lam[better].to(cert["lam"].dtype)
-        cert["r"][better] = r[better]
-        return lam, g, r
+    def newton(prob, rows, lam, e, cert: dict, until_feasible: bool = True):
+        """Newton's weights at e (P,) from lam (P, K), in place, for the pairs ``rows`` (None:
+        all); cert (the weights with the largest root so far, and that root) takes them where
+        their root is larger. Returns their g and root r (float32, to steer) for those pairs."""
+        sub = prob if rows is None else prob.subset(rows)
+        at = slice(None) if rows is None else rows
+        new, _ = newton(sub, lam[at], e[at], NEWTON_STEPS, until_feasible)
+        lam[at] = new.to(lam.dtype)
+        g = sub.g(new)
+        r = root(sub.histogram(g).double(), (new * sub.q).sum(1))[0]
+        better = r > cert["r"][at]
+        cert["lam"][at] = torch.where(better[:, None], new.to(cert["lam"].dtype), cert["lam"][at])
+        cert["r"][at] = torch.where(better, r, cert["r"][at])
+        return g, r
 
     def passes(self, S: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """t wins, and by ``margin`` over every rival (the margin form of the confidence)."""
