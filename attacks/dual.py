@@ -218,15 +218,20 @@ def newton(prob: Problem, lam: torch.Tensor, eps: torch.Tensor, steps: int,
     those |g_j|), damped; the step solves the KKT system on the simplex over the rivals free to
     move (with weight, or whose margin is below h and would take weight; one without weight
     that the step would push below zero is held). Along the step, h's minimum comes from its
-    kinks (``line_min``), so h does not rise. ``until_feasible``: a pair stops once its corner
-    beats every rival (all of M > FEASIBLE), which is all that its step needs. Returns the
-    weights and h there (P,) (the LP's best worst-case margin at eps, from above).
+    kinks (``line_min``), so h does not rise.
+
+    ``until_feasible`` (the search for a step to store at the integer eps): a pair stops once its
+    corner beats every rival (all of M > FEASIBLE), which is all that its step needs; and where
+    h < 0, no image within eps beats these rivals, so its eps moves up to the next integer above
+    the weights' root, and the search goes on there. Returns the weights, h there (P,) (the
+    LP's best worst-case margin at eps, from above) and eps (P,).
     """
     P, K = lam.shape
     out, out_h = lam.double().clone(), torch.empty(P, dtype=torch.float64, device=lam.device)
+    out_e = eps.double().clone()
     rows = torch.arange(P, device=lam.device)
     A, q, lam = prob.rows(), prob.q, out.clone()  # A (P, K, D)
-    e = eps.float()[:, None]
+    e = out_e.float()[:, None]
     up, dn = torch.minimum(prob.hi, e), torch.minimum(-prob.lo, e)
     g = torch.bmm(lam.float()[:, None, :], A)[:, 0]  # (P, D)
     nk = min(KERNEL * K, A.shape[2])
@@ -241,8 +246,20 @@ def newton(prob: Problem, lam: torch.Tensor, eps: torch.Tensor, steps: int,
             if stop.all():
                 break
             keep = ~stop
-            rows, A, q, lam, g, up, dn, M, h = (v[keep] for v in (rows, A, q, lam, g, up, dn,
-                                                                  M, h))
+            rows, A, q, lam, g, up, dn, M, h, e = (
+                v[keep] for v in (rows, A, q, lam, g, up, dn, M, h, e))
+        if until_feasible and (h < 0).any():  # no image within e: up to the root's next integer
+            low = (h < 0).nonzero()[:, 0]
+            hist = torch.zeros(len(low), LEVELS, dtype=g.dtype, device=g.device)
+            hist.scatter_add_(1, prob.up[rows[low]], g[low].clamp(min=0))
+            hist.scatter_add_(1, prob.dn[rows[low]], g[low].clamp(max=0).neg_())
+            r, _ = root(hist.double(), (lam[low] * q[low]).sum(1))
+            e[low] = torch.maximum(torch.floor(r) + 1, e[low, 0].double() + 1).clamp(
+                max=LEVELS - 1).float()[:, None]
+            out_e[rows[low]] = e[low, 0].double()
+            up[low] = torch.minimum(prob.hi[rows[low]], e[low])
+            dn[low] = torch.minimum(-prob.lo[rows[low]], e[low])
+            continue
         near, idx = g.abs().topk(min(4 * nk, A.shape[2]), 1, largest=False)
         tau = torch.maximum(near[:, nk - 1:nk], TAU_FLOOR * g.abs().mean(1, keepdim=True))
         tau = tau.clamp(min=1e-30)  # pixels at g_j = 0 (rows of W equal there) count, finitely
@@ -263,7 +280,7 @@ def newton(prob: Problem, lam: torch.Tensor, eps: torch.Tensor, steps: int,
         lam = (lam + alpha[:, None] * d).clamp(min=0)
         lam = lam / lam.sum(1, keepdim=True).clamp(min=1e-300)
         g = torch.bmm(lam.float()[:, None, :], A)[:, 0]
-    return out, out_h
+    return out, out_h, out_e
 
 
 def _kkt_step(H, grad, free):

@@ -19,16 +19,19 @@ The stored image needs the other side: at the integer ``e = floor(r) + 1`` some 
 beats every rival exactly when ``min over lambda of h(lambda, e) > 0``, and then the LP's
 solution is the corner along ``sign(g)`` for the minimizing lambda except at the few pixels where
 ``g_j = 0`` (at most one fewer than the rivals with weight), which sit inside the box. So per
-pair, in stages: (1) SMO on r(lambda) (move weight from the most satisfied rival to the most
-violated one of the corner at the root, regula falsi on the segment) gives the certificate and
-e; (2) the same moves on h(., e) until the corner at e beats every rival; (3) where it does not,
-Newton's method on h(., e) with |g_j| smoothed as ``sqrt(g_j^2 + tau^2)`` (with thousands of
-pixels h is nearly smooth; tau shrinks every step) reaches the LP's duals, whose corner is
-tried, then (4) that corner with the pixels at a tie set to equalize the rivals with weight (a
-K x K linear system). The stored image is scored: if t wins, e is the minimum over all images,
-proved by the certificate. If not, the classes that beat it join the rivals (the search starts
-with the KMAX nearest by the Hoelder ratio ``q_k / ||a_k||_1``) and the next stage starts from
-Newton's weights. No LP solver: (P, K, D) products, histograms and (P, K, K) solves.
+pair: (1) SMO on r(lambda) over the KMAX nearest rivals by the Hoelder ratio
+``q_k / ||a_k||_1`` (move weight from the most satisfied rival to the most violated one of the
+corner at the root, regula falsi on the segment) gives the first certificate and e, and its
+corner at e is scored; then in stages for the pairs it does not win, (2) Newton's method on
+h(., e) (attacks/dual.py: an exact line search on h's kinks, a smoothed Hessian from the pixels
+nearest a kink), which reaches the LP's duals. Where even they leave h < 0, no image within e
+beats these rivals: their root, beyond e, is the better certificate and e moves up. Elsewhere
+(3) their corner at e is scored, and where it loses, the same corner with the pixels at a tie
+set to equalize the rivals with weight (a K x K linear system). If t wins, e is the minimum
+over all images, proved by the certificate (where the best root is not above e - 1, Newton's
+weights at e - 1 give one that is). If not, the classes that beat it join the rivals and the
+next stage starts from Newton's weights. No LP solver: (P, K, D) products, histograms and
+(P, K, K) solves.
 
 Only numpy and torch here: no Ray, no storage.
 """
@@ -42,9 +45,9 @@ from attacks.fooling import Fooled, expand, first_success, pairs
 from attacks.iterative import Iterative
 from attacks.sign import Sign
 
-STAGES = 5  # Newton's method at e, then a step that is scored (after the root search's step)
+STAGES = 6  # Newton's method at e, then a step that is scored (after the root search's step)
 ROOT_CALLS = 8  # root evaluations per pair of the first search (the first certificate and e)
-NEWTON_STEPS = 6  # Newton steps towards the weights that are optimal at e
+NEWTON_STEPS = 8  # Newton steps towards the weights that are optimal at e
 CHUNK = 256  # pairs per dual search: memory CHUNK x K x D x 4 bytes (100 MB for 64x64x3, K = 8)
 
 
@@ -94,14 +97,14 @@ class Exact(Sign):
 
     def solve(self, x, s, t) -> Fooled:
         """One chunk of pairs: the root search gives the first certificate r and e = floor(r) +
-        1, and its weights' step at e is scored. Then in stages, for the pairs not yet won,
-        Newton's method on h(., e) over the rivals so far. Where even its weights keep h below
-        zero, no image within e beats those rivals: their root, beyond e, is the next
-        certificate and e moves up. Elsewhere the step at e along Newton's weights (the tie
-        pixels balanced where needed) is scored: where t wins, e is proved minimal by the best
-        certificate (where that falls short, Newton's weights at e - 1 give one); where not,
-        the classes that beat it join the rivals. After the last stage, Sign's exact search
-        along the last step's direction, from there up."""
+        1, and its weights' step at e is scored. Then in stages, for the pairs not yet won, the
+        classes that beat their step join the rivals and Newton's method runs on h(., e) over
+        the rivals so far (where even its weights keep h below zero, no image within e beats
+        those rivals, and e moves up to the next integer above their root). The step at e along
+        Newton's weights (the tie pixels balanced where needed) is scored: where t wins, e is
+        proved minimal by the best certificate (where that falls short, Newton's weights at
+        e - 1 give one). After the last stage, Sign's exact search along the last step's
+        direction, from there up."""
         f = Fooled(x.clone(), s.clone(), torch.zeros(len(t), device=t.device),
                    torch.zeros(len(t), device=t.device))
         idx = (~self.passes(s, t)).nonzero()[:, 0]  # pairs already won keep the original
@@ -137,10 +140,9 @@ class Exact(Sign):
             e = torch.where(r >= e, torch.floor(r) + 1, e)[keep].clamp(1, self.kmax)
             idx, prob, lam, sc = idx[keep], prob.subset(keep), lam[keep], sc[keep]
             cert = {k: v[keep] for k, v in cert.items()}
-            if stage > 0:
-                prob, lam = prob.grow(sc, lam)
-                cert["lam"] = torch.cat([cert["lam"], cert["lam"].new_zeros(
-                    len(lam), prob.K - cert["lam"].shape[1])], 1)
+            prob, lam = prob.grow(sc, lam)
+            cert["lam"] = torch.cat([cert["lam"], cert["lam"].new_zeros(
+                len(lam), prob.K - cert["lam"].shape[1])], 1)
             g, r = self.newton(prob, None, lam, e, cert)
         return f
 
@@ -151,7 +153,8 @@ class Exact(Sign):
         their root is larger. Returns their g and root r (float32, to steer) for those pairs."""
         sub = prob if rows is None else prob.subset(rows)
         at = slice(None) if rows is None else rows
-        new, _ = newton(sub, lam[at], e[at], NEWTON_STEPS, until_feasible)
+        new, _, moved = newton(sub, lam[at], e[at], NEWTON_STEPS, until_feasible)
+        e[at] = moved.to(e.dtype)  # e moves up where no image within it beats these rivals
         lam[at] = new.to(lam.dtype)
         g = sub.g(new)
         r = root(sub.histogram(g).double(), (new * sub.q).sum(1))[0]

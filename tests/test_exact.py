@@ -112,7 +112,7 @@ def test_newton_reaches_the_lp_value(photos):
         prob = Problem(model, x, model.scores(x), torch.tensor([t]), 0.0)
         lam, r, _ = search_weights(prob, onehot(torch.zeros(1, dtype=torch.long), prob.K), 8)
         eps = torch.floor(r) + 1
-        lam, h = newton(prob, lam, eps, NEWTON_STEPS)
+        lam, h, _ = newton(prob, lam, eps, NEWTON_STEPS)
         z, _ = value(W, b, X[i], t, float(eps))
         scale = np.abs(W[t] - W).sum(1).max()  # the margins' change per level
         assert z - 1e-4 * scale <= h.item() <= z + 2e-3 * scale, (i, t, z, h.item())
@@ -147,7 +147,9 @@ def test_two_classes_closed_form():
 
 def test_a_thousand_classes():
     """1,000 random classes on 8x8x3 images, where 5 to 15 rivals bind at the optimum (more than
-    the search weighs): every pair fooled, the certificate below the LP, never above Sign."""
+    the first search weighs): every pair fooled, never above Sign, the certificate within half a
+    level below the LP's optimum (never above it). With 192 pixels the LP's few fractional
+    pixels weigh much more than on 64x64x3 images: the stored step may sit a few levels above."""
     rng = np.random.default_rng(3)
     W = rng.normal(0, 1e-3, (1000, 192)).astype(np.float32)
     b = rng.normal(0, 0.05, 1000).astype(np.float32)
@@ -159,8 +161,8 @@ def test_a_thousand_classes():
     assert (want["linf"] <= np.where(sign["fooled_pred"] == t, sign["linf"], 255)).all()
     for i in range(len(t)):
         eps = lp_minimum(W, b, X[n[i]], int(t[i]))
-        assert eps * 0.9 <= f.bound[i].item() <= eps * (1 + LP_RTOL) + 1e-9, (i, eps)
-        assert want["linf"][i] <= 1.3 * eps + 1, (i, eps)
+        assert eps - 0.5 <= f.bound[i].item() <= eps * (1 + LP_RTOL) + 1e-9, (i, eps)
+        assert want["linf"][i] <= 1.1 * eps + 1, (i, eps)
 
 
 def test_lp_oracle_is_tight():
