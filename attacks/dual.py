@@ -235,21 +235,23 @@ def newton(prob: Problem, lam: torch.Tensor, eps: torch.Tensor, steps: int,
     up, dn = torch.minimum(prob.hi, e), torch.minimum(-prob.lo, e)
     g = torch.bmm(lam.float()[:, None, :], A)[:, 0]  # (P, D)
     nk = min(KERNEL * K, A.shape[2])
+    live = torch.ones(P, dtype=torch.bool, device=lam.device)  # not stopped yet
     for i in range(steps + 1):  # the last one only measures
         M = q + dots(A, torch.where(g > 0, up, -dn)).double()  # h's gradient
         h = (lam * M).sum(1)
-        stop = (M.amin(1) > FEASIBLE) if until_feasible else torch.zeros_like(h, dtype=bool)
+        stop = live & (M.amin(1) > FEASIBLE) if until_feasible else torch.zeros_like(live)
         if i == steps:
-            stop[:] = True
+            stop = live
         if stop.any():
             out[rows[stop]], out_h[rows[stop]] = lam[stop], h[stop]
-            if stop.all():
+            live = live & ~stop
+            if not live.any():
                 break
-            keep = ~stop
-            rows, A, q, lam, g, up, dn, M, h, e = (
-                v[keep] for v in (rows, A, q, lam, g, up, dn, M, h, e))
-        if until_feasible and (h < 0).any():  # no image within e: up to the root's next integer
-            low = (h < 0).nonzero()[:, 0]
+            if (~live).float().mean() > 1 - COMPACT_AT:  # drop the stopped pairs (a copy of A)
+                rows, A, q, lam, g, up, dn, M, h, e, live = (
+                    v[live] for v in (rows, A, q, lam, g, up, dn, M, h, e, live))
+        if until_feasible and (live & (h < 0)).any():  # no image within e: up to the root's
+            low = (live & (h < 0)).nonzero()[:, 0]  # next integer
             hist = torch.zeros(len(low), LEVELS, dtype=g.dtype, device=g.device)
             hist.scatter_add_(1, prob.up[rows[low]], g[low].clamp(min=0))
             hist.scatter_add_(1, prob.dn[rows[low]], g[low].clamp(max=0).neg_())
@@ -259,7 +261,8 @@ def newton(prob: Problem, lam: torch.Tensor, eps: torch.Tensor, steps: int,
             out_e[rows[low]] = e[low, 0].double()
             up[low] = torch.minimum(prob.hi[rows[low]], e[low])
             dn[low] = torch.minimum(-prob.lo[rows[low]], e[low])
-            continue
+            M[low] = q[low] + dots(A[low], torch.where(g[low] > 0, up[low], -dn[low])).double()
+            h[low] = (lam[low] * M[low]).sum(1)
         near, idx = g.abs().topk(min(4 * nk, A.shape[2]), 1, largest=False)
         tau = torch.maximum(near[:, nk - 1:nk], TAU_FLOOR * g.abs().mean(1, keepdim=True))
         tau = tau.clamp(min=1e-30)  # pixels at g_j = 0 (rows of W equal there) count, finitely
