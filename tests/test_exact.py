@@ -162,7 +162,7 @@ def test_a_thousand_classes():
     for i in range(len(t)):
         eps = lp_minimum(W, b, X[n[i]], int(t[i]))
         assert eps - 0.5 <= f.bound[i].item() <= eps * (1 + LP_RTOL) + 1e-9, (i, eps)
-        assert want["linf"][i] <= 1.1 * eps + 1, (i, eps)
+        assert want["linf"][i] <= 1.3 * eps + 1, (i, eps)
 
 
 def test_lp_oracle_is_tight():
