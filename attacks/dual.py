@@ -170,14 +170,18 @@ class Problem:
     def certificate(self, lam: torch.Tensor) -> torch.Tensor:
         """r(lam) recomputed in float64 from the float32 weights, shaved: a true lower bound."""
         W, b, t = self.model.W, self.model.b, self.t
-        lam = lam.double().clamp(min=0)
+        lam, rivals = lam.double().clamp(min=0), self.rivals
         if self.dense:
             g = self.g(lam, torch.float64)
-        else:  # from W itself, not the rounded rows A
+        else:  # from W itself, not the rounded rows A; only the rivals with weight
+            lam, order = lam.sort(1, descending=True)
+            support = int((lam > 0).sum(1).max()) if len(lam) else 1
+            rivals = rivals.gather(1, order)[:, :max(support, 1)]
+            lam = lam[:, :rivals.shape[1]]
             g = torch.cat([lam[c].sum(1, keepdim=True) * W[t[c]].double() - torch.bmm(
-                lam[c][:, None, :], W[self.rivals[c]].double())[:, 0]
+                lam[c][:, None, :], W[rivals[c]].double())[:, 0]
                 for c in torch.arange(len(lam), device=lam.device).split(CERT_CHUNK)])
-        c = (lam * (b[t].double()[:, None] - b[self.rivals].double() - self.margin)).sum(1)
+        c = (lam * (b[t].double()[:, None] - b[rivals].double() - self.margin)).sum(1)
         lq = c + (g * self.x.double()).sum(1)
         r, _ = root(self.histogram(g), lq)
         return _round_down(r.clamp(max=255) * (1 - BOUND_SLACK))
