@@ -243,7 +243,10 @@ def _ingest_split(cfg: Settings, listing: sources.Listing, split: str) -> list[d
     table = listing.files[split]
     if table.num_rows == 0:
         return []
-    # take() copies, so each block carries its own rows and not the whole listing's buffers
+    # take() copies, so each block carries its own rows and not the whole listing's buffers.
+    # from_blocks, not from_arrow: from_arrow runs a remote task per block for its metadata and
+    # waits for them, which in a fresh Ray waited for workers to start and import Ray Data
+    # (measured: 1,000 images took 4.6-8.1 s instead of 10.8 s from the start of the split).
     blocks = [
         table.take(pa.array(range(i, min(i + cfg.batch_size, table.num_rows))))
         for i in range(0, table.num_rows, cfg.batch_size)
@@ -258,7 +261,7 @@ def _ingest_split(cfg: Settings, listing: sources.Listing, split: str) -> list[d
     ctx.op_resource_reservation_enabled = False
     try:
         with progress.watch(log, split, table.num_rows, "images") as counter:
-            ray.data.from_arrow(blocks).map_batches(
+            ray.data.from_blocks(blocks).map_batches(
                 decode_counted,
                 batch_size=None,
                 batch_format="pyarrow",
