@@ -12,10 +12,14 @@ classes, 500 x 375 and similar, a tenth larger), or with ``--sample`` the genera
   Ray Data pipeline, the manifest);
 - tars: the same job on the same images packed as ImageNet ships them (ILSVRC2012_img_train.tar
   of <wnid>.tar files), read without extracting;
-- process: ``python -m pipelines.ingest`` as a whole process, Ray start-up included.
+- process: ``python -m pipelines.ingest`` as a whole process, Ray start-up included: its wall and
+  CPU seconds, and its manifest's timings (Ray's start, listing, pipeline, decode phase).
 Each Ray pipeline runs once on a small subset first, so worker start-up is not counted; stock and
 ingest then alternate ``--repeat`` times, so that other load on the machine hits both alike.
-Prints images per second and the ratios against the goals (>= 3x stock, >= 80% of floor x CPUs).
+Prints images per second and the ratios against the goals (>= 3x stock, >= 80% of floor x CPUs),
+per wall second and per CPU second (every process of the pipeline counted); each ingest run's
+decode phase, from its manifest (first batch's start to last batch's end, and the decode tasks'
+CPU seconds); and where each ingest run's CPU went, by kind of process.
 """
 
 from __future__ import annotations
