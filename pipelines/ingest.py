@@ -247,7 +247,8 @@ def _ingest_split(cfg: Settings, listing: sources.Listing, split: str) -> list[d
     # from_blocks, not from_arrow: from_arrow runs a remote task per block (2,600 on ImageNet)
     # for its metadata and waits for them all before the pipeline starts; in a fresh Ray they
     # wait for workers to start and import Ray Data (1,000 images, two runs each on a loaded
-    # 2-core machine: 4.6 and 8.1 s from the split's start to its end, against 10.8 and 10.8 s).
+    # 2-core machine: 4.6 and 8.1 s from the split's start to its end, against 10.8 and 10.8 s;
+    # on 100 images, one block, the difference was lost in the load's noise).
     blocks = [
         table.take(pa.array(range(i, min(i + cfg.batch_size, table.num_rows))))
         for i in range(0, table.num_rows, cfg.batch_size)
