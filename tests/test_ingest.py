@@ -214,6 +214,32 @@ def test_unreadable_file_stops_the_job_with_its_uri(sample_dir):
         ingest.decode_batch(missing, str(sample_dir), 64, "squash", True)
 
 
+def test_pixel_sums_and_image_column_match_numpy_and_python():
+    """The batch's statistics and image column, built from one buffer, equal the plain ones."""
+    rng = np.random.default_rng(0)
+    X = rng.integers(0, 256, (5, 7 * 7, 3), dtype=np.uint8)
+    X[0] = 255  # the largest squares
+    sums, squares = ingest.pixel_sums(X)
+    wide = X.astype(np.int64)
+    assert (sums == wide.sum(1)).all() and (squares == (wide * wide).sum(1)).all()
+    good = np.array([True, False, True, True, False, False, True, True])
+    column = ingest.image_array(X.reshape(5, -1), good)
+    rows = iter(X.reshape(5, -1))
+    expected = pa.array([next(rows).tobytes() if g else None for g in good], pa.binary())
+    assert column.equals(expected) and column.null_count == 3
+    column.validate(full=True)
+
+
+def test_the_decode_phase_is_timed_in_the_manifest(ingested):
+    """Each split's decode phase: its span (first batch's start to last one's end, within the
+    split's time) and the decode tasks' CPU seconds."""
+    timings = manifest_of(ingested)[schema.M_TIMINGS]
+    for split in schema.SPLITS:
+        assert 0 < timings[f"{split}_decode_s"] <= timings[f"{split}_s"]
+        assert timings[f"{split}_decode_cpu_s"] > 0
+    assert timings["ray_s"] >= 0
+
+
 @contextlib.contextmanager
 def as_user_nobody():
     """Drop the effective uid to nobody when running as root (root reads a chmod 000 file);
