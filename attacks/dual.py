@@ -7,8 +7,8 @@ For weights lambda (P, K) on K rivals per pair, ``g = sum_k lambda_k (W[t] - W[k
 ``Problem`` holds the pairs and their rivals and evaluates h's root in eps (one 256-bin histogram),
 the corner ``clip(x + eps sign(g))`` and its rival margins, and the float64 certificate;
 ``search_weights`` moves weight between two rivals at a time (SMO, regula falsi) towards the largest
-root or, at a fixed eps, towards a corner that beats every rival; ``newton`` minimizes h(., eps)
-with |g_j| smoothed, which reaches the LP's duals; ``Problem.balanced`` is the LP's basic solution
+root; ``newton`` minimizes h(., eps) (Newton directions from the density of h's kinks, a line
+search on h itself), which reaches the LP's duals; ``Problem.balanced`` is the LP's basic solution
 for them. Shapes: x (P, D) uint8 pixels in 0..255, margins q (P, K) in score units.
 
 Only numpy and torch here: no Ray, no storage.
@@ -109,18 +109,14 @@ class Problem:
             gain = dots(self.A, step)
         return self.q + gain.double()
 
-    def evaluate(self, lam: torch.Tensor, eps: torch.Tensor | None = None) -> dict:
-        """At the root r of h(lam, .) (inf: t cannot win at all), or at a given eps (P,): the
-        corner's rival margins M (P, K), h's slope in eps (P,) and the search's score: r, or at
-        eps the corner's smallest margin. Float32 products: this steers the search; the
-        certificate is recomputed in float64."""
+    def evaluate(self, lam: torch.Tensor) -> dict:
+        """At the root r (P,) of h(lam, .) (inf: t cannot win at all): the corner's rival
+        margins M (P, K) and h's slope in eps (P,). Float32 products: this steers the search;
+        the certificate is recomputed in float64."""
         g = self.g(lam)
-        if eps is None:
-            r, slope = root(self.histogram(g).double(), (lam * self.q).sum(1))
-        else:
-            r, slope = eps.double(), torch.ones_like(eps, dtype=torch.float64)
+        r, slope = root(self.histogram(g).double(), (lam * self.q).sum(1))
         M = self.margins(self.corner(g, r))
-        return {"r": r, "M": M, "slope": slope, "score": r if eps is None else M.amin(1)}
+        return {"r": r, "M": M, "slope": slope, "score": r}
 
     def rows(self) -> torch.Tensor:
         """(P, K, D) the rows W[t] - W[k] of the rivals."""
@@ -337,28 +333,25 @@ def _grid(device) -> torch.Tensor:
     return torch.logspace(-LINE_OCTAVES, LINE_OCTAVES, n, base=2.0, device=device)
 
 
-def search_weights(prob: Problem, lam: torch.Tensor, calls: int, eps=None):
-    """Dual weights (P, K) by SMO with regula falsi, from lam: the largest root r(lam) found,
-    or with eps (P,) the corner at eps with the largest smallest margin (a corner that beats
-    every rival ends the search).
+def search_weights(prob: Problem, lam: torch.Tensor, calls: int):
+    """Dual weights (P, K) by SMO with regula falsi, from lam: the largest root r(lam) found.
 
     At the root the corner's margins M satisfy ``lam . M = 0``, and lam is optimal when no
     M_k < 0. Otherwise weight moves from o (the most satisfied rival with weight) to v (the most
     violated) along ``lam + gamma (e_v - e_o)``, 0 <= gamma <= lam_o: the root is unimodal along
     it and peaks where ``M_v = M_o``, the zero that the line search brackets. Returns the best
-    weights (P, K), their root r (P,) (or eps) and h's slope in eps there (P,). At eps the same
-    moves minimize h(lam, eps), whose corner then beats every rival if any image within eps does.
+    weights (P, K), their root r (P,) and h's slope in eps there (P,).
     """
     P, K = lam.shape
     best = {"lam": lam.clone(), "r": torch.zeros(P, dtype=torch.float64, device=lam.device),
             "slope": torch.zeros(P, dtype=torch.float64, device=lam.device),
             "score": torch.full((P,), -float("inf"), dtype=torch.float64, device=lam.device)}
     ids = torch.arange(P, device=lam.device)
-    base = prob.evaluate(lam, eps)
+    base = prob.evaluate(lam)
     base["lam"] = lam.clone()
     ls = _new_line(base)
     for _ in range(calls - 1):
-        done = _settled(base, eps)
+        done = _settled(base)
         if done.any():  # record the settled pairs, keep searching with the rest
             _record(best, ids[done], {k: base[k][done] for k in best})
         if done.all():
@@ -368,10 +361,9 @@ def search_weights(prob: Problem, lam: torch.Tensor, calls: int, eps=None):
             ids, prob = ids[keep], prob.subset(keep)
             base = {k: v[keep] for k, v in base.items()}
             ls = {k: v[keep] for k, v in ls.items()}
-            eps = None if eps is None else eps[keep]
         rows = torch.arange(len(ids), device=lam.device)
         query = base["lam"] + ls["gamma"][:, None] * (onehot(ls["v"], K) - onehot(ls["o"], K))
-        ev = prob.evaluate(query.clamp(min=0), eps)
+        ev = prob.evaluate(query.clamp(min=0))
         ev["lam"] = query.clamp(min=0)
         phi = ev["M"][rows, ls["v"]] - ev["M"][rows, ls["o"]]
         better = ev["score"] > ls["score"]  # the best point of the segment so far
@@ -393,9 +385,7 @@ def search_weights(prob: Problem, lam: torch.Tensor, calls: int, eps=None):
 KEYS = ("lam", "r", "M", "slope", "score")  # what a point of the search holds
 
 
-def _settled(base: dict, eps) -> torch.Tensor:
-    if eps is not None:
-        return base["M"].amin(1) > FEASIBLE
+def _settled(base: dict) -> torch.Tensor:
     short = (-base["M"].amin(1)).clamp(min=0)
     return (short <= CONVERGED * base["slope"].clamp(min=1e-30)) | ~torch.isfinite(base["r"])
 

@@ -23,7 +23,7 @@ pair: (1) SMO on r(lambda) over the KMAX nearest rivals by the Hoelder ratio
 ``q_k / ||a_k||_1`` (move weight from the most satisfied rival to the most violated one of the
 corner at the root, regula falsi on the segment) gives the first certificate and e, and its
 corner at e is scored; then in stages for the pairs it does not win, (2) Newton's method on
-h(., e) (attacks/dual.py: an exact line search on h's kinks, a smoothed Hessian from the pixels
+h(., e) (attacks/dual.py: a line search on h over its kinks, a smoothed Hessian from the pixels
 nearest a kink), which reaches the LP's duals. Where even they leave h < 0, no image within e
 beats these rivals: their root, beyond e, is the better certificate and e moves up. Elsewhere
 (3) their corner at e is scored, and where it loses, the same corner with the pixels at a tie
