@@ -33,7 +33,6 @@ import logging
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 
 from attacks import outputs, parts
 from attacks.linear import LinearModel
@@ -288,10 +287,7 @@ def _manifest(cfg: Settings, inputs: Inputs, files: list[dict], timings: dict) -
         "layout": f"{schema.PAIRS_DIR}/{schema.METHOD}=<method>/{schema.TARGET}=<target>/"
                   "<val-NNNNN|noise-00000>.parquet (Hive partitions)",
         schema.M_FILES: files,
-        schema.M_CONFIG: asdict(cfg),
-        schema.M_VERSIONS: schema.versions(),
-        schema.M_TIMINGS: timings,
-        schema.M_CREATED: datetime.now(UTC).isoformat(timespec="seconds"),
+        **schema.stamp(asdict(cfg), timings),
     }
 
 

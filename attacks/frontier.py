@@ -22,7 +22,6 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 
 from attacks import summary, tradeoff
 from attacks.charts import to_png
@@ -174,9 +173,7 @@ def run(cfg: Settings) -> dict:
     manifest = out.finish({
         schema.M_KIND: "frontier", schema.M_DATA: lifecycle.absolute(data), "rows": rows,
         schema.M_FILES: [*files, {"path": FIGURE}],
-        schema.M_CONFIG: asdict(cfg), schema.M_VERSIONS: schema.versions(),
-        schema.M_TIMINGS: {"total_s": round(time.perf_counter() - t0, 3)},
-        schema.M_CREATED: datetime.now(UTC).isoformat(timespec="seconds")})
+        **schema.stamp(asdict(cfg), {"total_s": round(time.perf_counter() - t0, 3)})})
     log.info("frontier of %d models written to %s:\n%s", len(rows), cfg.output, markdown(rows))
     return manifest
 

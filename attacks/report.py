@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 
 from attacks import examples, page, sections, story, summary
 from common import cli, lifecycle, schema, storage
@@ -85,9 +84,7 @@ def run(cfg: Settings) -> dict:
                 schema.M_SOURCE: out.identity["inputs"],
                 schema.M_FILES: [{"path": p} for p in
                                  [INDEX, *(f"{schema.FIGURES_DIR}/{n}" for n in figures)]],
-                schema.M_CONFIG: asdict(cfg),
-                schema.M_TIMINGS: {"total_s": took}, schema.M_VERSIONS: schema.versions(),
-                schema.M_CREATED: datetime.now(UTC).isoformat(timespec="seconds")}
+                **schema.stamp(asdict(cfg), {"total_s": took})}
     manifest = out.finish(manifest)
     log.info("report with %d figures in %.1f s: %s", len(figures), took,
              storage.join(cfg.output, INDEX))

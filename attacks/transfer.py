@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 
 import numpy as np
 import pyarrow as pa
@@ -210,9 +209,7 @@ def run(cfg: Settings) -> dict:
     manifest = out.finish({
         schema.M_KIND: "transfer", schema.M_SOURCE: out.identity["inputs"], "rows": table,
         schema.M_FILES: files,
-        schema.M_CONFIG: asdict(cfg), schema.M_VERSIONS: schema.versions(),
-        schema.M_TIMINGS: {"total_s": round(time.perf_counter() - t0, 3)},
-        schema.M_CREATED: datetime.now(UTC).isoformat(timespec="seconds")})
+        **schema.stamp(asdict(cfg), {"total_s": round(time.perf_counter() - t0, 3)})})
     log.info("transfer of %s to %d models:\n%s", cfg.results, len(models), markdown(table))
     return manifest
 

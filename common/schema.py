@@ -6,6 +6,7 @@ Column names, Arrow types and manifest keys live here and nowhere else.
 from __future__ import annotations
 
 import platform
+from datetime import UTC, datetime
 from importlib import metadata
 
 import pyarrow as pa
@@ -61,6 +62,12 @@ M_FILES = "files"  # [{path, rows, bytes}] relative to the output
 M_SOURCE = "source"
 M_CREATED = "created"
 M_IDENTITY = "identity"  # the identity record of the run (common/lifecycle.py, _identity.json)
+
+
+def stamp(config: dict, timings: dict) -> dict:
+    """What every job's manifest says of its run: the settings, timings, versions and when."""
+    return {M_CONFIG: config, M_TIMINGS: timings, M_VERSIONS: versions(),
+            M_CREATED: datetime.now(UTC).isoformat(timespec="seconds")}
 
 
 def versions() -> dict:

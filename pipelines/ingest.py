@@ -22,7 +22,6 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 
 import numpy as np
 import pyarrow as pa
@@ -360,10 +359,7 @@ def run(cfg: Settings) -> dict:
                               "draft_filter": images.DRAFT_FILTER.name.lower()}
                              if cfg.draft else {})},
         schema.M_FILES: files,
-        schema.M_CONFIG: asdict(cfg),
-        schema.M_VERSIONS: schema.versions(),
-        schema.M_TIMINGS: timings,
-        schema.M_CREATED: datetime.now(UTC).isoformat(timespec="seconds"),
+        **schema.stamp(asdict(cfg), timings),
     }
     manifest = out.finish(manifest)
     log.info("wrote %s (%d files) in %.1f s", cfg.output, len(files), timings["total_s"])

@@ -21,7 +21,6 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass, field, fields
-from datetime import UTC, datetime
 
 from common import cli, dataset, lifecycle, progress, schema, storage
 from common.errors import ConfigError, find_config_error
@@ -249,9 +248,8 @@ def run(cfg: Settings) -> dict:
     files = write_sweep(cfg.output, rows)
     manifest = {
         schema.M_KIND: "sweep", schema.M_DATA: lifecycle.absolute(cfg.data), "rows": rows,
-        schema.M_FILES: files, schema.M_CONFIG: asdict(cfg), schema.M_VERSIONS: schema.versions(),
-        schema.M_TIMINGS: {"total_s": round(time.perf_counter() - t0, 3)},
-        schema.M_CREATED: datetime.now(UTC).isoformat(timespec="seconds"),
+        schema.M_FILES: files,
+        **schema.stamp(asdict(cfg), {"total_s": round(time.perf_counter() - t0, 3)}),
     }
     manifest = out.finish(manifest)
     log.info("sweep of %d trainings written to %s:\n%s", len(rows), cfg.output, markdown(rows))

@@ -14,7 +14,6 @@ import hashlib
 import io
 import json
 import math
-from datetime import UTC, datetime
 
 import numpy as np
 import torch
@@ -76,8 +75,6 @@ def write_model(output: lifecycle.Output, data: dict, state: dict, config: dict,
         schema.M_FINAL: final, schema.M_INITIAL_LOSS: state["initial_loss"],
         schema.M_WEIGHT_NORMS: {"W": significant(float(state["model"]["weight"].norm())),
                                 "W_pixels": significant(float(np.linalg.norm(W)))},
-        schema.M_FILES: files, schema.M_CONFIG: config, schema.M_VERSIONS: schema.versions(),
-        schema.M_TIMINGS: timings,
-        schema.M_CREATED: datetime.now(UTC).isoformat(timespec="seconds"),
+        schema.M_FILES: files, **schema.stamp(config, timings),
     }
     return output.finish(manifest)
