@@ -116,7 +116,7 @@ class Problem:
         g = self.g(lam)
         r, slope = root(self.histogram(g).double(), (lam * self.q).sum(1))
         M = self.margins(self.corner(g, r))
-        return {"r": r, "M": M, "slope": slope, "score": r}
+        return {"r": r, "M": M, "slope": slope}
 
     def rows(self) -> torch.Tensor:
         """(P, K, D) the rows W[t] - W[k] of the rivals."""
@@ -343,9 +343,9 @@ def search_weights(prob: Problem, lam: torch.Tensor, calls: int):
     weights (P, K), their root r (P,) and h's slope in eps there (P,).
     """
     P, K = lam.shape
-    best = {"lam": lam.clone(), "r": torch.zeros(P, dtype=torch.float64, device=lam.device),
-            "slope": torch.zeros(P, dtype=torch.float64, device=lam.device),
-            "score": torch.full((P,), -float("inf"), dtype=torch.float64, device=lam.device)}
+    best = {"lam": lam.clone(),
+            "r": torch.full((P,), -float("inf"), dtype=torch.float64, device=lam.device),
+            "slope": torch.zeros(P, dtype=torch.float64, device=lam.device)}
     ids = torch.arange(P, device=lam.device)
     base = prob.evaluate(lam)
     base["lam"] = lam.clone()
@@ -366,7 +366,7 @@ def search_weights(prob: Problem, lam: torch.Tensor, calls: int):
         ev = prob.evaluate(query.clamp(min=0))
         ev["lam"] = query.clamp(min=0)
         phi = ev["M"][rows, ls["v"]] - ev["M"][rows, ls["o"]]
-        better = ev["score"] > ls["score"]  # the best point of the segment so far
+        better = ev["r"] > ls["r"]  # the best point of the segment so far
         for key in KEYS:
             ls[key][better] = ev[key][better]
         _regula_falsi(ls, phi)
@@ -382,7 +382,7 @@ def search_weights(prob: Problem, lam: torch.Tensor, calls: int):
     return best["lam"], best["r"], best["slope"]
 
 
-KEYS = ("lam", "r", "M", "slope", "score")  # what a point of the search holds
+KEYS = ("lam", "r", "M", "slope")  # what a point of the search holds
 
 
 def _settled(base: dict) -> torch.Tensor:
@@ -391,7 +391,7 @@ def _settled(base: dict) -> torch.Tensor:
 
 
 def _record(best: dict, ids, new: dict) -> None:
-    better = new["score"] > best["score"][ids]
+    better = new["r"] > best["r"][ids]
     for k in best:
         best[k][ids[better]] = new[k][better]
 

@@ -118,8 +118,8 @@ class Exact(Sign):
             img = self.image_at(prob.x, d, e.long())
             sc = self.model.scores(img)
             ok = self.passes(sc, prob.t) & (r < e)
-            tie = ((~ok) & (r < e)).nonzero()[:, 0]
-            if stage > 0 and len(tie):  # the few pixels at a tie set inside the box
+            tie = ((~ok) & (r < e)).nonzero()[:, 0] if stage > 0 else []
+            if len(tie):  # Newton's step lost: the few pixels at a tie set inside the box
                 sub = prob.subset(tie)
                 img[tie] = (sub.x.float() + sub.balanced(lam[tie], e[tie])).to(torch.uint8)
                 sc[tie] = self.model.scores(img[tie])
