@@ -33,6 +33,7 @@ WEIGHT_FLOOR = 1e-3  # rivals with less weight (relative to the most) are not ba
 GROW = 8  # rivals added per round: the classes that beat the step that lost
 DENSE_C = 128  # up to this many classes, products with all of W beat gathering rivals' rows
 CERT_CHUNK = 16  # pairs per float64 product of the certificate: CERT_CHUNK x K x D x 8 bytes
+GPU_CERT_CHUNK = 1024  # on a GPU (5.6 GB for K = 56 at 64x64x3)
 COMPACT_AT = 0.75  # the search drops settled pairs once fewer than this fraction still move
 
 
@@ -146,7 +147,10 @@ class Problem:
         spare = slot >= active[:, None]
         fix = torch.nn.functional.one_hot((slot - 1).clamp(0, K - 1), K).float()
         lhs, rhs = torch.where(spare[:, :, None], fix, lhs), torch.where(spare, 0.0, rhs)
-        move = torch.nan_to_num(torch.linalg.lstsq(lhs, rhs[:, :, None]).solution[:, :-1, 0])
+        # least squares of least norm, rank-deficient systems included, on CPU and GPU alike
+        # (CUDA's lstsq has only a full-rank driver and raises on a singular system)
+        sol = torch.linalg.pinv(lhs) @ rhs[:, :, None]
+        move = torch.nan_to_num(sol[:, :-1, 0])
         lo = torch.maximum(self.lo, -eps.float()[:, None]).gather(1, T)
         hi = torch.minimum(self.hi, eps.float()[:, None]).gather(1, T)
         step.scatter_(1, T, torch.minimum(torch.maximum(step.gather(1, T) + move, lo), hi))
@@ -176,7 +180,8 @@ class Problem:
             lam = lam[:, :rivals.shape[1]]
             g = torch.cat([lam[c].sum(1, keepdim=True) * W[t[c]].double() - torch.bmm(
                 lam[c][:, None, :], W[rivals[c]].double())[:, 0]
-                for c in torch.arange(len(lam), device=lam.device).split(CERT_CHUNK)])
+                for c in torch.arange(len(lam), device=lam.device).split(
+                    CERT_CHUNK if lam.device.type == "cpu" else GPU_CERT_CHUNK)])
         c = (lam * (b[t].double()[:, None] - b[rivals].double() - self.margin)).sum(1)
         lq = c + (g * self.x.double()).sum(1)
         r, _ = root(self.histogram(g), lq)

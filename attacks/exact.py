@@ -49,6 +49,8 @@ STAGES = 6  # Newton's method at e, then a step that is scored (after the root s
 ROOT_CALLS = 8  # root evaluations per pair of the first search (the first certificate and e)
 NEWTON_STEPS = 8  # Newton steps towards the weights that are optimal at e
 CHUNK = 256  # pairs per dual search: memory CHUNK x K x D x 4 bytes (100 MB for 64x64x3, K = 8)
+FAR = 2.0  # levels above the certificate from which the iterative attack is tried as well
+GPU_CHUNK = 16384  # on a GPU: fewer, larger launches (33 GB at most at 64x64x3, 1,000 classes)
 
 
 class Exact(Sign):
@@ -89,7 +91,8 @@ class Exact(Sign):
     def __call__(self, X, S, targets):
         _, t = pairs(len(X), targets)
         x, s = expand(X, len(targets)), expand(S, len(targets))
-        out = [self.solve(x[c], s[c], t[c]) for c in torch.arange(len(t)).split(CHUNK)]
+        chunk = CHUNK if X.device.type == "cpu" else GPU_CHUNK
+        out = [self.solve(x[c], s[c], t[c]) for c in torch.arange(len(t)).split(chunk)]
         fooled = Fooled(*(torch.cat([getattr(f, k) for f in out])
                           for k in ("images", "scores", "strength", "bound")))
         self.fall_back(fooled, x, s, t, self.unproved(fooled, t).nonzero()[:, 0])
@@ -187,7 +190,8 @@ class Exact(Sign):
 
     def fall_back(self, fooled: Fooled, x, s, t, idx) -> None:
         """Where the stored step is still not proved minimal, Sign's step if it is smaller; where
-        it still fails, the iterative attack's image."""
+        it still fails or sits FAR levels or more above the certificate (rare pairs whose
+        stages ran out), the iterative attack's image if it is smaller."""
         if len(idx) == 0:
             return
         sign = Sign(self.model, self.confidence)
@@ -195,8 +199,10 @@ class Exact(Sign):
         g = self.model.estimate(ds)
         k0 = first_success(s[idx], g, t[idx], 1, self.kmax, self.confidence)
         self.keep_better(fooled, idx, sign.search(x[idx], ds, s[idx], g, t[idx], k0), t)
-        for target in t[idx].unique():  # still failing (the dual saw too few rivals): BIM's walk
-            rows = idx[(t[idx] == target) & ~self.passes(fooled.scores[idx], t[idx])]
+        far = ~self.passes(fooled.scores[idx], t[idx]) | (
+            fooled.strength[idx] >= fooled.bound[idx] + FAR)
+        for target in t[idx].unique():  # the dual saw too few rivals: BIM's walk
+            rows = idx[(t[idx] == target) & far]
             if len(rows):
                 walk = Iterative(self.model, self.confidence)(x[rows], s[rows], target[None])
                 self.keep_better(fooled, rows, walk, t)

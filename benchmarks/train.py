@@ -53,8 +53,15 @@ def synthetic(out: str, rows: int, val_rows: int, classes: int, seed: int = 0
             rel = f"{split}/part-{k:05d}.parquet"
             images = pa.FixedSizeBinaryArray.from_buffers(
                 pa.binary(D), len(y), [None, pa.py_buffer(X.tobytes())]).cast(pa.binary())
-            pq.write_table(pa.table({schema.IMAGE: images, schema.LABEL: pa.array(y)}),
-                           os.path.join(out, rel), row_group_size=1024)
+            ids = [f"{split}_{start + i:08d}" for i in range(len(y))]
+            table = pa.table({
+                schema.IMAGE_ID: ids, schema.LABEL: pa.array(y),
+                schema.WNID: [f"n{k:08d}" for k in y.tolist()], schema.IMAGE: images,
+                schema.SOURCE: [f"{i}.JPEG" for i in ids],
+                schema.ORIG_WIDTH: pa.array(np.full(len(y), SHAPE[1], np.int32)),
+                schema.ORIG_HEIGHT: pa.array(np.full(len(y), SHAPE[0], np.int32))},
+                schema=schema.IMAGES_SCHEMA)  # every column of the ingest contract
+            pq.write_table(table, os.path.join(out, rel), row_group_size=1024)
             files.append({"path": rel, "rows": len(y)})
             if split == "train":
                 X_all.append(torch.from_numpy(X))

@@ -165,6 +165,23 @@ def test_a_thousand_classes():
         assert want["linf"][i] <= 1.3 * eps + 1, (i, eps)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+def test_gpu_agrees_with_the_cpu(toy, photos):
+    """On CUDA (its own linear algebra: a singular tie system must not stop the batch): every
+    pair fooled as numpy scores it, the certificate below the step, and the same steps and
+    certificates as on the CPU (up to the rounding of another order of sums)."""
+    for W, b, X, targets in (toy, (*photos, np.arange(10))):
+        f, n, t, _ = attack(W, b, X, targets)
+        model = LinearModel(W, b, "cuda")
+        Xg = torch.from_numpy(X).cuda()
+        g = Exact(model)(Xg, model.scores(Xg), torch.as_tensor(targets).cuda())
+        want = numpy_verdict(W, b, X[n], g.images.cpu().numpy(), t)
+        assert (want["fooled_pred"] == t).all()
+        assert (g.strength.cpu() == f.strength).float().mean() >= 0.95
+        assert (g.bound.cpu() <= g.strength.cpu()).all()
+        assert ((g.bound.cpu() - f.bound).abs() < 0.5).float().mean() >= 0.95
+
+
 def test_lp_oracle_is_tight():
     """The oracle itself: at its answer the best worst-case margin is zero, below it negative."""
     rng = np.random.default_rng(4)
