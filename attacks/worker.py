@@ -27,7 +27,7 @@ from attacks.noise import noise_ids, noise_images
 from attacks.rows import TargetFiles, pair_tables
 from attacks.sign import Sign
 from attacks.template import Template
-from common import dataset, schema
+from common import dataset, heap, schema
 from common.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,7 @@ class FoolWorker:
 
     def __init__(self, W: np.ndarray, b: np.ndarray, facts: dict, job: Job, counter=None):
         self.job, self.counter = job, counter  # counter: the driver's progress actor, or None
+        heap.reuse_freed_memory()  # the attacks' large tensors: no page faults once warm
         self.model = LinearModel(W, b, job.device, facts)
         self.attacks = {(m, origin): cls(self.model, conf) for m, cls in ATTACKS.items()
                         for origin, conf in (("val", job.confidence),

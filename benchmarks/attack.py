@@ -49,7 +49,7 @@ from attacks.iterative import Iterative
 from attacks.linear import LinearModel, measure
 from attacks.sign import Sign
 from attacks.template import Template
-from common import dataset, schema, storage
+from common import dataset, heap, schema, storage
 from common.model import read_model, write_weights
 from pipelines import ingest, sample
 
@@ -215,8 +215,13 @@ def main() -> None:
                    help="pairs solved by the LP (--exact; 0: none)")
     p.add_argument("--batch", type=int, default=fool.CPU_BATCH,
                    help="pairs per attack call (--exact), as the job's --batch-size")
+    p.add_argument("--fresh-memory", action="store_true",
+                   help="glibc's default heap (large blocks mapped afresh) instead of the "
+                        "workers' reuse of freed memory (common/heap.py)")
     args = p.parse_args()
     torch.set_num_threads(1)
+    if not args.fresh_memory:
+        heap.reuse_freed_memory()  # as the job's workers do
     if args.exact and args.photos:
         from tests.attack_models import photo_model
 
