@@ -268,8 +268,9 @@ def newton(prob: Problem, lam: torch.Tensor, eps: torch.Tensor, steps: int,
             dn[low] = torch.minimum(-prob.lo[rows[low]], e[low])
             M[low] = q[low] + dots(A[low], torch.where(g[low] > 0, up[low], -dn[low])).double()
             h[low] = (lam[low] * M[low]).sum(1)
-        near, idx = g.abs().topk(min(4 * nk, A.shape[2]), 1, largest=False)
-        tau = torch.maximum(near[:, nk - 1:nk], TAU_FLOOR * g.abs().mean(1, keepdim=True))
+        near, idx = g.abs().topk(min(4 * nk, A.shape[2]), 1, largest=False, sorted=False)
+        tau = torch.maximum(near.kthvalue(nk, 1, keepdim=True).values,
+                            TAU_FLOOR * g.abs().mean(1, keepdim=True))
         tau = tau.clamp(min=1e-30)  # pixels at g_j = 0 (rows of W equal there) count, finitely
         c = (up + dn).gather(1, idx) / 2 * tau * tau / (near * near + tau * tau) ** 1.5
         a = A.gather(2, idx[:, None, :].expand(len(A), K, idx.shape[1]))  # (P, K, 4 nk)
