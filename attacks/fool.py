@@ -110,8 +110,8 @@ def _check_settings(cfg: Settings) -> None:
         raise ConfigError(f"--confidence must be between 0 and 1, got {cfg.confidence}")
     if cfg.limit_images is not None and cfg.limit_images < 1:
         raise ConfigError(f"--limit-images must be positive, got {cfg.limit_images}")
-    if (min(cfg.batch_size or 1, cfg.targets_per_part) < 1 or cfg.noise_images < 0
-            or cfg.file_size_mb <= 0):
+    if (min(1 if cfg.batch_size is None else cfg.batch_size, cfg.targets_per_part) < 1
+            or cfg.noise_images < 0 or cfg.file_size_mb <= 0):
         raise ConfigError("--batch-size, --targets-per-part and --file-size-mb must be positive, "
                           "--noise-images not negative")
 

@@ -359,7 +359,8 @@ def test_bad_input_fails_before_work(ingested, model_dir, tmp_path):
     bad = {"no manifest": dict(data=str(tmp_path)),
            "unknown method": dict(methods=("sign", "deepfool")),
            "unknown target": dict(targets=("n99999999",)),
-           "model without manifest": dict(model=str(tmp_path))}
+           "model without manifest": dict(model=str(tmp_path)),
+           "empty batches": dict(batch_size=0)}
     for why, kw in bad.items():
         with pytest.raises(ConfigError) as e:
             fool.run(settings(ingested, model_dir, out, **kw))
