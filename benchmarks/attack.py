@@ -219,6 +219,8 @@ def main() -> None:
                    help="glibc's default heap (large blocks mapped afresh) instead of the "
                         "workers' reuse of freed memory (common/heap.py)")
     args = p.parse_args()
+    if args.device != "cpu" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: no CUDA GPU on this machine")
     torch.set_num_threads(1)
     if not args.fresh_memory:
         heap.reuse_freed_memory()  # as the job's workers do
