@@ -160,11 +160,13 @@ class Problem:
         step.scatter_(1, T, torch.minimum(torch.maximum(step.gather(1, T) + move, lo), hi))
         return step.round()
 
-    def histogram(self, g: torch.Tensor) -> torch.Tensor:
-        """(P, 256): the sum of |g_j| over the pixels j whose room towards sign(g_j) is r."""
+    def histogram(self, g: torch.Tensor, rows=None) -> torch.Tensor:
+        """(P, 256): the sum of |g_j| over the pixels j whose room towards sign(g_j) is r; g of
+        the pairs ``rows`` (None: all)."""
+        up, dn = (self.up, self.dn) if rows is None else (self.up[rows], self.dn[rows])
         hist = torch.zeros(len(g), LEVELS, dtype=g.dtype, device=g.device)
-        hist.scatter_add_(1, self.up, g.clamp(min=0))
-        return hist.scatter_add_(1, self.dn, g.clamp(max=0).neg_())
+        hist.scatter_add_(1, up, g.clamp(min=0))
+        return hist.scatter_add_(1, dn, g.clamp(max=0).neg_())
 
     def corner(self, g: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """The step (P, D) float32 to the corner clip(x + eps sign(g), 0, 255), eps (P,)."""
@@ -261,10 +263,7 @@ def newton(prob: Problem, lam: torch.Tensor, eps: torch.Tensor, steps: int,
                     v[live] for v in (rows, A, q, lam, g, up, dn, M, h, e, live))
         if until_feasible and (live & (h < 0)).any():  # no image within e: up to the root's
             low = (live & (h < 0)).nonzero()[:, 0]  # next integer
-            hist = torch.zeros(len(low), LEVELS, dtype=g.dtype, device=g.device)
-            hist.scatter_add_(1, prob.up[rows[low]], g[low].clamp(min=0))
-            hist.scatter_add_(1, prob.dn[rows[low]], g[low].clamp(max=0).neg_())
-            r, _ = root(hist.double(), (lam[low] * q[low]).sum(1))
+            r, _ = root(prob.histogram(g[low], rows[low]).double(), (lam[low] * q[low]).sum(1))
             e[low] = torch.maximum(torch.floor(r) + 1, e[low, 0].double() + 1).clamp(
                 max=LEVELS - 1).float()[:, None]
             out_e[rows[low]] = e[low, 0].double()
