@@ -30,6 +30,7 @@ TAU_FLOOR = 1e-3  # Newton's kernel is at least this wide, relative to the mean 
 DAMP = 1e-3  # Newton's Hessian: damping, relative to its mean diagonal
 LINE_GRID, LINE_OCTAVES = 16, 12  # Newton's line search: steps per octave, octaves each side of 1
 WEIGHT_FLOOR = 1e-3  # rivals with less weight (relative to the most) are not balanced
+RIDGE = 1e-6  # the tie system's ridge where LU's solution leaves the box (relative to L'L)
 GROW = 8  # rivals added per round: the classes that beat the step that lost
 DENSE_C = 128  # up to this many classes, products with all of W beat gathering rivals' rows
 CERT_CHUNK = 16  # pairs per float64 product of the certificate: CERT_CHUNK x K x D x 8 bytes
@@ -147,14 +148,7 @@ class Problem:
         spare = slot >= active[:, None]
         fix = torch.nn.functional.one_hot((slot - 1).clamp(0, K - 1), K).float()
         lhs, rhs = torch.where(spare[:, :, None], fix, lhs), torch.where(spare, 0.0, rhs)
-        # LU where the system is well posed; where it is singular or its solution leaves every
-        # box (near-singular), least squares of least norm (pinv: an SVD, a third of the GPU's
-        # time in exact when run on every system; CUDA's lstsq raises on a singular one)
-        sol, info = torch.linalg.solve_ex(lhs, rhs[:, :, None])
-        bad = (info != 0) | ~(sol[:, :-1, 0].abs() <= LEVELS).all(1)  # NaN counts as bad
-        if bad.any():
-            sol[bad] = torch.linalg.pinv(lhs[bad]) @ rhs[bad, :, None]
-        move = torch.nan_to_num(sol[:, :-1, 0])
+        move = _solve(lhs, rhs)[:, :-1]
         lo = torch.maximum(self.lo, -eps.float()[:, None]).gather(1, T)
         hi = torch.minimum(self.hi, eps.float()[:, None]).gather(1, T)
         step.scatter_(1, T, torch.minimum(torch.maximum(step.gather(1, T) + move, lo), hi))
@@ -198,6 +192,28 @@ def dots(A: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """(P, K): the rows of A (P, K, D) times v (P, D). As v (P, 1, D) times A's transpose: the
     other order, bmm(A, v[:, :, None]), runs at a sixth of the memory speed on CPUs (torch 2.13)."""
     return torch.bmm(v[:, None, :], A.transpose(1, 2))[:, 0]
+
+
+def _solve(lhs: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """x (P, K) with lhs x = rhs (lhs (P, K, K)): LU where the system is well posed; where it is
+    singular or its solution leaves every box (near-singular: most tie systems, the pixels at a
+    tie having little leverage), ridge least squares in float64, ``(L'L + RIDGE mean(diag L'L))
+    x = L'rhs``, whose small moves keep more rivals balanced inside the box than the exact
+    solution or the least-norm one (pinv: the same proofs on trained models, fewer on random
+    ones, and an SVD that took a third of the GPU's time in exact). CUDA's lstsq raises on a
+    singular system."""
+    sol, info = torch.linalg.solve_ex(lhs, rhs[:, :, None])
+    sol = sol[:, :, 0]
+    bad = (info != 0) | ~(sol[:, :-1].abs() <= LEVELS).all(1)  # NaN counts as bad
+    if bad.any():
+        L = lhs[bad].double()
+        LtL = L.transpose(1, 2) @ L
+        eye = torch.eye(L.shape[1], dtype=L.dtype, device=L.device)
+        ridge = RIDGE * LtL.diagonal(0, 1, 2).mean(1)[:, None, None] * eye
+        Ltr = L.transpose(1, 2) @ rhs[bad].double()[:, :, None]
+        fit, _ = torch.linalg.solve_ex(LtL + ridge, Ltr)
+        sol[bad] = fit[:, :, 0].to(sol.dtype)
+    return torch.nan_to_num(sol)
 
 
 def root(hist: torch.Tensor, lq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

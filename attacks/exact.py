@@ -201,8 +201,7 @@ class Exact(Sign):
         self.keep_better(fooled, idx, sign.search(x[idx], ds, s[idx], g, t[idx], k0), t)
         far = ~self.passes(fooled.scores[idx], t[idx]) | (
             fooled.strength[idx] >= fooled.bound[idx] + FAR)
-        for target in t[idx].unique():  # the dual saw too few rivals: BIM's walk
-            rows = idx[(t[idx] == target) & far]
-            if len(rows):
-                walk = Iterative(self.model, self.confidence)(x[rows], s[rows], target[None])
-                self.keep_better(fooled, rows, walk, t)
+        rows = idx[far]  # the dual saw too few rivals: BIM's walk
+        if len(rows):
+            walk = Iterative(self.model, self.confidence).walk(x[rows], s[rows], t[rows])
+            self.keep_better(fooled, rows, walk, t)

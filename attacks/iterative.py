@@ -40,7 +40,10 @@ class Iterative(Attack):
 
     def __call__(self, X, S, targets):
         n, t = pairs(len(X), targets)
-        x0, s0 = X[n], S[n]
+        return self.walk(X[n], S[n], t)
+
+    def walk(self, x0, s0, t) -> Fooled:
+        """The pairs (x0 (P, D) uint8, its scores s0 (P, C), target t (P,)), each its own."""
         images, scores = x0.clone(), s0.clone()
         strength = torch.zeros(len(t), device=t.device)
         bound, _ = self.model.bounds(s0, t, self.margin)

@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from attacks.dual import Problem, newton, onehot, search_weights
+from attacks import exact
+from attacks.dual import RIDGE, Problem, _solve, newton, onehot, search_weights
 from attacks.exact import NEWTON_STEPS, Exact
-from attacks.fooling import pairs
+from attacks.fooling import Fooled, pairs
+from attacks.iterative import Iterative
 from attacks.linear import LinearModel
-from attacks.sign import Sign
+from attacks.sign import LEVELS, Sign
 from tests.attack_models import photo_model
 from tests.lp_oracle import lp_minimum, value
 from tests.test_fooling import numpy_verdict
@@ -91,6 +93,44 @@ def test_never_above_sign(toy, photos):
         fooled = sign["fooled_pred"] == t
         assert (mine["fooled_pred"] == t).all()
         assert (mine["linf"][fooled] <= sign["linf"][fooled]).all()
+
+
+def test_fall_back_walks_each_pair_to_its_own_target(photos, monkeypatch):
+    """Where a step is not proved, Sign's and then the iterative attack's image replace it if
+    smaller: all pairs sent there at once (several targets in one walk) end no higher than
+    the iterative attack run target by target, and every stored image fools its target."""
+    W, b, X = photos
+    targets = np.arange(10)
+    def unsolved(self, x, s, t):  # the dual's steps left out: the fall-back makes them all
+        zero = torch.zeros(len(t))
+        return Fooled(x.clone(), s.clone(), zero, zero.clone())
+
+    monkeypatch.setattr(Exact, "solve", unsolved)
+    monkeypatch.setattr(exact, "FAR", -math.inf)  # every pair walks
+    f, n, t, want = attack(W, b, X, targets)
+    _, _, _, walk = attack(W, b, X, targets, cls=Iterative)
+    assert (want["fooled_pred"] == t).all()
+    walked = walk["fooled_pred"] == t
+    assert walked.sum() >= len(t) - len(X)  # all but the pairs already won
+    assert (want["linf"][walked] <= walk["linf"][walked]).all()
+
+
+def test_tie_system_solved_exactly_or_by_ridge():
+    """A well-posed tie system is solved exactly (numpy's solve); a singular one (two rivals
+    alike) and one whose exact moves leave the box get the ridge least squares, finite."""
+    rng = np.random.default_rng(7)
+    L = rng.normal(size=(3, 5, 5))
+    L[1, 1] = L[1, 0]  # singular
+    L[2, 0] = L[2, 1] + 1e-4 * rng.normal(size=5)  # near-singular: huge exact moves
+    r = rng.normal(size=(3, 5))
+    got = _solve(torch.from_numpy(L).float(), torch.from_numpy(r).float()).double().numpy()
+    assert np.allclose(got[0], np.linalg.solve(L[0], r[0]), rtol=1e-3, atol=1e-4)
+    for i in (1, 2):
+        Lf = torch.from_numpy(L[i]).float().double().numpy()
+        LtL = Lf.T @ Lf
+        want = np.linalg.solve(LtL + RIDGE * np.trace(LtL) / 5 * np.eye(5), Lf.T @ r[i])
+        assert np.isfinite(got[i]).all() and np.abs(got[i]).max() < LEVELS
+        assert np.allclose(got[i], want, rtol=1e-3, atol=1e-3), (i, got[i], want)
 
 
 def test_photos_against_the_lp(photos):
