@@ -34,7 +34,8 @@ RIDGE = 1e-6  # the tie system's ridge where LU's solution leaves the box (relat
 GROW = 8  # rivals added per round: the classes that beat the step that lost
 DENSE_C = 128  # up to this many classes, products with all of W beat gathering rivals' rows
 CERT_CHUNK = 16  # pairs per float64 product of the certificate: CERT_CHUNK x K x D x 8 bytes
-GPU_CERT_CHUNK = 1024  # on a GPU (5.6 GB for K = 56 at 64x64x3)
+GPU_CERT_CHUNK = 512  # on a GPU (2.8 GB for K = 56 at 64x64x3)
+ROWS_CHUNK = 1024  # pairs whose rival rows are gathered at once (diff_rows)
 COMPACT_AT = 0.75  # the search drops settled pairs once fewer than this fraction still move
 
 
@@ -59,7 +60,7 @@ class Problem:
             rivals = rank.topk(K, 1, largest=False).indices  # (P, K) nearest first
         self.rivals, self.q, self.K = rivals, q_all.gather(1, rivals), rivals.shape[1]
         self.dense = C <= DENSE_C
-        self.A = None if self.dense else model.W[t][:, None, :] - model.W[rivals]  # (P, K, D)
+        self.A = None if self.dense else diff_rows(model.W, t, rivals)  # (P, K, D)
         xi = x.to(torch.int16)
         self.up, self.dn = (255 - xi).long(), xi.long()  # rooms towards 255 and 0
         self.lo, self.hi = -xi.float(), (255 - xi).float()  # the step's box
@@ -78,8 +79,10 @@ class Problem:
         grown = object.__new__(Problem)
         grown.__dict__.update(self.__dict__)
         grown.rivals, grown.q, grown.K = rivals, self.q_all.gather(1, rivals), rivals.shape[1]
-        W = self.model.W
-        grown.A = None if self.dense else torch.cat([self.A, W[self.t][:, None, :] - W[new]], 1)
+        if not self.dense:  # the old rows copied into the new ones, no temporary of them all
+            grown.A = self.A.new_empty(len(rivals), grown.K, self.A.shape[2])
+            grown.A[:, :self.K] = self.A
+            diff_rows(self.model.W, self.t, new, grown.A[:, self.K:])
         return grown, torch.cat([lam, lam.new_zeros(len(lam), add)], 1)
 
     def subset(self, rows, rows_only: bool = False) -> Problem:
@@ -123,7 +126,7 @@ class Problem:
     def rows(self) -> torch.Tensor:
         """(P, K, D) the rows W[t] - W[k] of the rivals."""
         if self.A is None:  # few classes: made when first needed, then kept
-            self.A = self.model.W[self.t][:, None, :] - self.model.W[self.rivals]
+            self.A = diff_rows(self.model.W, self.t, self.rivals)
         return self.A
 
     def balanced(self, lam: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -138,10 +141,12 @@ class Problem:
         A = self.rows()  # (P, K, D)
         order = lam.argsort(1, descending=True)
         active = (lam.gather(1, order) > WEIGHT_FLOOR * lam.amax(1, keepdim=True)).sum(1)
-        tie = g.abs() / torch.bmm(lam.float()[:, None, :], A.abs())[:, 0].clamp(min=1e-30)
+        spread = torch.cat([torch.bmm(lam[c].float()[:, None, :], A[c].abs())[:, 0]
+                            for c in torch.arange(P, device=g.device).split(ROWS_CHUNK)])
+        tie = g.abs() / spread.clamp(min=1e-30)
         T = tie.topk(max(K - 1, 1), 1, largest=False).indices  # (P, K - 1)
-        a_T = A.gather(1, order[:, :, None].expand(P, K, A.shape[2])).gather(
-            2, T[:, None, :].expand(P, K, T.shape[1]))  # (P, K, K - 1), rivals by weight
+        a_T = A.gather(2, T[:, None, :].expand(P, K, T.shape[1])).gather(
+            1, order[:, :, None].expand(P, K, T.shape[1]))  # (P, K, K - 1), rivals by weight
         lhs = torch.cat([a_T, -torch.ones(P, K, 1, device=g.device)], 2)  # unknowns: moves, z
         rhs = -self.margins(step).float().gather(1, order)
         slot = torch.arange(K, device=g.device)[None].expand(P, K)
@@ -186,6 +191,18 @@ class Problem:
         lq = c + (g * self.x.double()).sum(1)
         r, _ = root(self.histogram(g), lq)
         return _round_down(r.clamp(max=255) * (1 - BOUND_SLACK))
+
+
+def diff_rows(W: torch.Tensor, t: torch.Tensor, rivals: torch.Tensor, out=None) -> torch.Tensor:
+    """(P, K, D) the rows W[t] - W[k] for the rivals (P, K), into ``out`` if given; made
+    ROWS_CHUNK pairs at a time, so the only temporary is a chunk's W[rivals] (on a GPU the rows
+    of 16,000 pairs take 6 GB per 8 rivals, and a temporary of them all set the peak)."""
+    if out is None:
+        out = W.new_empty(len(t), rivals.shape[1], W.shape[1])
+    for i in range(0, len(t), ROWS_CHUNK):
+        c = slice(i, i + ROWS_CHUNK)
+        torch.sub(W[t[c]][:, None, :], W[rivals[c]], out=out[c])
+    return out
 
 
 def dots(A: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -133,6 +133,29 @@ def test_tie_system_solved_exactly_or_by_ridge():
         assert np.allclose(got[i], want, rtol=1e-3, atol=1e-3), (i, got[i], want)
 
 
+def test_out_of_memory_halves_the_chunk(toy, monkeypatch):
+    """A chunk that runs out of memory is retried as two halves: every pair solved once, the
+    same results as chunks that fit from the start."""
+    W, b, X, targets = toy
+    monkeypatch.setattr(exact, "CHUNK", 16)
+    want, *_ = attack(W, b, X, targets)
+    sizes, solve = [], Exact.solve
+
+    def small_memory(self, x, s, t):
+        sizes.append(len(t))
+        if len(t) > 10:
+            raise torch.OutOfMemoryError("out of memory")
+        return solve(self, x, s, t)
+
+    monkeypatch.setattr(exact, "CHUNK", 60)
+    monkeypatch.setattr(Exact, "solve", small_memory)
+    got, *_ = attack(W, b, X, targets)
+    assert sizes[:3] == [60, 30, 15] and set(sizes[3:]) <= {7, 4}
+    assert sum(n for n in sizes if n <= 10) == len(X) * len(targets)
+    assert torch.equal(got.strength, want.strength) and torch.equal(got.bound, want.bound)
+    assert torch.equal(got.images, want.images)
+
+
 def test_photos_against_the_lp(photos):
     """A handful of pairs of a 64x64x3 model fitted on real photographs."""
     W, b, X = photos
