@@ -339,7 +339,7 @@ def _kkt_step(H, grad, free):
     kkt = torch.cat([torch.cat([H, one[:, :, None]], 2),
                      torch.cat([one[:, None, :], H.new_zeros(P, 1, 1)], 2)], 1)
     rhs = torch.cat([-torch.where(free, grad, 0.0), H.new_zeros(P, 1)], 1)
-    d = torch.nan_to_num(torch.linalg.solve(kkt, rhs[:, :, None])[:, :K, 0])
+    d = torch.nan_to_num(torch.linalg.solve_ex(kkt, rhs[:, :, None])[0][:, :K, 0])  # no sync
     return torch.where(free, d, 0.0)
 
 

@@ -101,7 +101,7 @@ class Exact(Sign):
     softmax_confidence = False  # --confidence in the margin form (for Sign's search)
 
     def __call__(self, X, S, targets):
-        _, t = pairs(len(X), targets)
+        n, t = pairs(len(X), targets)
         x, s = expand(X, len(targets)), expand(S, len(targets))
         chunk, out, start = chunk_size(X.device, X.shape[1]), [], 0
         while start < len(t):
@@ -117,7 +117,9 @@ class Exact(Sign):
             start += chunk
         fooled = Fooled(*(torch.cat([getattr(f, k) for f in out])
                           for k in ("images", "scores", "strength", "bound")))
-        self.fall_back(fooled, x, s, t, self.unproved(fooled, t).nonzero()[:, 0])
+        idx = self.unproved(fooled, t).nonzero()[:, 0]
+        if len(idx):  # Sign's direction from the images' own product, as Sign makes it
+            self.fall_back(fooled, x, s, t, idx, self.model.mean_template(S)[n[idx]])
         return fooled
 
     def solve(self, x, s, t) -> Fooled:
@@ -210,14 +212,14 @@ class Exact(Sign):
         fooled.strength[rows] = other.strength[better]
         return fooled
 
-    def fall_back(self, fooled: Fooled, x, s, t, idx) -> None:
-        """Where the stored step is still not proved minimal, Sign's step if it is smaller; where
-        it still fails or sits FAR levels or more above the certificate (rare pairs whose
-        stages ran out), the iterative attack's image if it is smaller."""
-        if len(idx) == 0:
-            return
+    def fall_back(self, fooled: Fooled, x, s, t, idx, pbar) -> None:
+        """Where the stored step is still not proved minimal (pairs idx; pbar: their images'
+        p @ W), Sign's step if it is smaller; where it still fails or sits FAR levels or more
+        above the certificate (rare pairs whose stages ran out), the iterative attack's image if
+        it is smaller. pbar comes from the same product as Sign's (a product over the pairs
+        instead can differ in the last bit on a GPU, and flip a pixel of the direction)."""
         sign = Sign(self.model, self.confidence)
-        ds = torch.sign(self.model.W[t[idx]] - self.model.mean_template(s[idx])).to(torch.int8)
+        ds = torch.sign(self.model.W[t[idx]] - pbar).to(torch.int8)
         g = self.model.estimate(ds)
         k0 = first_success(s[idx], g, t[idx], 1, self.kmax, self.confidence)
         self.keep_better(fooled, idx, sign.search(x[idx], ds, s[idx], g, t[idx], k0), t)
