@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 
 from attacks import outputs, parts
 from attacks.linear import LinearModel
-from attacks.worker import ATTACKS, FoolWorker, Job
+from attacks.worker import ATTACKS, CPU_BATCH, GPU_BATCH_MAX, FoolWorker, Job
 from common import cli, dataset, lifecycle, progress, schema
 from common.errors import ConfigError
 from common.model import Model, read_model
@@ -45,8 +45,6 @@ log = logging.getLogger(__name__)
 
 ROW_OVERHEAD = 80  # bytes of a row besides its image, for sizing files
 ATTEMPTS = 3  # runs of the parts not done, when workers are lost
-CPU_BATCH = 1024  # pairs per batch on a CPU worker
-GPU_BATCH = 16384  # on a GPU: 6.4 GB at 32 bytes x 12,288 a pair, within the cluster's 24 GB A10G
 # What the job writes under --output besides manifest.json (what --overwrite may remove).
 OWNS = (schema.PAIRS_DIR, schema.SUMMARY_DIR, schema.FIGURES_DIR, parts.PARTS_DIR)
 
@@ -73,10 +71,10 @@ class Settings:
                                                       "choices": ("all", "none")})
     use_gpu: bool = field(default=False, metadata={"help": "one GPU actor per GPU, torch on cuda"})
     batch_size: int | None = field(default=None, metadata={
-        "help": f"(image, target) pairs per matrix batch (default {CPU_BATCH}, {GPU_BATCH} with "
-                "--use-gpu); a worker's memory is about batch x 12288 x 32 bytes (400 MB at "
-                "1024), exact's on a GPU up to 2 KB x 12288 per pair at 1,000 classes (33 GB "
-                "at 16384): lower it on a smaller GPU"})
+        "help": f"(image, target) pairs per matrix batch (default {CPU_BATCH} on a CPU; with "
+                "--use-gpu as many as half the GPU's free memory holds at 48 bytes a pixel, at "
+                f"most {GPU_BATCH_MAX}); a CPU worker's memory is about batch x 12288 x 32 bytes "
+                "(400 MB at 1024); exact splits a batch into chunks that fit the GPU"})
     targets_per_part: int = field(default=8, metadata={"help": "targets per unit of work"})
     file_size_mb: float = field(default=128, metadata={
         "help": "target size of the pair files, MiB"})
@@ -231,7 +229,7 @@ def run(cfg: Settings, *, kill_worker_once: str | None = None) -> dict:
               n_val=inputs.n_val, image_shape=tuple(m[schema.M_IMAGE_SHAPE]),
               keep_images=cfg.keep_images == "all", confidence=cfg.confidence,
               noise_seed=cfg.seed,
-              batch_size=cfg.batch_size or (GPU_BATCH if cfg.use_gpu else CPU_BATCH),
+              batch_size=cfg.batch_size,
               device="cuda" if cfg.use_gpu else "cpu", kill_once=kill_worker_once)
     chunks = parts.val_chunks(inputs.n_val, settings["rows_per_chunk"]) + parts.noise_chunk(
         cfg.noise_images)

@@ -384,7 +384,7 @@ def test_cli_reports_one_sentence(tmp_path):
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="no GPU")
 def test_gpu_actors_agree(local_run, tmp_path):
     cfg, _ = local_run
-    gpu = dataclasses.replace(cfg, output=str(tmp_path / "gpu"), use_gpu=True)
+    gpu = dataclasses.replace(cfg, output=str(tmp_path / "gpu"), use_gpu=True, batch_size=None)
     fool.run(gpu)
     a, b = read_pairs(cfg.output), read_pairs(gpu.output)
     assert (a[schema.SUCCESS] == b[schema.SUCCESS]).mean() > 0.98
@@ -451,3 +451,18 @@ def test_summary_command_exits_0_every_time(local_run):
     env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
     assert exit_loop.loop("attacks.summary", ["attacks.summary", "--output", cfg.output], 10, 2,
                           env)
+
+
+def test_default_batch_follows_the_device_and_its_free_memory(monkeypatch):
+    """CPU_BATCH on a CPU; on a GPU half its free memory at GPU_BATCH_BYTES per pair and pixel,
+    between CPU_BATCH and GPU_BATCH_MAX (an A10G's 22 GB free: about 18,600 pairs at 64x64x3)."""
+    import torch
+
+    from attacks import worker
+
+    D = 64 * 64 * 3
+    assert worker.batch_pairs(torch.device("cpu"), D) == worker.CPU_BATCH
+    for free, want in ((22e9, int(0.5 * 22e9 // (worker.GPU_BATCH_BYTES * D))),
+                       (150e9, worker.GPU_BATCH_MAX), (1e8, worker.CPU_BATCH)):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, f=free: (f, 2 * f))
+        assert worker.batch_pairs(torch.device("cuda"), D) == want, free
