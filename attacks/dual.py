@@ -196,7 +196,7 @@ class Problem:
 def diff_rows(W: torch.Tensor, t: torch.Tensor, rivals: torch.Tensor, out=None) -> torch.Tensor:
     """(P, K, D) the rows W[t] - W[k] for the rivals (P, K), into ``out`` if given; made
     ROWS_CHUNK pairs at a time, so the only temporary is a chunk's W[rivals] (on a GPU the rows
-    of 16,000 pairs take 6 GB per 8 rivals, and a temporary of them all set the peak)."""
+    of 16,000 pairs take 6 GB per 8 rivals; a temporary of them all would double that)."""
     if out is None:
         out = W.new_empty(len(t), rivals.shape[1], W.shape[1])
     for i in range(0, len(t), ROWS_CHUNK):

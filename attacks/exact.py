@@ -108,7 +108,7 @@ class Exact(Sign):
             c = slice(start, start + chunk)
             try:
                 out.append(self.solve(x[c], s[c], t[c]))
-            except torch.OutOfMemoryError:  # another process took memory: half as many pairs
+            except torch.OutOfMemoryError:  # the estimate fell short: half as many pairs
                 if chunk == 1:
                     raise
                 chunk = chunk // 2
