@@ -41,7 +41,7 @@ from __future__ import annotations
 import torch
 
 from attacks.dual import Problem, newton, onehot, root, search_weights
-from attacks.fooling import Fooled, expand, first_success, pairs
+from attacks.fooling import Fooled, expand, first_success, pairs, pairs_that_fit
 from attacks.iterative import Iterative
 from attacks.sign import Sign
 
@@ -61,8 +61,7 @@ def chunk_size(device: torch.device, D: int) -> int:
     holds (GPU_BYTES per pair and pixel), between CHUNK and GPU_CHUNK."""
     if device.type != "cuda":
         return CHUNK
-    free, _ = torch.cuda.mem_get_info(device)
-    return int(min(max(GPU_SHARE * free // (GPU_BYTES * D), CHUNK), GPU_CHUNK))
+    return pairs_that_fit(device, GPU_BYTES * D, GPU_SHARE, CHUNK, GPU_CHUNK)
 
 
 class Exact(Sign):

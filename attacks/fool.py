@@ -228,8 +228,7 @@ def run(cfg: Settings, *, kill_worker_once: str | None = None) -> dict:
               val_counts=tuple(dataset.split_counts(m, "val")),
               n_val=inputs.n_val, image_shape=tuple(m[schema.M_IMAGE_SHAPE]),
               keep_images=cfg.keep_images == "all", confidence=cfg.confidence,
-              noise_seed=cfg.seed,
-              batch_size=cfg.batch_size,
+              noise_seed=cfg.seed, batch_size=cfg.batch_size,
               device="cuda" if cfg.use_gpu else "cpu", kill_once=kill_worker_once)
     chunks = parts.val_chunks(inputs.n_val, settings["rows_per_chunk"]) + parts.noise_chunk(
         cfg.noise_images)

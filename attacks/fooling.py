@@ -49,6 +49,14 @@ def pairs(n_images: int, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return n, targets.repeat(n_images)
 
 
+def pairs_that_fit(device: torch.device, per_pair: float, share: float, least: int,
+                   most: int) -> int:
+    """How many pairs of ``per_pair`` bytes ``share`` of the GPU's free memory holds, between
+    ``least`` and ``most`` (the job's default batch, exact's chunks)."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(min(max(share * free // per_pair, least), most))
+
+
 def expand(A: torch.Tensor, T: int) -> torch.Tensor:
     """Rows of A (N, ...) repeated T times each, image-major: (N*T, ...), one plain copy."""
     return A[:, None].expand(A.shape[0], T, *A.shape[1:]).reshape(A.shape[0] * T, *A.shape[1:])

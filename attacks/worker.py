@@ -20,7 +20,7 @@ import torch
 
 from attacks import parts
 from attacks.exact import Exact
-from attacks.fooling import Attack, pairs
+from attacks.fooling import Attack, pairs, pairs_that_fit
 from attacks.iterative import Iterative
 from attacks.linear import LinearModel, measure
 from attacks.noise import noise_ids, noise_images
@@ -69,9 +69,7 @@ def batch_pairs(device: torch.device, D: int) -> int:
     239,174 pairs/s at 16,384 / 32,768 / 65,536 pairs)."""
     if device.type != "cuda":
         return CPU_BATCH
-    free, _ = torch.cuda.mem_get_info(device)
-    return int(min(max(GPU_BATCH_SHARE * free // (GPU_BATCH_BYTES * D), CPU_BATCH),
-                   GPU_BATCH_MAX))
+    return pairs_that_fit(device, GPU_BATCH_BYTES * D, GPU_BATCH_SHARE, CPU_BATCH, GPU_BATCH_MAX)
 
 
 class FoolWorker:
