@@ -90,9 +90,10 @@ class Problem:
         enough for the certificate."""
         sub = object.__new__(Problem)
         sub.model, sub.margin, sub.K, sub.dense = self.model, self.margin, self.K, self.dense
+        rows = _indices(rows)
         for key in ("x", "t", "rivals", "q", "q_all", "A", "up", "dn", "lo", "hi"):
             v = None if rows_only and key == "A" else getattr(self, key)
-            setattr(sub, key, None if v is None else v[rows])
+            setattr(sub, key, None if v is None else v.index_select(0, rows))
         return sub
 
     def g(self, lam: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
@@ -162,7 +163,8 @@ class Problem:
     def histogram(self, g: torch.Tensor, rows=None) -> torch.Tensor:
         """(P, 256): the sum of |g_j| over the pixels j whose room towards sign(g_j) is r; g of
         the pairs ``rows`` (None: all)."""
-        up, dn = (self.up, self.dn) if rows is None else (self.up[rows], self.dn[rows])
+        up, dn = (self.up, self.dn) if rows is None else (
+            self.up.index_select(0, rows), self.dn.index_select(0, rows))
         hist = torch.zeros(len(g), LEVELS, dtype=g.dtype, device=g.device)
         hist.scatter_add_(1, up, g.clamp(min=0))
         return hist.scatter_add_(1, dn, g.clamp(max=0).neg_())
@@ -183,8 +185,8 @@ class Problem:
             support = int((lam > 0).sum(1).max()) if len(lam) else 1
             rivals = rivals.gather(1, order)[:, :max(support, 1)]
             lam = lam[:, :rivals.shape[1]]
-            g = torch.cat([lam[c].sum(1, keepdim=True) * W[t[c]].double() - torch.bmm(
-                lam[c][:, None, :], W[rivals[c]].double())[:, 0]
+            g = torch.cat([lam[c].sum(1, keepdim=True) * _rows(W, t[c]).double() - torch.bmm(
+                lam[c][:, None, :], _rows(W, rivals[c]).double())[:, 0]
                 for c in torch.arange(len(lam), device=lam.device).split(
                     CERT_CHUNK if lam.device.type == "cpu" else GPU_CERT_CHUNK)])
         c = (lam * (b[t].double()[:, None] - b[rivals].double() - self.margin)).sum(1)
@@ -201,8 +203,19 @@ def diff_rows(W: torch.Tensor, t: torch.Tensor, rivals: torch.Tensor, out=None) 
         out = W.new_empty(len(t), rivals.shape[1], W.shape[1])
     for i in range(0, len(t), ROWS_CHUNK):
         c = slice(i, i + ROWS_CHUNK)
-        torch.sub(W[t[c]][:, None, :], W[rivals[c]], out=out[c])
+        torch.sub(W.index_select(0, t[c])[:, None, :], _rows(W, rivals[c]), out=out[c])
     return out
+
+
+def _rows(W: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """W's rows for an index of any shape, (*index.shape, D)."""
+    return W.index_select(0, index.reshape(-1)).view(*index.shape, W.shape[1])
+
+
+def _indices(rows: torch.Tensor) -> torch.Tensor:
+    """A mask or indices as indices: index_select runs twice as fast as indexing with a mask or
+    an index tensor on CPUs (torch 2.13), and the chunks' rows are the bulk of exact's traffic."""
+    return rows.nonzero()[:, 0] if rows.dtype == torch.bool else rows
 
 
 def dots(A: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -276,12 +289,13 @@ def newton(prob: Problem, lam: torch.Tensor, eps: torch.Tensor, steps: int,
     rows = torch.arange(P, device=lam.device)
     A, q, lam = prob.rows(), prob.q, out.clone()  # A (P, K, D)
     e = out_e.float()[:, None]
-    up, dn = torch.minimum(prob.hi, e), torch.minimum(-prob.lo, e)
+    low_end, span = _box(prob.lo, prob.hi, e)  # the corner's ends: g <= 0 and g > 0
     g = torch.bmm(lam.float()[:, None, :], A)[:, 0]  # (P, D)
     nk = min(KERNEL * K, A.shape[2])
     live = torch.ones(P, dtype=torch.bool, device=lam.device)  # not stopped yet
     for i in range(steps + 1):  # the last one only measures
-        M = q + dots(A, torch.where(g > 0, up, -dn)).double()  # h's gradient
+        corner = _corner(g, low_end, span)
+        M = q + dots(A, corner).double()  # h's gradient
         h = (lam * M).sum(1)
         stop = live & (M.amin(1) > FEASIBLE) if until_feasible else torch.zeros_like(live)
         if i == steps:
@@ -292,23 +306,27 @@ def newton(prob: Problem, lam: torch.Tensor, eps: torch.Tensor, steps: int,
             if not live.any():
                 break
             if (~live).float().mean() > 1 - COMPACT_AT:  # drop the stopped pairs (a copy of A)
-                rows, A, q, lam, g, up, dn, M, h, e, live = (
-                    v[live] for v in (rows, A, q, lam, g, up, dn, M, h, e, live))
+                keep = live.nonzero()[:, 0]  # index_select: twice as fast as a mask here
+                rows, A, q, lam, g, low_end, span, corner, M, h, e, live = (
+                    v.index_select(0, keep) for v in (
+                        rows, A, q, lam, g, low_end, span, corner, M, h, e, live))
         if until_feasible and (live & (h < 0)).any():  # no image within e: up to the root's
             low = (live & (h < 0)).nonzero()[:, 0]  # next integer
             r, _ = root(prob.histogram(g[low], rows[low]).double(), (lam[low] * q[low]).sum(1))
             e[low] = torch.maximum(torch.floor(r) + 1, e[low, 0].double() + 1).clamp(
                 max=LEVELS - 1).float()[:, None]
             out_e[rows[low]] = e[low, 0].double()
-            up[low] = torch.minimum(prob.hi[rows[low]], e[low])
-            dn[low] = torch.minimum(-prob.lo[rows[low]], e[low])
-            M[low] = q[low] + dots(A[low], torch.where(g[low] > 0, up[low], -dn[low])).double()
+            at = rows[low]
+            low_end[low], span[low] = _box(prob.lo.index_select(0, at),
+                                           prob.hi.index_select(0, at), e[low])
+            corner[low] = _corner(g[low], low_end[low], span[low])
+            M[low] = q[low] + dots(A.index_select(0, low), corner[low]).double()
             h[low] = (lam[low] * M[low]).sum(1)
         near, idx = g.abs().topk(min(4 * nk, A.shape[2]), 1, largest=False, sorted=False)
         tau = torch.maximum(near.kthvalue(nk, 1, keepdim=True).values,
                             TAU_FLOOR * g.abs().mean(1, keepdim=True))
         tau = tau.clamp(min=1e-30)  # pixels at g_j = 0 (rows of W equal there) count, finitely
-        c = (up + dn).gather(1, idx) / 2 * tau * tau / (near * near + tau * tau) ** 1.5
+        c = span.gather(1, idx) / 2 * tau * tau / (near * near + tau * tau) ** 1.5
         a = A.gather(2, idx[:, None, :].expand(len(A), K, idx.shape[1]))  # (P, K, 4 nk)
         H = torch.bmm(a * c[:, None, :], a.transpose(1, 2)).double()
         free = (lam > 0) | (M < h[:, None])
@@ -321,7 +339,7 @@ def newton(prob: Problem, lam: torch.Tensor, eps: torch.Tensor, steps: int,
         d = torch.where(held, 0.0, d)
         reach = torch.where(d < 0, lam / (-d).clamp(min=1e-300), float("inf")).amin(1)
         gd = torch.bmm(d.float()[:, None, :], A)[:, 0]
-        alpha = line_min(d, g, gd, q, up, dn, reach.clamp(max=2.0**LINE_OCTAVES))
+        alpha = line_min(d, g, gd, q, corner, span, reach.clamp(max=2.0**LINE_OCTAVES))
         lam = (lam + alpha[:, None] * d).clamp(min=0)
         lam = lam / lam.sum(1, keepdim=True).clamp(min=1e-300)
         g = torch.bmm(lam.float()[:, None, :], A)[:, 0]
@@ -343,28 +361,42 @@ def _kkt_step(H, grad, free):
     return torch.where(free, d, 0.0)
 
 
-def line_min(d, g, gd, q, up, dn, reach) -> torch.Tensor:
+def _box(lo, hi, e):
+    """The corner's coordinate where g_j <= 0, ``max(lo, -e)`` = -dn_j, and its span up_j + dn_j
+    to ``min(hi, e)``, where g_j > 0 (lo, hi (P, D): the step's box; e (P, 1))."""
+    low_end = torch.maximum(lo, -e)
+    return low_end, torch.minimum(hi, e) - low_end
+
+
+def _corner(g, low_end, span):
+    """The step to h's corner: up_j where g_j > 0, else -dn_j (no torch.where: a masked select
+    runs at a sixth of the speed of arithmetic on CPUs, torch 2.13)."""
+    return torch.addcmul(low_end, torch.sign(g).clamp_(min=0), span)
+
+
+def line_min(d, g, gd, q, corner, span, reach) -> torch.Tensor:
     """A step a in [0, reach] (P,) that lowers h(lam + a d) - h(lam), where g and gd (P, D) are
     the g of lam and of d: ``a d.q + sum_j phi_j(g_j + a gd_j)``, phi_j(z) = up_j z for z > 0,
-    -dn_j z below, is convex and piecewise linear in a. Its slope starts at ``slope0`` and rises
-    by ``|gd_j| (up_j + dn_j)`` where pixel j's sign flips (a = -g_j / gd_j). The flips are
-    binned on a grid of LINE_GRID steps per octave (one bucketize and one sum, no sort): the
-    step is the last grid point before the slope turns >= 0, so h only falls, and the minimum
-    is at most one grid step further."""
-    pos = (g > 0) | ((g == 0) & (gd > 0))
-    slope0 = (d * q).sum(1) + (gd * torch.where(pos, up, -dn)).sum(1).double()
+    -dn_j z below, is convex and piecewise linear in a. Its slope starts at ``d.q + gd.corner``
+    (``corner``: up_j where g_j > 0, else -dn_j; ``span``: up_j + dn_j) and rises by
+    ``|gd_j| span_j`` where pixel j's sign flips (a = -g_j / gd_j). The flips are binned on a grid
+    of LINE_GRID steps per octave (one scatter and one sum, no sort, no masks: every pixel
+    without a flip ahead lands in a last bin that is never summed): the step is the last grid
+    point before the slope turns >= 0, so h only falls, and the minimum is at most one grid step
+    further. A pixel at g_j = 0 counts as a flip at a = 0+ (right where gd_j > 0; where gd_j < 0
+    it only makes the step shorter)."""
+    slope0 = (d * q).sum(1) + (gd * corner).sum(1).double()
     grid = _grid(g.device)
-    kink = (-g / gd).nan_to_num_(nan=-1.0)
-    ahead = kink > 0
-    # the bin i of grid[i - 1] < kink <= grid[i], from the exponent (bucketize is 5x slower)
-    bins = (torch.log2(kink.clamp_(min=1e-30)).mul_(LINE_GRID).ceil_().add_(
-        LINE_OCTAVES * LINE_GRID)).clamp_(0, len(grid)).long()
-    rise = (gd.abs() * (up + dn)).masked_fill_(~ahead, 0)
-    hist = torch.zeros(len(g), len(grid) + 1, dtype=torch.float64, device=g.device)
-    hist.scatter_add_(1, bins, rise.double())
-    slope = slope0[:, None] + hist.cumsum(1)[:, :-1]  # (P, len(grid)): the slope just after
-    turns = slope >= 0  # each grid point
-    last = torch.where(turns.any(1), turns.int().argmax(1) - 1, len(grid) - 1)
+    n = len(grid)
+    # the bin i of grid[i - 1] < kink <= grid[i], from the exponent (bucketize is 5x slower);
+    # kinks behind (log2 of a negative: NaN) and at infinity go to bin n
+    bins = torch.log2(g.div(gd).neg_()).mul_(LINE_GRID).ceil_().add_(LINE_OCTAVES * LINE_GRID)
+    bins = bins.nan_to_num_(nan=n, posinf=n, neginf=0).clamp_(0, n).long()
+    hist = torch.zeros(len(g), n + 1, dtype=torch.float64, device=g.device)
+    hist.scatter_add_(1, bins, gd.abs().mul_(span).double())
+    slope = slope0[:, None] + hist.cumsum(1)[:, :-1]  # (P, n): the slope just after each grid
+    turns = slope >= 0  # point
+    last = torch.where(turns.any(1), turns.int().argmax(1) - 1, n - 1)
     a = torch.where(last >= 0, grid.double()[last.clamp(min=0)], 0.0)
     return torch.minimum(torch.where(slope0 >= 0, 0.0, a), reach)
 
