@@ -28,7 +28,8 @@ FEASIBLE = 1e-4  # a corner that beats every rival by this much (score units) is
 KERNEL = 8  # Newton's Hessian: pixels per rival in the kernel around h's kinks (4x as many used)
 TAU_FLOOR = 1e-3  # Newton's kernel is at least this wide, relative to the mean |g_j|
 DAMP = 1e-3  # Newton's Hessian: damping, relative to its mean diagonal
-LINE_GRID, LINE_OCTAVES = 16, 12  # Newton's line search: steps per octave, octaves each side of 1
+LINE_GRID, LINE_OCTAVES = 16, 12  # Newton's line search: steps per octave (a power of 2),
+# octaves each side of 1
 WEIGHT_FLOOR = 1e-3  # rivals with less weight (relative to the most) are not balanced
 RIDGE = 1e-6  # the tie system's ridge where LU's solution leaves the box (relative to L'L)
 GROW = 8  # rivals added per round: the classes that beat the step that lost
@@ -380,18 +381,20 @@ def line_min(d, g, gd, q, corner, span, reach) -> torch.Tensor:
     -dn_j z below, is convex and piecewise linear in a. Its slope starts at ``d.q + gd.corner``
     (``corner``: up_j where g_j > 0, else -dn_j; ``span``: up_j + dn_j) and rises by
     ``|gd_j| span_j`` where pixel j's sign flips (a = -g_j / gd_j). The flips are binned on a grid
-    of LINE_GRID steps per octave (one scatter and one sum, no sort, no masks: every pixel
-    without a flip ahead lands in a last bin that is never summed): the step is the last grid
-    point before the slope turns >= 0, so h only falls, and the minimum is at most one grid step
-    further. A pixel at g_j = 0 counts as a flip at a = 0+ (right where gd_j > 0; where gd_j < 0
-    it only makes the step shorter)."""
+    of LINE_GRID steps per octave (one scatter and one sum, no sort, no masks): the step is the
+    last grid point before the slope turns >= 0, so h only falls, and the minimum is at most one
+    grid step further. A pixel at g_j = 0 counts as a flip at a = 0+ (right where gd_j > 0; where
+    gd_j < 0 it only makes the step shorter)."""
     slope0 = (d * q).sum(1) + (gd * corner).sum(1).double()
     grid = _grid(g.device)
     n = len(grid)
-    # the bin i of grid[i - 1] < kink <= grid[i], from the exponent (bucketize is 5x slower);
-    # kinks behind (log2 of a negative: NaN) and at infinity go to bin n
-    bins = torch.log2(g.div(gd).neg_()).mul_(LINE_GRID).ceil_().add_(LINE_OCTAVES * LINE_GRID)
-    bins = bins.nan_to_num_(nan=n, posinf=n, neginf=0).clamp_(0, n).long()
+    kink = g.div(gd).neg_().add_(0.0)  # -g/gd; + 0.0 turns -0.0 into 0.0
+    # the bin of a kink: its float32 bits' exponent and top mantissa bits, the grid's point just
+    # above it (log2 would take 5x as long). Kinks behind (negative), at infinity and NaN
+    # (0 / 0) land in bin n, which is never summed.
+    shift = 23 - LINE_GRID.bit_length() + 1
+    bins = ((kink.view(torch.int32) >> shift) & ((1 << (32 - shift)) - 1)).sub_(_first_bin())
+    bins = bins.clamp_(0, n).long()
     hist = torch.zeros(len(g), n + 1, dtype=torch.float64, device=g.device)
     hist.scatter_add_(1, bins, gd.abs().mul_(span).double())
     slope = slope0[:, None] + hist.cumsum(1)[:, :-1]  # (P, n): the slope just after each grid
@@ -401,10 +404,20 @@ def line_min(d, g, gd, q, corner, span, reach) -> torch.Tensor:
     return torch.minimum(torch.where(slope0 >= 0, 0.0, a), reach)
 
 
+def _first_bin() -> int:
+    """The bin of 2^-LINE_OCTAVES by its float32 bits: exponent and log2(LINE_GRID) mantissa
+    bits."""
+    return (127 - LINE_OCTAVES) * LINE_GRID
+
+
 def _grid(device) -> torch.Tensor:
-    """Step sizes 2^-LINE_OCTAVES .. 2^LINE_OCTAVES, LINE_GRID per octave (float32)."""
-    n = 2 * LINE_OCTAVES * LINE_GRID + 1
-    return torch.logspace(-LINE_OCTAVES, LINE_OCTAVES, n, base=2.0, device=device)
+    """The line search's step sizes (float32), LINE_GRID per octave from 2^-LINE_OCTAVES to
+    2^LINE_OCTAVES: the upper ends of the bins of the float32 bit pattern, ``2^E (1 + (m + 1) /
+    LINE_GRID)`` (the kinks in bin i lie in [grid[i - 1], grid[i]))."""
+    shift = 23 - LINE_GRID.bit_length() + 1
+    first = _first_bin()
+    bits = torch.arange(first + 1, first + 2 * LINE_OCTAVES * LINE_GRID + 1, dtype=torch.int32)
+    return (bits << shift).view(torch.float32).to(device)
 
 
 def search_weights(prob: Problem, lam: torch.Tensor, calls: int):
