@@ -206,6 +206,8 @@ class RayFoolWorker(FoolWorker):
         import ray
         import torch
 
+        if not logging.getLogger().handlers:  # the worker's lines (its batch, each part) into
+            cli.setup_logging()  # Ray's log files, as training's workers do
         if job.device == "cpu":  # one core per actor: threads beyond it only contend
             torch.set_num_threads(1)
         W, b, facts = ray.get(refs)

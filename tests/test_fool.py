@@ -26,7 +26,7 @@ from common import dataset, schema, storage
 from common.errors import ConfigError
 from common.model import read_model
 from tests.attack_models import fit_softmax, load_split, write_model
-from tests.trees import tree_digest
+from tests.trees import every_file, tree_digest
 
 pytestmark = pytest.mark.slow
 
@@ -250,6 +250,20 @@ def test_summary_printout(local_run, capsys):
         for method in schema.METHODS:
             assert f"{origin:5s} {method:9s} fooled" in out
     assert out.count(".png") == len(schema.ORIGINS) * len(schema.METHODS)
+
+
+def test_each_workers_lines_reach_rays_log_files(local_run):
+    """Where a cluster's user looks for a worker's progress (the driver prints only its own
+    lines): its batch size and each part's rows and seconds, in Ray's log files."""
+    import ray
+
+    cfg, _ = local_run
+    logs = os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs")
+    text = "".join(open(p, errors="replace").read() for p in every_file(logs)
+                   if p.endswith((".out", ".err")))
+    keys = parts.done_keys(cfg.output)
+    assert len(keys) > 1 and "batches of 16 (image, target) pairs on cpu" in text
+    assert [k for k in keys if f"part {k}: " not in text] == []
 
 
 def test_contact_sheets(local_run):

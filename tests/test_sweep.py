@@ -14,6 +14,7 @@ import pytest
 from common import schema, storage
 from common.errors import ConfigError
 from common.model import read_model
+from tests.trees import every_file
 from training import sweep
 
 
@@ -66,14 +67,6 @@ def test_a_diverging_sweep_is_one_line_and_publishes_nothing(ingested, tmp_path)
     assert not set(os.listdir(trial)) & {storage.MANIFEST, schema.WEIGHTS_FILE,
                                          schema.METRICS_FILE}
     assert not (trial / schema.CHECKPOINTS_DIR / "epoch-0001").exists()
-
-
-def every_file(top: str):
-    for folder, _, names in os.walk(top):
-        for name in names:
-            path = os.path.join(folder, name)
-            if os.path.isfile(path) and not os.path.islink(path):
-                yield path
 
 
 @pytest.mark.slow
