@@ -18,7 +18,8 @@ Prints pairs per second, the ratios, the success rates and median L-inf, and the
 of the per-core rates to 50,000 images x 1,000 targets. ``--device cuda`` measures on a GPU.
 
 ``--exact`` measures instead, in one run on one thread: pairs per CPU second (the same on a busy
-machine) of ``exact``, ``sign`` and ``iterative`` on the same pairs, the LP solver (scipy's
+machine) of ``exact``, ``sign`` and ``iterative`` on the same pairs (each warmed up once, then
+the median of ``--repeats`` runs taken in turns), the LP solver (scipy's
 HiGHS, tests/lp_oracle.py) per pair on a sample of them, whether exact's certificate stays below
 the LP optimum and its stored step within one level above it, the distribution of the gap
 ``linf - bound_linf``, and the extrapolation to 50,000 x 1,000 pairs. ``--photos``: the 10-class
@@ -74,10 +75,12 @@ def build_inputs(tmp: str, classes: int) -> tuple[str, str]:
 
 
 def load(data: str, split: str):
+    """A split's images (N, D) float64, labels and ids, in the order of their ids (the files'
+    order follows the ingest's writes, so without it each run would pick other images)."""
     import pyarrow.parquet as pq
 
     m = dataset.open_ingest(data)
-    t = pq.ParquetDataset(dataset.split_files(data, m, split)).read()
+    t = pq.ParquetDataset(dataset.split_files(data, m, split)).read().sort_by(schema.IMAGE_ID)
     X = np.frombuffer(b"".join(t.column(schema.IMAGE).to_pylist()), np.uint8)
     return X.reshape(t.num_rows, -1).astype(np.float64), t.column(schema.LABEL).to_numpy()
 
@@ -213,12 +216,16 @@ def main() -> None:
     p.add_argument("--photos", action="store_true", help="with --exact: the photo-crop model")
     p.add_argument("--lp-pairs", type=int, default=12,
                    help="pairs solved by the LP (--exact; 0: none)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed runs of each method (--exact), alternating; the median is shown")
     p.add_argument("--batch", type=int, default=fool.CPU_BATCH,
                    help="pairs per attack call (--exact), as the job's --batch-size")
     p.add_argument("--fresh-memory", action="store_true",
                    help="glibc's default heap (large blocks mapped afresh) instead of the "
                         "workers' reuse of freed memory (common/heap.py)")
     args = p.parse_args()
+    if args.repeats < 1:
+        p.error(f"--repeats must be positive, got {args.repeats}")
     if args.device != "cpu" and not torch.cuda.is_available():
         p.error(f"--device {args.device}: no CUDA GPU on this machine")
     torch.set_num_threads(1)
@@ -321,14 +328,21 @@ def exact_report(args, W: np.ndarray, b: np.ndarray, X_all: np.ndarray) -> None:
           f"targets = {len(X) * len(targets)} ({it_images * len(targets)} for iterative); "
           + (f"{torch.cuda.get_device_name()}, by the wall clock" if gpu else
              "cpu, 1 thread; rates per CPU second")
-          + f", batches of {args.batch} pairs; load average {os.getloadavg()[0]:.1f}")
+          + f", batches of {args.batch} pairs, median of {args.repeats} runs; load average "
+          f"{os.getloadavg()[0]:.1f}")
     cpu = time.process_time
     clock = synced if gpu else cpu
-    if gpu:  # kernels compiled and the allocator's pool filled before anything is timed
+    # kernels compiled, the allocator's pool (GPU) or the heap (CPU) grown before anything is
+    # timed: the first call of a method in a process ran up to 2x slower
+    for m in (Sign, Exact, Iterative):
+        ours(model, m, X[:max(1, args.batch // len(targets))], targets, args.batch)
+    runs = {"sign": [], "exact": [], "iterative": []}
+    for _ in range(args.repeats):  # alternating, so that a slow spell of the machine hits all
         for m in (Sign, Exact, Iterative):
-            ours(model, m, X[:max(1, args.batch // len(targets))], targets, args.batch)
-    res = {m.name: ours(model, m, X, targets, args.batch, clock) for m in (Sign, Exact)}
-    res["iterative"] = ours(model, Iterative, X[:it_images], targets, args.batch, clock)
+            runs[m.name].append(ours(model, m, X if m is not Iterative else X[:it_images],
+                                     targets, args.batch, clock))
+    res = {k: {**v[-1], "rate": float(np.median([r["rate"] for r in v]))}
+           for k, v in runs.items()}
     n, t = pairs(len(X), targets)
     n, t, X = n.cpu(), t.cpu(), X.cpu()
     bound = res["exact"]["bound"].numpy()
