@@ -17,21 +17,22 @@ LP duality ``max over lambda of r(lambda)`` is the true minimum.
 
 The stored image needs the other side: at the integer ``e = floor(r) + 1`` some image of B(e)
 beats every rival exactly when ``min over lambda of h(lambda, e) > 0``, and then the LP's
-solution is the corner along ``sign(g)`` for the minimizing lambda except at the few pixels where
-``g_j = 0`` (at most one fewer than the rivals with weight), which sit inside the box. So per
-pair: (1) SMO on r(lambda) over the KMAX nearest rivals by the Hoelder ratio
-``q_k / ||a_k||_1`` (move weight from the most satisfied rival to the most violated one of the
-corner at the root, regula falsi on the segment) gives the first certificate and e, and its
-corner at e is scored; then in stages for the pairs it does not win, (2) Newton's method on
-h(., e) (attacks/dual.py: a line search on h over its kinks, a smoothed Hessian from the pixels
-nearest a kink), which reaches the LP's duals. Where even they leave h < 0, no image within e
-beats these rivals: their root, beyond e, is the better certificate and e moves up. Elsewhere
-(3) their corner at e is scored, and where it loses, the same corner with the pixels at a tie
-set to equalize the rivals with weight (a K x K linear system). If t wins, e is the minimum
-over all images, proved by the certificate (where the best root is not above e - 1, Newton's
-weights at e - 1 give one that is). If not, the classes that beat it join the rivals and the
-next stage starts from Newton's weights. No LP solver: (P, K, D) products, histograms and
-(P, K, K) solves.
+solution is the corner along ``sign(g)`` for the minimizing lambda except at the few pixels
+where ``g_j = 0`` (at most one fewer than the rivals with weight), which sit inside the box. So
+per pair: (1) SMO on r(lambda) over the KMAX nearest rivals by the Hoelder ratio ``q_k /
+||a_k||_1`` (move weight from the most satisfied rival to the most violated one of the corner at
+the root, regula falsi on the segment) gives the first certificate and e, and its corner at e is
+scored; then in stages for the pairs it does not win, (2) Newton's method on h(., e)
+(attacks/dual.py: a line search on h over its kinks, a smoothed Hessian from the pixels nearest
+a kink), which reaches the LP's duals. Where even they leave h < 0, no image within e beats
+these rivals: their root, beyond e, is the better certificate and e moves up. Elsewhere (3)
+their corner at e is scored, and where one of these rivals beats it, the same corner with the
+pixels at a tie set to equalize the rivals with weight (a K x K linear system; where a class
+outside them wins, that seldom helps: 3 of 333 such pairs at 1,000 classes). If t wins, e is the
+minimum over all images, proved by the certificate (where the best root is not above e - 1,
+Newton's weights at e - 1 give one that is). If not, the classes that beat it join the rivals
+and the next stage starts from Newton's weights. No LP solver: (P, K, D) products, histograms
+and (P, K, K) solves.
 
 Only numpy and torch here: no Ray, no storage.
 """
@@ -122,15 +123,15 @@ class Exact(Sign):
         return fooled
 
     def solve(self, x, s, t) -> Fooled:
-        """One chunk of pairs: the root search gives the first certificate r and e = floor(r) +
-        1, and its weights' step at e is scored. Then in stages, for the pairs not yet won, the
+        """One chunk of pairs: the root search gives the first certificate r and e = floor(r) + 1,
+        and its weights' step at e is scored. Then in stages, for the pairs not yet won, the
         classes that beat their step join the rivals and Newton's method runs on h(., e) over
         the rivals so far (where even its weights keep h below zero, no image within e beats
         those rivals, and e moves up to the next integer above their root). The step at e along
-        Newton's weights (the tie pixels balanced where needed) is scored: where t wins, e is
-        proved minimal by the best certificate (where that falls short, Newton's weights at
-        e - 1 give one). After the last stage, Sign's exact search along the last step's
-        direction, from there up."""
+        Newton's weights (the tie pixels balanced where a rival beats it) is scored: where t
+        wins, e is proved minimal by the best certificate (where that falls short, Newton's
+        weights at e - 1 give one). After the last stage, Sign's exact search along the last
+        step's direction, from there up."""
         f = Fooled(x.clone(), s.clone(), torch.zeros(len(t), device=t.device),
                    torch.zeros(len(t), device=t.device))
         idx = (~self.passes(s, t)).nonzero()[:, 0]  # pairs already won keep the original
@@ -145,7 +146,10 @@ class Exact(Sign):
             sc = self.model.scores(img)
             ok = self.passes(sc, prob.t) & (r < e)
             tie = ((~ok) & (r < e)).nonzero()[:, 0] if stage > 0 else []
-            if len(tie):  # Newton's step lost: the few pixels at a tie set inside the box
+            if len(tie):  # only where the class that beats the step is one of the rivals
+                best = sc[tie].scatter(1, prob.t[tie, None], -float("inf")).argmax(1)
+                tie = tie[(prob.rivals[tie] == best[:, None]).any(1)]
+            if len(tie):  # Newton's step lost to a rival: the few pixels at a tie inside the box
                 sub = prob.subset(tie)
                 img[tie] = (sub.x.float() + sub.balanced(lam[tie], e[tie])).to(torch.uint8)
                 sc[tie] = self.model.scores(img[tie])
