@@ -66,24 +66,24 @@ class Problem:
         self.up, self.dn = (255 - xi).long(), xi.long()  # rooms towards 255 and 0
         self.lo, self.hi = -xi.float(), (255 - xi).float()  # the step's box
 
-    def grow(self, S: torch.Tensor, lam: torch.Tensor) -> tuple[Problem, torch.Tensor]:
-        """The same pairs with up to GROW more rivals: the classes with the smallest margins
-        over t in scores S (P, C) of a step that lost (those that beat it first); lam (P, K)
-        padded with zeros for them."""
+    def grow(self, rows, S: torch.Tensor, lam: torch.Tensor) -> tuple[Problem, torch.Tensor]:
+        """The pairs ``rows`` with up to GROW more rivals: the classes with the smallest margins
+        over t in scores S (P', C) of a step that lost (those that beat it first); lam (P', K)
+        padded with zeros for them. The rows W[t] - W[k] of the old rivals are copied once,
+        straight into the new ones."""
         add = min(GROW, self.model.C - 1 - self.K)
         if add <= 0:
-            return self, lam
-        rank = (S.gather(1, self.t[:, None]) - S).double()
-        rank.scatter_(1, torch.cat([self.rivals, self.t[:, None]], 1), float("inf"))
+            return self.subset(rows), lam
+        grown = self.subset(rows, rows_only=True)
+        rank = (S.gather(1, grown.t[:, None]) - S).double()
+        rank.scatter_(1, torch.cat([grown.rivals, grown.t[:, None]], 1), float("inf"))
         new = rank.topk(add, 1, largest=False).indices
-        rivals = torch.cat([self.rivals, new], 1)
-        grown = object.__new__(Problem)
-        grown.__dict__.update(self.__dict__)
-        grown.rivals, grown.q, grown.K = rivals, self.q_all.gather(1, rivals), rivals.shape[1]
-        if not self.dense:  # the old rows copied into the new ones, no temporary of them all
-            grown.A = self.A.new_empty(len(rivals), grown.K, self.A.shape[2])
-            grown.A[:, :self.K] = self.A
-            diff_rows(self.model.W, self.t, new, grown.A[:, self.K:])
+        grown.rivals = torch.cat([grown.rivals, new], 1)
+        grown.q, grown.K = grown.q_all.gather(1, grown.rivals), grown.rivals.shape[1]
+        if not self.dense:
+            grown.A = self.A.new_empty(len(new), grown.K, self.A.shape[2])
+            torch.index_select(self.A, 0, _indices(rows), out=grown.A[:, :self.K])
+            diff_rows(self.model.W, grown.t, new, grown.A[:, self.K:])
         return grown, torch.cat([lam, lam.new_zeros(len(lam), add)], 1)
 
     def subset(self, rows, rows_only: bool = False) -> Problem:

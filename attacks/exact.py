@@ -168,9 +168,9 @@ class Exact(Sign):
             if not keep.any():
                 break
             e = torch.where(r >= e, torch.floor(r) + 1, e)[keep].clamp(1, self.kmax)
-            idx, prob, lam, sc = idx[keep], prob.subset(keep), lam[keep], sc[keep]
+            idx, lam, sc = idx[keep], lam[keep], sc[keep]
             cert = {k: v[keep] for k, v in cert.items()}
-            prob, lam = prob.grow(sc, lam)
+            prob, lam = prob.grow(keep, sc, lam)
             cert["lam"] = torch.cat([cert["lam"], cert["lam"].new_zeros(
                 len(lam), prob.K - cert["lam"].shape[1])], 1)
             g, r = self.newton(prob, None, lam, e, cert)

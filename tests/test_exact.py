@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from attacks import exact
-from attacks.dual import RIDGE, Problem, _solve, newton, onehot, search_weights
+from attacks.dual import DENSE_C, KMAX, RIDGE, Problem, _solve, newton, onehot, search_weights
 from attacks.exact import NEWTON_STEPS, Exact
 from attacks.fooling import Fooled, pairs
 from attacks.iterative import Iterative
@@ -218,6 +218,26 @@ def test_a_thousand_classes():
     b = rng.normal(0, 0.05, 1000).astype(np.float32)
     X = rng.integers(0, 256, (3, 192), dtype=np.uint8)
     targets = np.array([0, 333, 999])
+    f, n, t, want = attack(W, b, X, targets)
+    _, _, _, sign = attack(W, b, X, targets, cls=Sign)
+    assert (want["fooled_pred"] == t).all()
+    assert (want["linf"] <= np.where(sign["fooled_pred"] == t, sign["linf"], 255)).all()
+    for i in range(len(t)):
+        eps = lp_minimum(W, b, X[n[i]], int(t[i]))
+        assert eps - 0.5 <= f.bound[i].item() <= eps * (1 + LP_RTOL) + 1e-9, (i, eps)
+        assert want["linf"][i] <= 1.3 * eps + 1, (i, eps)
+
+
+def test_a_hundred_classes_where_rivals_join_the_products_with_w():
+    """Up to DENSE_C classes the dual's products go through W itself, and the rivals' rows are
+    made only when Newton's method needs them: they must follow the rivals that join (a model of
+    18 to 128 classes once failed there on its second stage). As for 1,000 classes."""
+    rng = np.random.default_rng(5)
+    W = rng.normal(0, 1e-3, (100, 192)).astype(np.float32)
+    b = rng.normal(0, 0.05, 100).astype(np.float32)
+    X = rng.integers(0, 256, (3, 192), dtype=np.uint8)
+    targets = np.array([0, 17, 50, 99])
+    assert 2 * KMAX + 1 < len(b) <= DENSE_C  # the dense path, with rivals to add
     f, n, t, want = attack(W, b, X, targets)
     _, _, _, sign = attack(W, b, X, targets, cls=Sign)
     assert (want["fooled_pred"] == t).all()
