@@ -210,36 +210,29 @@ def test_two_classes_closed_form():
 
 def test_a_thousand_classes():
     """1,000 random classes on 8x8x3 images, where 5 to 15 rivals bind at the optimum (more than
-    the first search weighs): every pair fooled, never above Sign, the certificate within half a
-    level below the LP's optimum (never above it). With 192 pixels the LP's few fractional
-    pixels weigh much more than on 64x64x3 images: the stored step may sit a few levels above."""
-    rng = np.random.default_rng(3)
-    W = rng.normal(0, 1e-3, (1000, 192)).astype(np.float32)
-    b = rng.normal(0, 0.05, 1000).astype(np.float32)
-    X = rng.integers(0, 256, (3, 192), dtype=np.uint8)
-    targets = np.array([0, 333, 999])
-    f, n, t, want = attack(W, b, X, targets)
-    _, _, _, sign = attack(W, b, X, targets, cls=Sign)
-    assert (want["fooled_pred"] == t).all()
-    assert (want["linf"] <= np.where(sign["fooled_pred"] == t, sign["linf"], 255)).all()
-    for i in range(len(t)):
-        eps = lp_minimum(W, b, X[n[i]], int(t[i]))
-        assert eps - 0.5 <= f.bound[i].item() <= eps * (1 + LP_RTOL) + 1e-9, (i, eps)
-        assert want["linf"][i] <= 1.3 * eps + 1, (i, eps)
+    the first search weighs)."""
+    check_many_classes(1000, seed=3, targets=[0, 333, 999])
 
 
 def test_a_hundred_classes_where_rivals_join_the_products_with_w():
     """Up to DENSE_C classes the dual's products go through W itself, and the rivals' rows are
     made only when Newton's method needs them: they must follow the rivals that join (a model of
-    18 to 128 classes once failed there on its second stage). As for 1,000 classes."""
-    rng = np.random.default_rng(5)
-    W = rng.normal(0, 1e-3, (100, 192)).astype(np.float32)
-    b = rng.normal(0, 0.05, 100).astype(np.float32)
+    18 to 128 classes once failed there on its second stage)."""
+    assert 2 * KMAX + 1 < 100 <= DENSE_C  # the dense path, with rivals to add
+    check_many_classes(100, seed=5, targets=[0, 17, 50, 99])
+
+
+def check_many_classes(C: int, seed: int, targets: list[int]) -> None:
+    """A random C-class model on three 8x8x3 images: every pair fooled, never above Sign, the
+    certificate within half a level below the LP's optimum (never above it). With 192 pixels the
+    LP's few fractional pixels weigh much more than on 64x64x3 images: the stored step may sit a
+    few levels above."""
+    rng = np.random.default_rng(seed)
+    W = rng.normal(0, 1e-3, (C, 192)).astype(np.float32)
+    b = rng.normal(0, 0.05, C).astype(np.float32)
     X = rng.integers(0, 256, (3, 192), dtype=np.uint8)
-    targets = np.array([0, 17, 50, 99])
-    assert 2 * KMAX + 1 < len(b) <= DENSE_C  # the dense path, with rivals to add
-    f, n, t, want = attack(W, b, X, targets)
-    _, _, _, sign = attack(W, b, X, targets, cls=Sign)
+    f, n, t, want = attack(W, b, X, np.array(targets))
+    _, _, _, sign = attack(W, b, X, np.array(targets), cls=Sign)
     assert (want["fooled_pred"] == t).all()
     assert (want["linf"] <= np.where(sign["fooled_pred"] == t, sign["linf"], 255)).all()
     for i in range(len(t)):
