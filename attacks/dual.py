@@ -30,6 +30,9 @@ TAU_FLOOR = 1e-3  # Newton's kernel is at least this wide, relative to the mean 
 DAMP = 1e-3  # Newton's Hessian: damping, relative to its mean diagonal
 LINE_GRID, LINE_OCTAVES = 16, 12  # Newton's line search: steps per octave (a power of 2),
 # octaves each side of 1
+BIN_SHIFT = 24 - LINE_GRID.bit_length()  # a float32's bits below its line search bin (exponent
+# and the top log2(LINE_GRID) mantissa bits)
+FIRST_BIN = (127 - LINE_OCTAVES) * LINE_GRID  # the bin of 2^-LINE_OCTAVES
 WEIGHT_FLOOR = 1e-3  # rivals with less weight (relative to the most) are not balanced
 RIDGE = 1e-6  # the tie system's ridge where LU's solution leaves the box (relative to L'L)
 GROW = 8  # rivals added per round: the classes that beat the step that lost
@@ -392,9 +395,8 @@ def line_min(d, g, gd, q, corner, span, reach) -> torch.Tensor:
     # the bin of a kink: its float32 bits' exponent and top mantissa bits, the grid's point just
     # above it (log2 would take 5x as long). Kinks behind (negative), at infinity and NaN
     # (0 / 0) land in bin n, which is never summed.
-    shift = 23 - LINE_GRID.bit_length() + 1
-    bins = ((kink.view(torch.int32) >> shift) & ((1 << (32 - shift)) - 1)).sub_(_first_bin())
-    bins = bins.clamp_(0, n).long()
+    bins = ((kink.view(torch.int32) >> BIN_SHIFT) & ((1 << (32 - BIN_SHIFT)) - 1))
+    bins = bins.sub_(FIRST_BIN).clamp_(0, n).long()
     hist = torch.zeros(len(g), n + 1, dtype=torch.float64, device=g.device)
     hist.scatter_add_(1, bins, gd.abs().mul_(span).double())
     slope = slope0[:, None] + hist.cumsum(1)[:, :-1]  # (P, n): the slope just after each grid
@@ -404,20 +406,13 @@ def line_min(d, g, gd, q, corner, span, reach) -> torch.Tensor:
     return torch.minimum(torch.where(slope0 >= 0, 0.0, a), reach)
 
 
-def _first_bin() -> int:
-    """The bin of 2^-LINE_OCTAVES by its float32 bits: exponent and log2(LINE_GRID) mantissa
-    bits."""
-    return (127 - LINE_OCTAVES) * LINE_GRID
-
-
 def _grid(device) -> torch.Tensor:
     """The line search's step sizes (float32), LINE_GRID per octave from 2^-LINE_OCTAVES to
     2^LINE_OCTAVES: the upper ends of the bins of the float32 bit pattern, ``2^E (1 + (m + 1) /
     LINE_GRID)`` (the kinks in bin i lie in [grid[i - 1], grid[i]))."""
-    shift = 23 - LINE_GRID.bit_length() + 1
-    first = _first_bin()
-    bits = torch.arange(first + 1, first + 2 * LINE_OCTAVES * LINE_GRID + 1, dtype=torch.int32)
-    return (bits << shift).view(torch.float32).to(device)
+    bins = torch.arange(FIRST_BIN + 1, FIRST_BIN + 2 * LINE_OCTAVES * LINE_GRID + 1,
+                        dtype=torch.int32)
+    return (bins << BIN_SHIFT).view(torch.float32).to(device)
 
 
 def search_weights(prob: Problem, lam: torch.Tensor, calls: int):
