@@ -411,8 +411,8 @@ def _grid(device) -> torch.Tensor:
     2^LINE_OCTAVES: the upper ends of the bins of the float32 bit pattern, ``2^E (1 + (m + 1) /
     LINE_GRID)`` (the kinks in bin i lie in [grid[i - 1], grid[i]))."""
     bins = torch.arange(FIRST_BIN + 1, FIRST_BIN + 2 * LINE_OCTAVES * LINE_GRID + 1,
-                        dtype=torch.int32)
-    return (bins << BIN_SHIFT).view(torch.float32).to(device)
+                        dtype=torch.int32, device=device)  # made there: no copy to a GPU per step
+    return (bins << BIN_SHIFT).view(torch.float32)
 
 
 def search_weights(prob: Problem, lam: torch.Tensor, calls: int):
