@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from attacks.linear import LinearModel, passes
+from common import heap
 
 CERT_RTOL = 1e-5  # a one-competitor proof of failure needs a margin beyond this relative error
 
@@ -53,8 +54,7 @@ def pairs_that_fit(device: torch.device, per_pair: float, share: float, least: i
                    most: int) -> int:
     """How many pairs of ``per_pair`` bytes ``share`` of the GPU's free memory holds, between
     ``least`` and ``most`` (the job's default batch, exact's chunks)."""
-    free, _ = torch.cuda.mem_get_info(device)
-    return int(min(max(share * free // per_pair, least), most))
+    return int(min(max(share * heap.gpu_free(device) // per_pair, least), most))
 
 
 def expand(A: torch.Tensor, T: int) -> torch.Tensor:

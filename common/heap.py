@@ -1,4 +1,5 @@
-"""The C heap of a worker process: large blocks reused instead of mapped afresh.
+"""A worker's memory: the C heap's large blocks reused instead of mapped afresh, and the GPU
+memory that the process can still take.
 
 glibc's malloc serves blocks above 32 MB with a fresh mmap and unmaps them when freed, so every
 large tensor that the attacks make (the rivals' rows W[t] - W[k] of a chunk: 100-700 MB, copied
@@ -26,3 +27,13 @@ def reuse_freed_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     return bool(mallopt(M_MMAP_THRESHOLD, LARGEST)) and bool(mallopt(M_TRIM_THRESHOLD, LARGEST))
+
+
+def gpu_free(device) -> int:
+    """Bytes this process can still take on a CUDA device: the driver's free memory plus what
+    PyTorch's caching allocator holds unused (freed tensors kept for reuse, which the driver counts
+    as taken: after a 65,536-pair sign attack, most of an H100)."""
+    import torch
+
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)

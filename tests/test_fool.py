@@ -469,14 +469,24 @@ def test_summary_command_exits_0_every_time(local_run):
 
 def test_default_batch_follows_the_device_and_its_free_memory(monkeypatch):
     """CPU_BATCH on a CPU; on a GPU half its free memory at GPU_BATCH_BYTES per pair and pixel,
-    between CPU_BATCH and GPU_BATCH_MAX (an A10G's 22 GB free: about 18,600 pairs at 64x64x3)."""
+    between CPU_BATCH and GPU_BATCH_MAX (an A10G's 22 GB free: about 18,600 pairs at 64x64x3);
+    free includes what PyTorch's allocator keeps unused."""
     import torch
 
     from attacks import worker
 
     D = 64 * 64 * 3
     assert worker.batch_pairs(torch.device("cpu"), D) == worker.CPU_BATCH
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 0)
     for free, want in ((22e9, int(0.5 * 22e9 // (worker.GPU_BATCH_BYTES * D))),
                        (150e9, worker.GPU_BATCH_MAX), (1e8, worker.CPU_BATCH)):
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, f=free: (f, 2 * f))
         assert worker.batch_pairs(torch.device("cuda"), D) == want, free
+    # memory that PyTorch keeps for reuse (freed tensors) counts as free: 2 GB from the driver
+    # and 20 GB cached, unused, hold as many pairs as 22 GB free
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (2e9, 80e9))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 25e9)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 5e9)
+    assert worker.batch_pairs(torch.device("cuda"), D) == int(0.5 * 22e9 // (
+        worker.GPU_BATCH_BYTES * D))

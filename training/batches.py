@@ -11,11 +11,13 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from common import heap
+
 
 def fits(nbytes: int, device: torch.device, reserve: float = 0.2) -> bool:
     """Whether ``nbytes`` more fit in the device's free memory, keeping ``reserve`` of it free."""
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
+        free = heap.gpu_free(device)
     else:
         try:
             import os
