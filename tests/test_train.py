@@ -181,6 +181,33 @@ def trained(ingested, tmp_path_factory) -> tuple[str, dict]:
     return out, train.run(train.Settings(data=ingested, output=out, **SMALL))
 
 
+def _footer_readers() -> int:
+    """Actors of Ray Data's Parquet footer reader started in this Ray session so far."""
+    import ray
+
+    return sum(a.get("ActorClassName") == "FooterReader"
+               for a in ray._private.state.actors().values())
+
+
+@pytest.mark.slow
+def test_a_read_lists_its_files_with_one_footer_reader_unless_the_user_asks(ingested,
+                                                                            monkeypatch):
+    """Ray Data would start 32 footer-reading actors (32 processes) to list each split's files,
+    every epoch; training's reads start one, or as many as RAY_DATA_PARQUET_FOOTER_NUM_ACTORS
+    says, and leave the environment as it was."""
+    name = train.FOOTER_READERS[0]
+    monkeypatch.delenv(name, raising=False)
+    for wanted, env in ((1, None), (3, "3")):
+        if env:
+            monkeypatch.setenv(name, env)
+        before = _footer_readers()
+        ds = train._datasets(train.Settings(data=ingested, output="unused"),
+                             dataset.open_ingest(ingested))
+        assert len(ds["val"].take_all()) == len(_val_rows(ingested)[1])
+        assert _footer_readers() - before == wanted
+        assert os.environ.get(name) == env
+
+
 @pytest.mark.slow
 def test_training_beats_chance(trained):
     _, m = trained
