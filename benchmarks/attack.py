@@ -75,8 +75,8 @@ def build_inputs(tmp: str, classes: int) -> tuple[str, str]:
 
 
 def load(data: str, split: str):
-    """A split's images (N, D) float64, labels and ids, in the order of their ids (the files'
-    order follows the ingest's writes, so without it each run would pick other images)."""
+    """A split's images (N, D) float64 and labels, in the order of their ids (the files' order
+    follows the ingest's writes, so without it each run would pick other images)."""
     import pyarrow.parquet as pq
 
     m = dataset.open_ingest(data)
