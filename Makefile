@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml
 	# torch first, exactly pinned: the CPU build here, the CUDA build on GPU machines
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
+	# the exact attack's compiled CPU search, cached next to its source (about 25 s, once)
+	$(PY) -m attacks.exact
 	touch $@
 
 install: $(STAMP) ## create .venv and install the project

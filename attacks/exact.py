@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import torch
 
-from attacks.dual import Problem, newton, onehot, root, search_weights
+from attacks.dual import Problem, newton, onehot, search_weights
 from attacks.fooling import Fooled, expand, first_success, pairs, pairs_that_fit
 from attacks.iterative import Iterative
 from attacks.sign import Sign
@@ -183,11 +183,9 @@ class Exact(Sign):
         their root is larger. Returns their g and root r (float32, to steer) for those pairs."""
         sub = prob if rows is None else prob.subset(rows)
         at = slice(None) if rows is None else rows
-        new, _, moved = newton(sub, lam[at], e[at], NEWTON_STEPS, until_feasible)
+        new, _, moved, g, r = newton(sub, lam[at], e[at], NEWTON_STEPS, until_feasible)
         e[at] = moved.to(e.dtype)  # e moves up where no image within it beats these rivals
         lam[at] = new.to(lam.dtype)
-        g = sub.g(new)
-        r = root(sub.histogram(g).double(), (new * sub.q).sum(1))[0]
         better = r > cert["r"][at]
         cert["lam"][at] = torch.where(better[:, None], new.to(cert["lam"].dtype), cert["lam"][at])
         cert["r"][at] = torch.where(better, r, cert["r"][at])
@@ -232,3 +230,20 @@ class Exact(Sign):
         if len(rows):
             walk = Iterative(self.model, self.confidence).walk(x[rows], s[rows], t[rows])
             self.keep_better(fooled, rows, walk, t)
+
+
+def compile_cpu() -> None:
+    """Compiles the fused CPU search (attacks/dual_cpu.py, numba, cached on disk next to its
+    source) on a tiny random problem: otherwise the first exact attack of a fresh install takes
+    about 25 s longer (2 CPUs). ``make install`` runs it (``python -m attacks.exact``)."""
+    from attacks.linear import LinearModel
+
+    rng = torch.Generator().manual_seed(0)
+    W = torch.randn(20, 48, generator=rng) * 1e-3
+    X = torch.randint(0, 256, (2, 48), generator=rng, dtype=torch.uint8)
+    model = LinearModel(W.numpy(), torch.zeros(20).numpy())
+    Exact(model)(X, model.scores(X), torch.tensor([0, 7]))
+
+
+if __name__ == "__main__":
+    compile_cpu()

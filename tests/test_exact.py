@@ -1,5 +1,7 @@
 """The exact attack (attacks/exact.py) against an independent LP solver (scipy's HiGHS,
-tests/lp_oracle.py), an independent numpy re-scoring, the two-class closed form and Sign."""
+tests/lp_oracle.py), an independent numpy re-scoring, the two-class closed form and Sign. The
+tests marked ``both`` run the dual search both ways: fused per pair (attacks/dual_cpu.py, what a
+CPU runs) and as batched torch steps (what a GPU runs), here on the CPU."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from attacks import exact
+from attacks import dual, exact
 from attacks.dual import DENSE_C, KMAX, RIDGE, Problem, _solve, newton, onehot, search_weights
 from attacks.exact import NEWTON_STEPS, Exact
 from attacks.fooling import Fooled, pairs
@@ -41,6 +43,13 @@ def one_thread():
     torch.set_num_threads(saved)
 
 
+@pytest.fixture(params=["fused", "torch"])
+def both(request, monkeypatch):
+    """The dual search fused per pair (attacks/dual_cpu.py) or in torch's batched steps."""
+    monkeypatch.setattr(dual, "FUSED", request.param == "fused")
+    return request.param
+
+
 @pytest.fixture(scope="module")
 def toy():
     """A random 5-class model on random 8x8x3 images: clipping matters for many pixels."""
@@ -67,7 +76,7 @@ def check_against_lp(W, b, X, f, n, t, rows, margin=0.0):
         assert linf <= eps + 1, (i, eps, linf)
 
 
-def test_toy_against_the_lp(toy):
+def test_toy_against_the_lp(toy, both):
     W, b, X, targets = toy
     f, n, t, want = attack(W, b, X, targets)
     assert (want["fooled_pred"] == t).all()  # every pair: the model never fails to be fooled
@@ -166,17 +175,19 @@ def test_photos_against_the_lp(photos):
     check_against_lp(W, b, X[:2], f, n, t, range(len(t)))
 
 
-def test_newton_reaches_the_lp_value(photos):
-    """At a fixed eps the weights from the root search, then Newton's method, give the dual
-    value min over lambda of h(lambda, eps), which is the LP's best worst-case margin."""
+def test_newton_reaches_the_lp_value(photos, both):
+    """The root search's weights give a root below the LP's minimum, and at the integer eps
+    above it Newton's method from them gives the dual value min over lambda of h(lambda, eps),
+    which is the LP's best worst-case margin."""
     W, b, X = photos
     model = LinearModel(W, b)
     for i, t in ((0, 4), (1, 8), (2, 1)):
         x = torch.from_numpy(X[i:i + 1])
         prob = Problem(model, x, model.scores(x), torch.tensor([t]), 0.0)
         lam, r, _ = search_weights(prob, onehot(torch.zeros(1, dtype=torch.long), prob.K), 8)
+        assert 0.5 * lp_minimum(W, b, X[i], t) <= r.item() <= lp_minimum(W, b, X[i], t) + 1e-3
         eps = torch.floor(r) + 1
-        lam, h, _ = newton(prob, lam, eps, NEWTON_STEPS)
+        lam, h, *_ = newton(prob, lam, eps, NEWTON_STEPS)
         z, _ = value(W, b, X[i], t, float(eps))
         scale = np.abs(W[t] - W).sum(1).max()  # the margins' change per level
         assert z - 1e-4 * scale <= h.item() <= z + 2e-3 * scale, (i, t, z, h.item())
@@ -209,13 +220,13 @@ def test_two_classes_closed_form():
     assert (want["linf"][moved] == np.floor(exact[moved]) + 1).all()
 
 
-def test_a_thousand_classes():
+def test_a_thousand_classes(both):
     """1,000 random classes on 8x8x3 images, where 5 to 15 rivals bind at the optimum (more than
     the first search weighs)."""
     check_many_classes(1000, seed=3, targets=[0, 333, 999])
 
 
-def test_a_hundred_classes_where_rivals_join_the_products_with_w():
+def test_a_hundred_classes_where_rivals_join_the_products_with_w(both):
     """Up to DENSE_C classes the dual's products go through W itself, and the rivals' rows are
     made only when Newton's method needs them: they must follow the rivals that join (a model of
     18 to 128 classes once failed there on its second stage)."""

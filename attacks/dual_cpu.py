@@ -1,0 +1,427 @@
+"""Newton's method on the LP dual (attacks/dual.py ``newton``), fused per pair for CPUs.
+
+The same iteration as the batched torch version, one pair at a time in compiled loops (numba):
+a step reads the rivals' rows ``A`` (K, D) twice, in blocks of pixels that stay in cache between
+their products (g, the corner and its margins in one pass; the step's g and the line search's
+kinks in the other), instead of a dozen passes over (P, D) and (P, K, D) tensors and the copies
+as pairs stop. Its products are accumulated in float32 as the torch version's are (they steer the
+search; the certificate is recomputed in float64 elsewhere), the margins in float64.
+
+Only numpy and numba here: no torch, no Ray, no storage.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+SELECT_SHIFT = 19  # the kernel's pixels are counted in bins of 1/16 octave of |g_j| (4,096)
+_FLAGS = {"reassoc", "contract"}  # vectorized sums; NaN and inf keep their meaning (the kinks)
+
+
+@numba.njit(cache=True, fastmath=_FLAGS, error_model="numpy")
+def _combine(A, w, out):
+    """out = sum_k w_k A_k (float32 products, a row at a time: vectorized, streamed)."""
+    K, D = A.shape
+    out[:] = 0.0
+    for k in range(K):
+        wk = np.float32(w[k])
+        if wk != 0.0:
+            a = A[k]
+            for j in range(D):
+                out[j] += wk * a[j]
+
+
+@numba.njit(cache=True, fastmath=_FLAGS, error_model="numpy")
+def _margins(A, step, q, M):
+    """M = q + A . step (float32 products, float64 margins)."""
+    for k in range(A.shape[0]):
+        a = A[k]
+        acc = np.float32(0.0)
+        for j in range(A.shape[1]):
+            acc += a[j] * step[j]
+        M[k] = q[k] + acc
+
+
+@numba.njit(cache=True, fastmath=_FLAGS, error_model="numpy")
+def _pass_g(A, lam, x, e, g, corner, M, q):
+    """g = lam . A, the corner along sign(g) at e (the step: up to min(255 - x, e) where
+    g > 0, else down to max(-x, -e)), and its margins M = q + A . corner."""
+    _combine(A, lam, g)
+    for j in range(g.shape[0]):
+        xj = np.float32(x[j])
+        corner[j] = min(np.float32(255.0) - xj, e) if g[j] > 0 else max(-xj, -e)
+    _margins(A, corner, q, M)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _root(hist, lq):
+    """Root in eps of ``lq + sum_r hist_r min(eps, r)`` and the slope there (attacks/dual.py
+    ``root``): inf where it stays negative up to 255."""
+    n = hist.shape[0]
+    total = 0.0
+    for r in range(n):
+        total += hist[r]
+    below, seen, prev = 0.0, 0.0, 0.0
+    for e in range(n):
+        above = total - seen
+        val = lq + below + e * above
+        if val >= 0:
+            if e == 0:
+                return 0.0, above
+            frac = -prev / (val - prev) if val > prev else 1.0
+            return e - 1 + min(max(frac, 0.0), 1.0), above
+        prev = val
+        below += hist[e] * e
+        seen += hist[e]
+    return np.inf, total
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _rooms(g, x, lam, q, rooms):
+    """The root in eps of h(lam, .) for g = lam . A and its slope there: |g_j| binned by pixel
+    j's room towards sign(g_j) (255 - x_j or x_j)."""
+    rooms[:] = 0.0
+    for j in range(g.shape[0]):
+        if g[j] > 0:
+            rooms[255 - x[j]] += g[j]
+        elif g[j] < 0:
+            rooms[x[j]] -= g[j]
+    lq = 0.0
+    for k in range(lam.shape[0]):
+        lq += lam[k] * q[k]
+    return _root(rooms, lq)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _solve(Mx, rhs):
+    """x with Mx x = rhs by Gaussian elimination with partial pivoting (Mx, rhs overwritten);
+    a zero pivot leaves zeros (torch's version turns a failed solve's NaN into 0)."""
+    n = rhs.shape[0]
+    for c in range(n):
+        p = c
+        for r in range(c + 1, n):
+            if abs(Mx[r, c]) > abs(Mx[p, c]):
+                p = r
+        if Mx[p, c] == 0.0 or not np.isfinite(Mx[p, c]):
+            return np.zeros(n)
+        if p != c:
+            for k in range(n):
+                Mx[c, k], Mx[p, k] = Mx[p, k], Mx[c, k]
+            rhs[c], rhs[p] = rhs[p], rhs[c]
+        for r in range(c + 1, n):
+            f = Mx[r, c] / Mx[c, c]
+            if f != 0.0:
+                for k in range(c, n):
+                    Mx[r, k] -= f * Mx[c, k]
+                rhs[r] -= f * rhs[c]
+    out = np.zeros(n)
+    for c in range(n - 1, -1, -1):
+        s = rhs[c]
+        for k in range(c + 1, n):
+            s -= Mx[c, k] * out[k]
+        out[c] = s / Mx[c, c]
+    for c in range(n):
+        if not np.isfinite(out[c]):
+            out[c] = 0.0
+    return out
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _kkt_step(H, grad, free, damp):
+    """The Newton step on the simplex over the free rivals (attacks/dual.py ``_kkt_step``)."""
+    K = grad.shape[0]
+    Hf = np.eye(K)
+    for a in range(K):
+        for b in range(K):
+            if free[a] and free[b]:
+                Hf[a, b] = H[a, b]
+    diag = 0.0
+    for a in range(K):
+        diag += abs(Hf[a, a])
+    diag = damp * diag / K
+    kkt = np.zeros((K + 1, K + 1))
+    rhs = np.zeros(K + 1)
+    for a in range(K):
+        for b in range(K):
+            kkt[a, b] = Hf[a, b]
+        kkt[a, a] += diag
+        if free[a]:
+            kkt[a, K] = 1.0
+            kkt[K, a] = 1.0
+            rhs[a] = -grad[a]
+    d = _solve(kkt, rhs)[:K]
+    for a in range(K):
+        if not free[a]:
+            d[a] = 0.0
+    return d
+
+
+@numba.njit(cache=True, fastmath=_FLAGS, error_model="numpy")
+def _pass_line(A, d, g, x, e, corner, gd, kink, bins_hist, bin_shift, first_bin):
+    """gd = d . A (float32), the slope of h along d at 0 from the corner (returned without the
+    d . q term), and the histogram of the slope's rises ``|gd_j| span_j`` binned by the float32
+    bits of the kinks -g_j / gd_j (attacks/dual.py ``line_min``)."""
+    D = A.shape[1]
+    n = bins_hist.shape[0] - 1
+    mask = (1 << (32 - bin_shift)) - 1
+    _combine(A, d, gd)
+    slope = np.float32(0.0)
+    for j in range(D):
+        slope += gd[j] * corner[j]
+        kink[j] = -(g[j] / gd[j]) + np.float32(0.0)
+    kbits = kink.view(np.int32)
+    for j in range(D):
+        b = min(max(((kbits[j] >> bin_shift) & mask) - first_bin, 0), n)
+        xj = np.float32(x[j])
+        span = min(np.float32(255.0) - xj, e) - max(-xj, -e)
+        bins_hist[b] += abs(gd[j]) * span
+    return slope
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _nearest(g, n4, nk, idx, absg, counts, tau_floor):
+    """The kernel's pixels: about the n4 with the smallest |g_j| (those below the n4-th's bin of
+    the float32 bits, SELECT_SHIFT, then the first of its own bin), into idx; returns their
+    number and the kernel's width tau (the nk-th smallest of them, at least tau_floor times the
+    mean |g_j|). Counting by bits: no sort, two passes over the pixels."""
+    D = g.shape[0]
+    counts[:] = 0
+    bits = absg.view(np.int32)
+    total = 0.0
+    for j in range(D):
+        absg[j] = abs(g[j])
+        total += absg[j]
+        counts[bits[j] >> SELECT_SHIFT] += 1
+    cut, seen = 0, 0
+    while seen + counts[cut] < n4:
+        seen += counts[cut]
+        cut += 1
+    room = n4 - seen  # pixels of the cut's own bin to take
+    c = 0
+    for j in range(D):
+        b = bits[j] >> SELECT_SHIFT
+        if b < cut or (b == cut and room > 0):
+            if b == cut:
+                room -= 1
+            idx[c] = j
+            c += 1
+    near = np.empty(c, np.float32)
+    for s in range(c):
+        near[s] = absg[idx[s]]
+    tau = np.partition(near, min(nk, c) - 1)[min(nk, c) - 1]
+    tau = max(tau, np.float32(tau_floor * total / D))
+    return c, max(tau, np.float32(1e-30))
+
+
+@numba.njit(cache=True, fastmath=_FLAGS, error_model="numpy")
+def _weighted_gram(cols, w, c):
+    """sum over the first c columns s of w_s cols_s cols_s^T, (K, K) float64 (float32 sums)."""
+    K = cols.shape[0]
+    H = np.empty((K, K))
+    for a in range(K):
+        ca = cols[a]
+        for b in range(a + 1):
+            cb = cols[b]
+            acc = np.float32(0.0)
+            for s in range(c):
+                acc += ca[s] * w[s] * cb[s]
+            H[a, b] = acc
+            H[b, a] = acc
+    return H
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _at(A, lam, x, e, g, corner, M, q):
+    """h(lam, e), with g, the corner at e and its margins M (``_pass_g``)."""
+    _pass_g(A, lam, x, e, g, corner, M, q)
+    return (lam * M).sum()
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _hessian(A, x, g, e, idx, tau, cols, w):
+    """Newton's Hessian (K, K): the density of h's kinks smoothed over the kernel's pixels idx,
+    ``sum_j c_j a_j a_j^T`` with ``c_j = span_j / 2 tau^2 / (g_j^2 + tau^2)^1.5``."""
+    K, c = A.shape[0], idx.shape[0]
+    for a in range(K):  # the kernel pixels' columns, contiguous
+        row = A[a]
+        for s in range(c):
+            cols[a, s] = row[idx[s]]
+    t2 = tau * tau
+    for s in range(c):
+        j = idx[s]
+        xj = np.float32(x[j])
+        span = min(np.float32(255.0) - xj, e) - max(-xj, -e)
+        w[s] = span / 2 * t2 / (g[j] * g[j] + t2) ** 1.5
+    return _weighted_gram(cols, w, c)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _direction(H, M, lam, h, damp):
+    """Newton's step d (K,) on the simplex over the rivals free to move (with weight, or whose
+    margin is below h), a rival without weight that it would push below zero held (three
+    rounds), and how far it may go before a weight reaches zero."""
+    K = lam.shape[0]
+    free = (lam > 0) | (M < h)
+    held = np.zeros(K, np.bool_)
+    d = np.zeros(K)
+    for _ in range(3):
+        d = _kkt_step(H, M, free, damp)
+        held = (lam <= 0) & (d < 0)
+        if not held.any():
+            break
+        free &= ~held
+    reach = np.inf
+    for k in range(K):
+        if held[k]:
+            d[k] = 0.0
+        if d[k] < 0:
+            reach = min(reach, lam[k] / max(-d[k], 1e-300))
+    return d, reach
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _line_step(slope0, hist, grid):
+    """The line search's step: the last grid point before h's slope along d (slope0 at 0,
+    rising by hist's bins) turns >= 0; 0 where it does not fall at all."""
+    if slope0 >= 0:
+        return 0.0
+    n = grid.shape[0]
+    slope, last = slope0, n - 1
+    for b in range(n):
+        slope += hist[b]
+        if slope >= 0:
+            last = b - 1
+            break
+    return grid[last] if last >= 0 else 0.0
+
+
+@numba.njit(cache=True, error_model="numpy")
+def newton(A, q, lam0, eps, x, steps, until_feasible, grid, bin_shift, first_bin, kernel,
+           tau_floor, damp, feasible, octaves):
+    """Newton's method on h(., eps) for every pair (attacks/dual.py ``newton``, the same steps):
+    A (P, K, D) float32, q (P, K) float64, lam0 (P, K) float64, eps (P,) float64, x (P, D) uint8.
+    Returns the weights (P, K), h there (P,), eps (P,) (moved up where h < 0), and the weights'
+    g (P, D) float32 and root (P,)."""
+    P, K, D = A.shape
+    out = lam0.copy()
+    out_h = np.zeros(P)
+    out_e = eps.copy()
+    out_g = np.empty((P, D), np.float32)
+    out_r = np.empty(P)
+    n = grid.shape[0]
+    nk = min(kernel * K, D)
+    n4 = min(4 * nk, D)
+    g = np.empty(D, np.float32)
+    gd = np.empty(D, np.float32)
+    corner = np.empty(D, np.float32)
+    kink = np.empty(D, np.float32)
+    absg = np.empty(D, np.float32)
+    M = np.empty(K)
+    hist = np.empty(n + 1)
+    rooms = np.empty(256)
+    idx = np.empty(n4, np.int64)
+    counts = np.empty(1 << (32 - SELECT_SHIFT), np.int64)
+    w, cols = np.empty(n4, np.float32), np.empty((K, n4), np.float32)
+    for p in range(P):
+        lam, e, Ap, xp, qp = lam0[p].copy(), np.float32(eps[p]), A[p], x[p], q[p]
+        for i in range(steps + 1):
+            h = _at(Ap, lam, xp, e, g, corner, M, qp)
+            if i == steps or (until_feasible and M.min() > feasible):
+                break
+            if until_feasible and h < 0:  # no image within e: up to the root's next integer
+                r = _rooms(g, xp, lam, qp, rooms)[0]
+                e = np.float32(min(max(np.floor(r) + 1, e + 1.0), 255.0))
+                out_e[p] = e
+                h = _at(Ap, lam, xp, e, g, corner, M, qp)
+            c, tau = _nearest(g, n4, nk, idx, absg, counts, tau_floor)
+            H = _hessian(Ap, xp, g, e, idx[:c], tau, cols, w)
+            d, reach = _direction(H, M, lam, h, damp)
+            hist[:] = 0.0
+            slope0 = (d * qp).sum() + _pass_line(Ap, d, g, xp, e, corner, gd, kink, hist,
+                                                 bin_shift, first_bin)
+            a = min(_line_step(slope0, hist, grid), reach, 2.0 ** octaves)
+            for k in range(K):
+                lam[k] = max(lam[k] + a * d[k], 0.0)
+            lam /= max(lam.sum(), 1e-300)
+        out[p] = lam
+        out_h[p] = h
+        out_g[p] = g
+        out_r[p] = _rooms(g, x[p], lam, q[p], rooms)[0]
+    return out, out_h, out_e, out_g, out_r
+
+
+@numba.njit(cache=True, fastmath=_FLAGS, error_model="numpy")
+def _evaluate(A, lam, q, x, g, step, M, rooms):
+    """At the root r of h(lam, .) (inf: t cannot win): the corner's rival margins M (float64,
+    float32 products) and h's slope in eps (attacks/dual.py ``Problem.evaluate``)."""
+    _combine(A, lam, g)
+    r, slope = _rooms(g, x, lam, q, rooms)
+    e = np.float32(min(r, 255.0))
+    for j in range(g.shape[0]):
+        xj = np.float32(x[j])
+        step[j] = min(np.float32(255.0) - xj, e) if g[j] > 0 else (
+            max(-xj, -e) if g[j] < 0 else np.float32(0.0))
+    _margins(A, step, q, M)
+    return r, slope
+
+
+@numba.njit(cache=True, error_model="numpy")
+def search(A, q, lam0, x, calls, line_steps, converged):
+    """SMO with regula falsi on the root r(lam) for every pair (attacks/dual.py
+    ``search_weights``): weight moves from o (the most satisfied rival with weight) to v (the
+    most violated) along a segment, whose best point found in ``line_steps`` evaluations becomes
+    the next base; a pair stops once settled (no margin short by more than ``converged`` times
+    h's slope) or after ``calls`` evaluations. A (P, K, D) float32, q and lam0 (P, K) float64,
+    x (P, D) uint8. Returns the weights (P, K), their root r (P,) and h's slope there (P,)."""
+    P, K, D = A.shape
+    out, out_r, out_s = lam0.copy(), np.empty(P), np.empty(P)
+    g, step = np.empty(D, np.float32), np.empty(D, np.float32)
+    rooms = np.empty(256)
+    M, Mq = np.empty(K), np.empty(K)
+    for p in range(P):
+        lam = lam0[p].copy()
+        r, slope = _evaluate(A[p], lam, q[p], x[p], g, step, M, rooms)
+        pt_lam, pt_r, pt_M, pt_s = lam.copy(), r, M.copy(), slope  # the segment's best point
+        v, o, lo, phi_lo, hi, phi_hi, gamma, side, steps = _new_line(lam, M)
+        for _ in range(calls - 1):
+            if not np.isfinite(r) or max(-M.min(), 0.0) <= converged * max(slope, 1e-30):
+                break
+            query = lam.copy()
+            query[v] += gamma
+            query[o] -= gamma
+            for k in range(K):
+                query[k] = max(query[k], 0.0)
+            rq, sq = _evaluate(A[p], query, q[p], x[p], g, step, Mq, rooms)
+            phi = Mq[v] - Mq[o]
+            if rq > pt_r:
+                pt_lam, pt_r, pt_M, pt_s = query, rq, Mq.copy(), sq
+            at_end = np.isnan(phi_hi) and phi <= 0  # still rising at lam_o: o drops out
+            if phi < 0:
+                if side == -1:  # Illinois: halve a stale end's value
+                    phi_hi /= 2
+                lo, phi_lo, side = gamma, phi, -1
+            else:
+                if side == 1:
+                    phi_lo /= 2
+                hi, phi_hi, side = gamma, phi, 1
+            nxt = lo - phi_lo * (hi - lo) / max(phi_hi - phi_lo, 1e-300)
+            gamma = (lo + hi) / 2 if np.isnan(phi_hi) or np.isnan(nxt) else nxt
+            steps += 1
+            if steps >= line_steps or at_end:
+                lam, r, M, slope = pt_lam.copy(), pt_r, pt_M.copy(), pt_s
+                v, o, lo, phi_lo, hi, phi_hi, gamma, side, steps = _new_line(lam, M)
+        out[p], out_r[p], out_s[p] = lam, r, slope
+    return out, out_r, out_s
+
+
+@numba.njit(cache=True)
+def _new_line(lam, M):
+    """A segment from lam: weight from o (largest margin with weight) to v (smallest)."""
+    v = np.argmin(M)
+    o, best = 0, -np.inf
+    for k in range(M.shape[0]):
+        if lam[k] > 0 and M[k] > best:
+            o, best = k, M[k]
+    top = lam[o]
+    return v, o, 0.0, M[v] - M[o], top, np.nan, top, 0, 0
