@@ -16,6 +16,8 @@ Only numpy and torch here: no Ray, no storage.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from attacks import dual_cpu
@@ -66,10 +68,7 @@ class Problem:
             rivals = rank.topk(K, 1, largest=False).indices  # (P, K) nearest first
         self.rivals, self.q, self.K = rivals, q_all.gather(1, rivals), rivals.shape[1]
         self.dense = C <= DENSE_C
-        self.A = None if self.dense else diff_rows(model.W, t, rivals)  # (P, K, D)
-        xi = x.to(torch.int16)
-        self.up, self.dn = (255 - xi).long(), xi.long()  # rooms towards 255 and 0
-        self.lo, self.hi = -xi.float(), (255 - xi).float()  # the step's box
+        self.A = None if self.dense or fused(x) else diff_rows(model.W, t, rivals)  # (P, K, D)
 
     def grow(self, rows, S: torch.Tensor, lam: torch.Tensor) -> tuple[Problem, torch.Tensor]:
         """The pairs ``rows`` with up to GROW more rivals: the classes with the smallest margins
@@ -85,7 +84,7 @@ class Problem:
         new = rank.topk(add, 1, largest=False).indices
         grown.rivals = torch.cat([grown.rivals, new], 1)
         grown.q, grown.K = grown.q_all.gather(1, grown.rivals), grown.rivals.shape[1]
-        if not self.dense:
+        if self.A is not None and not self.dense:
             grown.A = self.A.new_empty(len(new), grown.K, self.A.shape[2])
             torch.index_select(self.A, 0, _indices(rows), out=grown.A[:, :self.K])
             diff_rows(self.model.W, grown.t, new, grown.A[:, self.K:])
@@ -97,10 +96,30 @@ class Problem:
         sub = object.__new__(Problem)
         sub.model, sub.margin, sub.K, sub.dense = self.model, self.margin, self.K, self.dense
         rows = _indices(rows)
-        for key in ("x", "t", "rivals", "q", "q_all", "A", "up", "dn", "lo", "hi"):
+        for key in ("x", "t", "rivals", "q", "q_all", "A"):
             v = None if rows_only and key == "A" else getattr(self, key)
             setattr(sub, key, None if v is None else v.index_select(0, rows))
         return sub
+
+    @functools.cached_property
+    def up(self) -> torch.Tensor:
+        """(P, D) int64: each pixel's room towards 255 (made when first needed, as dn, lo, hi:
+        the fused CPU search reads x itself)."""
+        return (255 - self.x.to(torch.int16)).long()
+
+    @functools.cached_property
+    def dn(self) -> torch.Tensor:
+        """(P, D) int64: each pixel's room towards 0."""
+        return self.x.long()
+
+    @functools.cached_property
+    def lo(self) -> torch.Tensor:
+        """(P, D) float32: the step's box, lo = -x to hi = 255 - x."""
+        return -self.x.float()
+
+    @functools.cached_property
+    def hi(self) -> torch.Tensor:
+        return 255 - self.x.float()
 
     def g(self, lam: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
         """sum_k lam_k (W[t] - W[k]), (P, D), products in dtype."""
@@ -110,7 +129,9 @@ class Problem:
             coef.scatter_add_(1, self.rivals, -lam)
             coef.scatter_add_(1, self.t[:, None], lam.sum(1, keepdim=True))
             return coef @ self.model.W.to(dtype)
-        return torch.bmm(lam[:, None, :], self.A.to(dtype))[:, 0]
+        if self.A is None and dtype == torch.float32:  # fused: from W's rows, none stored
+            return torch.from_numpy(dual_cpu.combine(*_fused_rows(self), _np(lam)))
+        return torch.bmm(lam[:, None, :], self.rows().to(dtype))[:, 0]
 
     def margins(self, step: torch.Tensor) -> torch.Tensor:
         """q_k + (W[t] - W[k]) . step for the K rivals, (P, K) float64."""
@@ -132,7 +153,7 @@ class Problem:
 
     def rows(self) -> torch.Tensor:
         """(P, K, D) the rows W[t] - W[k] of the rivals."""
-        if self.A is None:  # few classes: made when first needed, then kept
+        if self.A is None:  # few classes, or fused: made when first needed, then kept
             self.A = diff_rows(self.model.W, self.t, self.rivals)
         return self.A
 
@@ -197,7 +218,11 @@ class Problem:
                     CERT_CHUNK if lam.device.type == "cpu" else GPU_CERT_CHUNK)])
         c = (lam * (b[t].double()[:, None] - b[rivals].double() - self.margin)).sum(1)
         lq = c + (g * self.x.double()).sum(1)
-        r, _ = root(self.histogram(g), lq)
+        if fused(g):
+            r = torch.from_numpy(dual_cpu.roots(g.contiguous().numpy(), _np(self.x, None),
+                                                lq.contiguous().numpy()))
+        else:
+            r, _ = root(self.histogram(g), lq)
         return _round_down(r.clamp(max=255) * (1 - BOUND_SLACK))
 
 
@@ -366,10 +391,16 @@ def fused(v: torch.Tensor) -> bool:
 def _newton_cpu(prob: Problem, lam, eps, steps: int, until_feasible: bool):
     """``newton`` on a CPU: the same steps, fused per pair (attacks/dual_cpu.py)."""
     out = dual_cpu.newton(
-        _np(prob.rows(), torch.float32), _np(prob.q), _np(lam), _np(eps), _np(prob.x, None),
-        steps, until_feasible, _grid("cpu").numpy(), BIN_SHIFT, FIRST_BIN, KERNEL, TAU_FLOOR,
-        DAMP, FEASIBLE, LINE_OCTAVES)
+        *_fused_rows(prob), _np(prob.q), _np(lam), _np(eps), _np(prob.x, None), steps,
+        until_feasible, _grid("cpu").numpy(), BIN_SHIFT, FIRST_BIN, KERNEL, TAU_FLOOR, DAMP,
+        FEASIBLE, LINE_OCTAVES)
     return tuple(torch.from_numpy(v) for v in out)
+
+
+def _fused_rows(prob: Problem):
+    """W and each pair's rows of it, (P, 1 + K): the target, then the rivals."""
+    return (_np(prob.model.W, torch.float32),
+            _np(torch.cat([prob.t[:, None], prob.rivals], 1), torch.int64))
 
 
 def _np(v: torch.Tensor, dtype=torch.float64):
@@ -453,8 +484,8 @@ def search_weights(prob: Problem, lam: torch.Tensor, calls: int):
     weights (P, K), their root r (P,) and h's slope in eps there (P,).
     """
     if fused(lam):
-        out = dual_cpu.search(_np(prob.rows(), torch.float32), _np(prob.q), _np(lam),
-                              _np(prob.x, None), calls, LINE_STEPS, CONVERGED)
+        out = dual_cpu.search(*_fused_rows(prob), _np(prob.q), _np(lam), _np(prob.x, None),
+                              calls, LINE_STEPS, CONVERGED)
         return tuple(torch.from_numpy(v) for v in out)
     P, K = lam.shape
     best = {"lam": lam.clone(),

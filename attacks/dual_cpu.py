@@ -1,10 +1,11 @@
-"""Newton's method on the LP dual (attacks/dual.py ``newton``), fused per pair for CPUs.
+"""The LP dual's searches (attacks/dual.py ``newton``, ``search_weights``), fused per pair for CPUs.
 
 The same iteration as the batched torch version, one pair at a time in compiled loops (numba):
-a step reads the rivals' rows ``A`` (K, D) twice, in blocks of pixels that stay in cache between
-their products (g, the corner and its margins in one pass; the step's g and the line search's
-kinks in the other), instead of a dozen passes over (P, D) and (P, K, D) tensors and the copies
-as pairs stop. Its products are accumulated in float32 as the torch version's are (they steer the
+a Newton step reads the rows of W for the target and the rivals three times (g and the corner's
+margins; the step's g with the line search's kinks), a row at a time, instead of a dozen passes
+over (P, D) and (P, K, D) tensors; the rows' differences ``W[t] - W[k]`` are never stored, so
+nothing is gathered or copied as rivals join and pairs stop. The root search (``search``) is
+fused the same way. Products are summed in float32 as the torch version's are (they steer the
 search; the certificate is recomputed in float64 elsewhere), the margins in float64.
 
 Only numpy and numba here: no torch, no Ray, no storage.
@@ -20,38 +21,57 @@ _FLAGS = {"reassoc", "contract"}  # vectorized sums; NaN and inf keep their mean
 
 
 @numba.njit(cache=True, fastmath=_FLAGS, error_model="numpy")
-def _combine(A, w, out):
-    """out = sum_k w_k A_k (float32 products, a row at a time: vectorized, streamed)."""
-    K, D = A.shape
-    out[:] = 0.0
-    for k in range(K):
+def _combine(W, rows, w, out):
+    """out = sum_k w_k (W[t] - W[r_k]) for rows = (t, r_1, ..., r_K) (float32 products, a row
+    of W at a time: vectorized, streamed; the rows' differences are never stored)."""
+    D = W.shape[1]
+    wt = np.float32(w.sum())
+    top = W[rows[0]]
+    for j in range(D):
+        out[j] = wt * top[j]
+    for k in range(w.shape[0]):
         wk = np.float32(w[k])
         if wk != 0.0:
-            a = A[k]
+            a = W[rows[k + 1]]
             for j in range(D):
-                out[j] += wk * a[j]
+                out[j] -= wk * a[j]
+
+
+@numba.njit(cache=True, error_model="numpy")
+def combine(W, rows, lam):
+    """(P, D) float32: sum_k lam_pk (W[t_p] - W[r_pk]) for every pair (rows (P, 1 + K))."""
+    out = np.empty((rows.shape[0], W.shape[1]), np.float32)
+    for p in range(rows.shape[0]):
+        _combine(W, rows[p], lam[p], out[p])
+    return out
 
 
 @numba.njit(cache=True, fastmath=_FLAGS, error_model="numpy")
-def _margins(A, step, q, M):
-    """M = q + A . step (float32 products, float64 margins)."""
-    for k in range(A.shape[0]):
-        a = A[k]
-        acc = np.float32(0.0)
-        for j in range(A.shape[1]):
-            acc += a[j] * step[j]
-        M[k] = q[k] + acc
+def _margins(W, rows, step, q, M):
+    """M_k = q_k + (W[t] - W[r_k]) . step (float32 products, float64 margins)."""
+    top = _dot(W[rows[0]], step)
+    for k in range(M.shape[0]):
+        M[k] = q[k] + (top - _dot(W[rows[k + 1]], step))
 
 
 @numba.njit(cache=True, fastmath=_FLAGS, error_model="numpy")
-def _pass_g(A, lam, x, e, g, corner, M, q):
+def _dot(a, b):
+    """a . b, float32 sums (vectorized), as float64."""
+    acc = np.float32(0.0)
+    for j in range(a.shape[0]):
+        acc += a[j] * b[j]
+    return np.float64(acc)
+
+
+@numba.njit(cache=True, fastmath=_FLAGS, error_model="numpy")
+def _pass_g(W, rows, lam, x, e, g, corner, M, q):
     """g = lam . A, the corner along sign(g) at e (the step: up to min(255 - x, e) where
     g > 0, else down to max(-x, -e)), and its margins M = q + A . corner."""
-    _combine(A, lam, g)
+    _combine(W, rows, lam, g)
     for j in range(g.shape[0]):
         xj = np.float32(x[j])
         corner[j] = min(np.float32(255.0) - xj, e) if g[j] > 0 else max(-xj, -e)
-    _margins(A, corner, q, M)
+    _margins(W, rows, corner, q, M)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -78,19 +98,28 @@ def _root(hist, lq):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _rooms(g, x, lam, q, rooms):
-    """The root in eps of h(lam, .) for g = lam . A and its slope there: |g_j| binned by pixel
-    j's room towards sign(g_j) (255 - x_j or x_j)."""
+def _rooms(g, x, lq, rooms):
+    """The root in eps of h(lam, .) = lq + sum_j |g_j| min(eps, R_j) (lq = lam . q, g = lam . A)
+    and its slope there: |g_j| binned by pixel j's room R_j towards sign(g_j) (255 - x_j or
+    x_j)."""
     rooms[:] = 0.0
     for j in range(g.shape[0]):
         if g[j] > 0:
             rooms[255 - x[j]] += g[j]
         elif g[j] < 0:
             rooms[x[j]] -= g[j]
-    lq = 0.0
-    for k in range(lam.shape[0]):
-        lq += lam[k] * q[k]
     return _root(rooms, lq)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def roots(g, x, lq):
+    """The root in eps of ``lq_p + sum_j |g_pj| min(eps, R_pj)`` for every pair p (g (P, D),
+    x (P, D) uint8, lq (P,)): the certificate's, in g's precision."""
+    out = np.empty(g.shape[0])
+    rooms = np.empty(256)
+    for p in range(g.shape[0]):
+        out[p] = _rooms(g[p], x[p], lq[p], rooms)[0]
+    return out
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -158,14 +187,14 @@ def _kkt_step(H, grad, free, damp):
 
 
 @numba.njit(cache=True, fastmath=_FLAGS, error_model="numpy")
-def _pass_line(A, d, g, x, e, corner, gd, kink, bins_hist, bin_shift, first_bin):
+def _pass_line(W, rows, d, g, x, e, corner, gd, kink, bins_hist, bin_shift, first_bin):
     """gd = d . A (float32), the slope of h along d at 0 from the corner (returned without the
     d . q term), and the histogram of the slope's rises ``|gd_j| span_j`` binned by the float32
     bits of the kinks -g_j / gd_j (attacks/dual.py ``line_min``)."""
-    D = A.shape[1]
+    D = W.shape[1]
     n = bins_hist.shape[0] - 1
     mask = (1 << (32 - bin_shift)) - 1
-    _combine(A, d, gd)
+    _combine(W, rows, d, gd)
     slope = np.float32(0.0)
     for j in range(D):
         slope += gd[j] * corner[j]
@@ -232,21 +261,22 @@ def _weighted_gram(cols, w, c):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _at(A, lam, x, e, g, corner, M, q):
+def _at(W, rows, lam, x, e, g, corner, M, q):
     """h(lam, e), with g, the corner at e and its margins M (``_pass_g``)."""
-    _pass_g(A, lam, x, e, g, corner, M, q)
+    _pass_g(W, rows, lam, x, e, g, corner, M, q)
     return (lam * M).sum()
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _hessian(A, x, g, e, idx, tau, cols, w):
+def _hessian(W, rows, x, g, e, idx, tau, cols, w):
     """Newton's Hessian (K, K): the density of h's kinks smoothed over the kernel's pixels idx,
     ``sum_j c_j a_j a_j^T`` with ``c_j = span_j / 2 tau^2 / (g_j^2 + tau^2)^1.5``."""
-    K, c = A.shape[0], idx.shape[0]
-    for a in range(K):  # the kernel pixels' columns, contiguous
-        row = A[a]
+    K, c = rows.shape[0] - 1, idx.shape[0]
+    top = W[rows[0]]
+    for a in range(K):  # the kernel pixels' columns of W[t] - W[r_a], contiguous
+        row = W[rows[a + 1]]
         for s in range(c):
-            cols[a, s] = row[idx[s]]
+            cols[a, s] = top[idx[s]] - row[idx[s]]
     t2 = tau * tau
     for s in range(c):
         j = idx[s]
@@ -297,13 +327,14 @@ def _line_step(slope0, hist, grid):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def newton(A, q, lam0, eps, x, steps, until_feasible, grid, bin_shift, first_bin, kernel,
-           tau_floor, damp, feasible, octaves):
+def newton(W, rows, q, lam0, eps, x, steps, until_feasible, grid, bin_shift, first_bin,
+           kernel, tau_floor, damp, feasible, octaves):
     """Newton's method on h(., eps) for every pair (attacks/dual.py ``newton``, the same steps):
-    A (P, K, D) float32, q (P, K) float64, lam0 (P, K) float64, eps (P,) float64, x (P, D) uint8.
+    W (C, D) float32, rows (P, 1 + K) int64 (each pair's target, then its rivals), q (P, K) and
+    lam0 (P, K) float64, eps (P,) float64, x (P, D) uint8.
     Returns the weights (P, K), h there (P,), eps (P,) (moved up where h < 0), and the weights'
     g (P, D) float32 and root (P,)."""
-    P, K, D = A.shape
+    (P, K), D = lam0.shape, W.shape[1]
     out = lam0.copy()
     out_h = np.zeros(P)
     out_e = eps.copy()
@@ -324,21 +355,21 @@ def newton(A, q, lam0, eps, x, steps, until_feasible, grid, bin_shift, first_bin
     counts = np.empty(1 << (32 - SELECT_SHIFT), np.int64)
     w, cols = np.empty(n4, np.float32), np.empty((K, n4), np.float32)
     for p in range(P):
-        lam, e, Ap, xp, qp = lam0[p].copy(), np.float32(eps[p]), A[p], x[p], q[p]
+        lam, e, rp, xp, qp = lam0[p].copy(), np.float32(eps[p]), rows[p], x[p], q[p]
         for i in range(steps + 1):
-            h = _at(Ap, lam, xp, e, g, corner, M, qp)
+            h = _at(W, rp, lam, xp, e, g, corner, M, qp)
             if i == steps or (until_feasible and M.min() > feasible):
                 break
             if until_feasible and h < 0:  # no image within e: up to the root's next integer
-                r = _rooms(g, xp, lam, qp, rooms)[0]
+                r = _rooms(g, xp, (lam * qp).sum(), rooms)[0]
                 e = np.float32(min(max(np.floor(r) + 1, e + 1.0), 255.0))
                 out_e[p] = e
-                h = _at(Ap, lam, xp, e, g, corner, M, qp)
+                h = _at(W, rp, lam, xp, e, g, corner, M, qp)
             c, tau = _nearest(g, n4, nk, idx, absg, counts, tau_floor)
-            H = _hessian(Ap, xp, g, e, idx[:c], tau, cols, w)
+            H = _hessian(W, rp, xp, g, e, idx[:c], tau, cols, w)
             d, reach = _direction(H, M, lam, h, damp)
             hist[:] = 0.0
-            slope0 = (d * qp).sum() + _pass_line(Ap, d, g, xp, e, corner, gd, kink, hist,
+            slope0 = (d * qp).sum() + _pass_line(W, rp, d, g, xp, e, corner, gd, kink, hist,
                                                  bin_shift, first_bin)
             a = min(_line_step(slope0, hist, grid), reach, 2.0 ** octaves)
             for k in range(K):
@@ -347,41 +378,42 @@ def newton(A, q, lam0, eps, x, steps, until_feasible, grid, bin_shift, first_bin
         out[p] = lam
         out_h[p] = h
         out_g[p] = g
-        out_r[p] = _rooms(g, x[p], lam, q[p], rooms)[0]
+        out_r[p] = _rooms(g, xp, (lam * qp).sum(), rooms)[0]
     return out, out_h, out_e, out_g, out_r
 
 
 @numba.njit(cache=True, fastmath=_FLAGS, error_model="numpy")
-def _evaluate(A, lam, q, x, g, step, M, rooms):
+def _evaluate(W, rows, lam, q, x, g, step, M, rooms):
     """At the root r of h(lam, .) (inf: t cannot win): the corner's rival margins M (float64,
     float32 products) and h's slope in eps (attacks/dual.py ``Problem.evaluate``)."""
-    _combine(A, lam, g)
-    r, slope = _rooms(g, x, lam, q, rooms)
+    _combine(W, rows, lam, g)
+    r, slope = _rooms(g, x, (lam * q).sum(), rooms)
     e = np.float32(min(r, 255.0))
     for j in range(g.shape[0]):
         xj = np.float32(x[j])
         step[j] = min(np.float32(255.0) - xj, e) if g[j] > 0 else (
             max(-xj, -e) if g[j] < 0 else np.float32(0.0))
-    _margins(A, step, q, M)
+    _margins(W, rows, step, q, M)
     return r, slope
 
 
 @numba.njit(cache=True, error_model="numpy")
-def search(A, q, lam0, x, calls, line_steps, converged):
+def search(W, rows, q, lam0, x, calls, line_steps, converged):
     """SMO with regula falsi on the root r(lam) for every pair (attacks/dual.py
     ``search_weights``): weight moves from o (the most satisfied rival with weight) to v (the
     most violated) along a segment, whose best point found in ``line_steps`` evaluations becomes
     the next base; a pair stops once settled (no margin short by more than ``converged`` times
-    h's slope) or after ``calls`` evaluations. A (P, K, D) float32, q and lam0 (P, K) float64,
-    x (P, D) uint8. Returns the weights (P, K), their root r (P,) and h's slope there (P,)."""
-    P, K, D = A.shape
+    h's slope) or after ``calls`` evaluations. W (C, D) float32, rows (P, 1 + K) int64 (each
+    pair's target, then its rivals), q and lam0 (P, K) float64, x (P, D) uint8. Returns the
+    weights (P, K), their root r (P,) and h's slope there (P,)."""
+    (P, K), D = lam0.shape, W.shape[1]
     out, out_r, out_s = lam0.copy(), np.empty(P), np.empty(P)
     g, step = np.empty(D, np.float32), np.empty(D, np.float32)
     rooms = np.empty(256)
     M, Mq = np.empty(K), np.empty(K)
     for p in range(P):
         lam = lam0[p].copy()
-        r, slope = _evaluate(A[p], lam, q[p], x[p], g, step, M, rooms)
+        r, slope = _evaluate(W, rows[p], lam, q[p], x[p], g, step, M, rooms)
         pt_lam, pt_r, pt_M, pt_s = lam.copy(), r, M.copy(), slope  # the segment's best point
         v, o, lo, phi_lo, hi, phi_hi, gamma, side, steps = _new_line(lam, M)
         for _ in range(calls - 1):
@@ -392,7 +424,7 @@ def search(A, q, lam0, x, calls, line_steps, converged):
             query[o] -= gamma
             for k in range(K):
                 query[k] = max(query[k], 0.0)
-            rq, sq = _evaluate(A[p], query, q[p], x[p], g, step, Mq, rooms)
+            rq, sq = _evaluate(W, rows[p], query, q[p], x[p], g, step, Mq, rooms)
             phi = Mq[v] - Mq[o]
             if rq > pt_r:
                 pt_lam, pt_r, pt_M, pt_s = query, rq, Mq.copy(), sq
