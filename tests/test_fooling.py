@@ -197,8 +197,8 @@ def test_stronger_regularization_needs_larger_perturbations(ingested):
         assert strong[0] > 1.2 * weak[0] and strong[1] > 1.2 * weak[1], medians
 
 
-CORE = ("linear", "fooling", "template", "sign", "iterative", "exact", "dual", "noise", "parts",
-        "rows", "worker", "summary", "figures", "outputs")
+CORE = ("linear", "fooling", "template", "sign", "iterative", "exact", "dual", "dual_cpu", "noise",
+        "parts", "rows", "worker", "summary", "figures", "outputs")
 
 
 def test_core_modules_do_not_import_ray():

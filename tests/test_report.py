@@ -91,8 +91,8 @@ def test_the_page_tells_the_story_with_class_names(built, run_dirs):
     text = re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", page.split("<details>")[0])))
     assert "The data is the generated sample, not ImageNet" in text  # the sample's mark is seen
     assert re.search(r"becomes any class you choose with a change of \d+ levels out of 255", text)
-    for method in ("template", "sign", "iterative"):
-        assert re.search(rf"\b{method}\b (adds|repeats)", text)  # each method in a sentence
+    for method in ("template", "sign", "exact"):  # the default methods, each in a sentence
+        assert re.search(rf"\b{method}\b (adds|repeats|solves)", text)
     assert "certified bound" in text
     assert '"keep_images"' in html.unescape(page.split("<details>")[1])  # the run, collapsed
     names = storage.read_manifest(run_dirs["results"])[schema.M_CLASS_NAMES]
@@ -110,16 +110,18 @@ def pixels(uri: str) -> np.ndarray:
 
 
 def test_gallery_images_are_the_stored_pairs(built, run_dirs):
-    """Each pair of the smallest-changes gallery, against the stored row read with pyarrow."""
+    """Each pair of the smallest-changes gallery (the headline method's: exact, among the
+    default methods), against the stored row read with pyarrow."""
     out, _ = built
     part = section(open(os.path.join(out, "index.html")).read(), "smallest")
+    assert "Exact, the true minimum: the pairs fooled with the least" in part
     m = storage.read_manifest(run_dirs["results"])
     short = [n.split(",")[0] for n in m[schema.M_CLASS_NAMES]]
     pairs = re.findall(r'class="pair">(.*?)<div class="note">([^<]+) → ([^<]+)</div>', part)
     assert pairs
     for block, image_id, name in pairs:
         original, change, fooling = (pixels(u) for u in re.findall(r'src="([^"]+)"', block))
-        table = pq.read_table(os.path.join(run_dirs["results"], "pairs", "method=sign",
+        table = pq.read_table(os.path.join(run_dirs["results"], "pairs", "method=exact",
                                            f"target={short.index(html.unescape(name))}"),
                               filters=[(schema.IMAGE_ID, "=", html.unescape(image_id))])
         (row,) = table.to_pylist()
