@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 from attacks import outputs, parts
 from attacks.linear import LinearModel
 from attacks.worker import ATTACKS, CPU_BATCH, GPU_BATCH_MAX, FoolWorker, Job
-from common import cli, dataset, lifecycle, progress, schema
+from common import cli, dataset, lifecycle, progress, schema, storage
 from common.errors import ConfigError
 from common.model import Model, read_model
 
@@ -155,6 +155,14 @@ def output(cfg: Settings, inputs: Inputs) -> lifecycle.Output:
                   "settings": settings})
 
 
+def _check_cluster(cfg: Settings) -> None:
+    """After connecting: --use-gpu needs a GPU in the cluster."""
+    import ray
+
+    if cfg.use_gpu and ray.cluster_resources().get("GPU", 0) < 1:
+        raise ConfigError("--use-gpu was given but the Ray cluster has no GPU")
+
+
 def _run_parts(cfg: Settings, todo: list[dict], job: Job, model: Model, facts: dict) -> None:
     """Run the parts on an actor pool with Ray Data; each writes its files and marker.
 
@@ -168,8 +176,6 @@ def _run_parts(cfg: Settings, todo: list[dict], job: Job, model: Model, facts: d
     if not todo:
         return
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    if cfg.use_gpu and gpus < 1:
-        raise ConfigError("--use-gpu was given but the Ray cluster has no GPU")
     workers = cfg.workers or (gpus if cfg.use_gpu else int(ray.cluster_resources().get("CPU", 1)))
     refs = ray.put((model.W, model.b, facts))
     resources = {"num_gpus": 1} if cfg.use_gpu else {"num_cpus": 1}
@@ -225,6 +231,13 @@ def run(cfg: Settings, *, kill_worker_once: str | None = None) -> dict:
     t0 = time.perf_counter()
     inputs = _check(cfg)
     out = output(cfg, inputs)
+    out.check(cfg.overwrite)  # refusals about the output come before Ray starts
+    storage.check_writable(cfg.output)
+    timings = {"check_s": round(time.perf_counter() - t0, 3)}
+    t = time.perf_counter()
+    cli.connect_ray()
+    _check_cluster(cfg)  # and those about the cluster before anything is written
+    timings["ray_s"] = round(time.perf_counter() - t, 3)
     out.prepare(cfg.overwrite)
     m, settings = inputs.manifest, out.identity["settings"]
     job = Job(output=lifecycle.absolute(cfg.output),
@@ -243,8 +256,7 @@ def run(cfg: Settings, *, kill_worker_once: str | None = None) -> dict:
              len(all_parts) - len(todo), (inputs.n_val + cfg.noise_images) * len(inputs.targets))
     t = time.perf_counter()
     facts = LinearModel(inputs.model.W, inputs.model.b).facts(list(inputs.targets))
-    timings = {"check_s": round(t - t0, 3), "facts_s": round(time.perf_counter() - t, 3)}
-    cli.connect_ray()
+    timings["facts_s"] = round(time.perf_counter() - t, 3)
     t = time.perf_counter()
     _run_parts(cfg, todo, job, inputs.model, facts)
     timings["attack_s"] = round(time.perf_counter() - t, 3)

@@ -387,6 +387,16 @@ def test_bad_input_fails_before_work(ingested, model_dir, tmp_path):
     assert not os.path.exists(out)  # a refused run writes nothing
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+def test_use_gpu_without_a_gpu_writes_nothing(ingested, model_dir, tmp_path):
+    """Refused in one line once Ray is up, before the output's identity is written (a rerun
+    would otherwise find an unfinished run there)."""
+    out = tmp_path / "f"
+    with pytest.raises(ConfigError, match="^--use-gpu was given but the Ray cluster has no GPU$"):
+        fool.run(settings(ingested, model_dir, str(out), use_gpu=True))
+    assert os.listdir(out) == []  # the folder that the write probe made, and nothing in it
+
+
 def test_cli_reports_one_sentence(tmp_path):
     r = subprocess.run([sys.executable, "-m", "attacks.fool", "--data", str(tmp_path),
                         "--model", str(tmp_path), "--output", str(tmp_path / "o")],

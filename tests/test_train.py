@@ -298,6 +298,16 @@ def test_rerun_resumes_an_unfinished_run(trained, ingested, tmp_path):
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_use_gpu_without_a_gpu_writes_nothing(ingested, tmp_path):
+    """Refused in one line once Ray is up, before the output's identity is written."""
+    out = tmp_path / "t"
+    with pytest.raises(ConfigError, match="^--use-gpu needs 1 GPU, one per worker; the cluster "
+                                          "has 0$"):
+        train.run(train.Settings(data=ingested, output=str(out), use_gpu=True, **SMALL))
+    assert os.listdir(out) == []  # the folder that the write probe made, and nothing in it
+
+
 @gpu
 def test_cache_lives_on_the_gpu():
     device = torch.device("cuda")

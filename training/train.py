@@ -182,8 +182,9 @@ def _check_cluster(cfg: Settings) -> None:
 
     total = ray.cluster_resources()
     if cfg.use_gpu and total.get("GPU", 0) < cfg.num_workers:
-        raise ConfigError(f"--use-gpu needs {cfg.num_workers} GPUs; the cluster has "
-                          f"{total.get('GPU', 0):g}")
+        raise ConfigError(f"--use-gpu needs {cfg.num_workers} GPU"
+                          f"{'s' if cfg.num_workers > 1 else ''}, one per worker; the cluster "
+                          f"has {total.get('GPU', 0):g}")
     spare = total.get("CPU", 0) - cfg.num_workers * cfg.cpus_per_worker
     if spare < 1:
         message = (f"{cfg.num_workers} workers x {cfg.cpus_per_worker:g} CPUs leave "
@@ -278,9 +279,11 @@ def run(cfg: Settings, *, fail_at_epoch: int | None = None) -> dict:
     t0 = time.perf_counter()
     data = check(cfg)
     out = output(cfg)
-    out.prepare(cfg.overwrite)
+    out.check(cfg.overwrite)  # refusals about the output come before Ray starts
+    storage.check_writable(cfg.output)
     cli.connect_ray()
-    _check_cluster(cfg)
+    _check_cluster(cfg)  # and those about the cluster before anything is written
+    out.prepare(cfg.overwrite)
     t = time.perf_counter()
     result = _fit(cfg, data, fail_at_epoch)
     fit_s = time.perf_counter() - t
