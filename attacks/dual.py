@@ -9,9 +9,12 @@ the corner ``clip(x + eps sign(g))`` and its rival margins, and the float64 cert
 ``search_weights`` moves weight between two rivals at a time (SMO, regula falsi) towards the largest
 root; ``newton`` minimizes h(., eps) (Newton directions from the density of h's kinks, a line
 search on h itself), which reaches the LP's duals; ``Problem.balanced`` is the LP's basic solution
-for them. Shapes: x (P, D) uint8 pixels in 0..255, margins q (P, K) in score units.
+for them. Shapes: x (P, D) uint8 pixels in 0..255, margins q (P, K) in score units. These are
+batched torch steps over (P, K, D) rows, what a GPU runs; on a CPU ``search_weights``, ``newton``
+and the certificate's root run the same steps fused per pair (attacks/dual_cpu.py, ``FUSED``),
+with W's rows read by index instead of the rows W[t] - W[k].
 
-Only numpy and torch here: no Ray, no storage.
+Only numpy, torch and numba here: no Ray, no storage.
 """
 
 from __future__ import annotations
