@@ -31,8 +31,9 @@ pixels at a tie set to equalize the rivals with weight (a K x K linear system; w
 outside them wins, that seldom helps: 3 of 333 such pairs at 1,000 classes). If t wins, e is the
 minimum over all images, proved by the certificate (where the best root is not above e - 1,
 Newton's weights at e - 1 give one that is). If not, the classes that beat it join the rivals
-and the next stage starts from Newton's weights. No LP solver: (P, K, D) products, histograms
-and (P, K, K) solves.
+and the next stage starts from Newton's weights. No LP solver: products with W's rows,
+histograms and (K, K) solves (batched over pairs in torch on a GPU, fused per pair on a CPU:
+attacks/dual.py, attacks/dual_cpu.py).
 
 Only numpy and torch here: no Ray, no storage.
 """
@@ -49,7 +50,8 @@ from attacks.sign import Sign
 STAGES = 6  # Newton's method at e, then a step that is scored (after the root search's step)
 ROOT_CALLS = 8  # root evaluations per pair of the first search (the first certificate and e)
 NEWTON_STEPS = 8  # Newton steps towards the weights that are optimal at e
-CHUNK = 256  # pairs per dual search: memory CHUNK x K x D x 4 bytes (100 MB for 64x64x3, K = 8)
+CHUNK = 256  # pairs per dual search on a CPU (the batched steps' rows: CHUNK x K x D x 4 bytes,
+# 100 MB for 64x64x3 at K = 8; the fused search stores none)
 FAR = 2.0  # levels above the certificate from which the iterative attack is tried as well
 GPU_CHUNK = 65536  # on a GPU at most: fewer, larger launches (H200: 14,499 / 17,770 / 21,228
 # pairs/s at 16,384 / 32,768 / 49,152 pairs, 1,000 classes)
