@@ -185,7 +185,8 @@ def test_newton_reaches_the_lp_value(photos, both):
         x = torch.from_numpy(X[i:i + 1])
         prob = Problem(model, x, model.scores(x), torch.tensor([t]), 0.0)
         lam, r, _ = search_weights(prob, onehot(torch.zeros(1, dtype=torch.long), prob.K), 8)
-        assert 0.5 * lp_minimum(W, b, X[i], t) <= r.item() <= lp_minimum(W, b, X[i], t) + 1e-3
+        lp = lp_minimum(W, b, X[i], t)
+        assert 0.5 * lp <= r.item() <= lp + 1e-3, (i, t, lp, r.item())
         eps = torch.floor(r) + 1
         lam, h, *_ = newton(prob, lam, eps, NEWTON_STEPS)
         z, _ = value(W, b, X[i], t, float(eps))
