@@ -47,6 +47,17 @@ def test_kernel_pixels_are_the_nearest_to_a_kink():
     assert c == n4 and tau == pytest.approx(6.0)
 
 
+def test_kth_smallest_against_a_sort():
+    """Hoare's selection on random, repeated, sorted, reversed and constant values."""
+    rng = np.random.default_rng(4)
+    cases = [rng.standard_normal(1000), rng.integers(0, 5, 777).astype(float),
+             np.arange(300.0), np.arange(300.0)[::-1], np.full(50, 2.5), np.array([7.0])]
+    for v in cases:
+        v = v.astype(np.float32)
+        for k in {0, len(v) // 3, len(v) - 1}:
+            assert dual_cpu._kth(v.copy(), k) == np.sort(v)[k]
+
+
 def test_small_solves_and_weighted_products_against_numpy():
     rng = np.random.default_rng(2)
     for n in (2, 9, 57):
