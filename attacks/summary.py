@@ -32,9 +32,9 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from attacks.template import TEMPLATE_RES
 from common import cli, schema, storage
 from common.errors import ConfigError
+from common.schema import TEMPLATE_RES
 
 QUANTILES = schema.QUANTILES
 LEVELS = 256  # linf of a stored uint8 image is an integer 0..255

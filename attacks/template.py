@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from attacks.fooling import StepAttack
 from attacks.linear import LinearModel
-
-TEMPLATE_RES = 8  # strengths on a grid of 1/8 pixel level
+from common.schema import TEMPLATE_RES
 
 
 class Template(StepAttack):

@@ -173,6 +173,7 @@ def pairs_partitioning():
 
 
 METHODS = ("template", "sign", "iterative", "exact")
+TEMPLATE_RES = 8  # the template method's strengths lie on a grid of 1/8 pixel level
 ORIGINS = ("val", "noise")
 # summary/ tables: per (origin, method, target); per (origin, method); success vs L-inf budget
 SUMMARY_TARGETS = "targets.parquet"

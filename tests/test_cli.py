@@ -85,3 +85,13 @@ def test_help_answers_without_importing_ray_or_pyplot():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
+
+
+def test_reading_commands_do_not_load_torch():
+    """The attack's summary and report read Parquet and draw: torch (2 to 4 s to import on 2
+    cores, once pulled in by a constant of the template attack) stays out of them."""
+    code = ("import sys, attacks.summary, attacks.report, attacks.show\n"
+            "print('torch' in sys.modules, 'numba' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "False False"
