@@ -69,9 +69,17 @@ def _pass_g(W, rows, lam, x, e, g, corner, M, q):
     g > 0, else down to max(-x, -e)), and its margins M = q + A . corner."""
     _combine(W, rows, lam, g)
     for j in range(g.shape[0]):
-        xj = np.float32(x[j])
-        corner[j] = min(np.float32(255.0) - xj, e) if g[j] > 0 else max(-xj, -e)
+        low, high = _ends(x[j], e)
+        corner[j] = high if g[j] > 0 else low
     _margins(W, rows, corner, q, M)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _ends(xj, e):
+    """Pixel j's step box within e levels (float32): down to max(-x_j, -e), up to
+    min(255 - x_j, e)."""
+    xj = np.float32(xj)
+    return max(-xj, -e), min(np.float32(255.0) - xj, e)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -202,9 +210,8 @@ def _pass_line(W, rows, d, g, x, e, corner, gd, kink, bins_hist, bin_shift, firs
     kbits = kink.view(np.int32)
     for j in range(D):
         b = min(max(((kbits[j] >> bin_shift) & mask) - first_bin, 0), n)
-        xj = np.float32(x[j])
-        span = min(np.float32(255.0) - xj, e) - max(-xj, -e)
-        bins_hist[b] += abs(gd[j]) * span
+        low, high = _ends(x[j], e)
+        bins_hist[b] += abs(gd[j]) * (high - low)
     return slope
 
 
@@ -306,9 +313,8 @@ def _hessian(W, rows, x, g, e, idx, tau, cols, w):
     t2 = tau * tau
     for s in range(c):
         j = idx[s]
-        xj = np.float32(x[j])
-        span = min(np.float32(255.0) - xj, e) - max(-xj, -e)
-        w[s] = span / 2 * t2 / (g[j] * g[j] + t2) ** 1.5
+        low, high = _ends(x[j], e)
+        w[s] = (high - low) / 2 * t2 / (g[j] * g[j] + t2) ** 1.5
     return _weighted_gram(cols, w, c)
 
 
@@ -416,9 +422,8 @@ def _evaluate(W, rows, lam, q, x, g, step, M, rooms):
     r, slope = _rooms(g, x, (lam * q).sum(), rooms)
     e = np.float32(min(r, 255.0))
     for j in range(g.shape[0]):
-        xj = np.float32(x[j])
-        step[j] = min(np.float32(255.0) - xj, e) if g[j] > 0 else (
-            max(-xj, -e) if g[j] < 0 else np.float32(0.0))
+        low, high = _ends(x[j], e)
+        step[j] = high if g[j] > 0 else (low if g[j] < 0 else np.float32(0.0))
     _margins(W, rows, step, q, M)
     return r, slope
 

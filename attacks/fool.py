@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 from attacks import outputs, parts
 from attacks.linear import LinearModel
 from attacks.worker import ATTACKS, CPU_BATCH, GPU_BATCH_MAX, FoolWorker, Job
-from common import cli, dataset, lifecycle, progress, schema, storage
+from common import cli, dataset, lifecycle, progress, schema
 from common.errors import ConfigError
 from common.model import Model, read_model
 
@@ -155,10 +155,11 @@ def output(cfg: Settings, inputs: Inputs) -> lifecycle.Output:
                   "settings": settings})
 
 
-def _check_cluster(cfg: Settings) -> None:
-    """After connecting: --use-gpu needs a GPU in the cluster."""
+def _connect(cfg: Settings) -> None:
+    """Ray, once the output passed its checks; --use-gpu needs a GPU in the cluster."""
     import ray
 
+    cli.connect_ray()
     if cfg.use_gpu and ray.cluster_resources().get("GPU", 0) < 1:
         raise ConfigError("--use-gpu was given but the Ray cluster has no GPU")
 
@@ -231,14 +232,8 @@ def run(cfg: Settings, *, kill_worker_once: str | None = None) -> dict:
     t0 = time.perf_counter()
     inputs = _check(cfg)
     out = output(cfg, inputs)
-    out.check(cfg.overwrite)  # refusals about the output come before Ray starts
-    storage.check_writable(cfg.output)
-    timings = {"check_s": round(time.perf_counter() - t0, 3)}
-    t = time.perf_counter()
-    cli.connect_ray()
-    _check_cluster(cfg)  # and those about the cluster before anything is written
-    timings["ray_s"] = round(time.perf_counter() - t, 3)
-    out.prepare(cfg.overwrite)
+    out.prepare(cfg.overwrite, ready=lambda: _connect(cfg))
+    timings = {"check_s": round(time.perf_counter() - t0, 3)}  # Ray's start included
     m, settings = inputs.manifest, out.identity["settings"]
     job = Job(output=lifecycle.absolute(cfg.output),
               val_files=tuple(dataset.split_files(cfg.data, m, "val")),

@@ -26,7 +26,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from common import schema, storage
@@ -160,15 +160,20 @@ class Output:
                               "it, or pass --overwrite to start again")
         return resumable
 
-    def prepare(self, overwrite: bool, resumable: bool = True) -> bool:
-        """``check``, then clear the output for a new run and record its identity, before any
-        data is written. Returns True when resuming (nothing is cleared then)."""
+    def prepare(self, overwrite: bool, resumable: bool = True,
+                ready: Callable[[], None] | None = None) -> bool:
+        """``check`` and a probe that the output is writable, then ``ready`` (the job's checks
+        that need Ray: a refusal there writes no file), then clear the output for a new run and
+        record its identity, before any data is written. Returns True when resuming (nothing is
+        cleared then)."""
         resuming = self.check(overwrite, resumable)
+        storage.check_writable(self.uri)
+        if ready is not None:
+            ready()
         if resuming:
             log.info("%s holds an unfinished %s run with the same settings: resuming it",
                      self.uri, self.kind)
             return True
-        storage.check_writable(self.uri)
         previous = self._read(IDENTITY_FILE)
         if previous is not None:
             self._clear(previous.get("owns", []))

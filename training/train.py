@@ -176,10 +176,12 @@ def _env_default(name: str, value: str):
         del os.environ[name]
 
 
-def _check_cluster(cfg: Settings) -> None:
-    """After connecting: the workers fit, and leave Ray Data a CPU to read with."""
+def _connect(cfg: Settings) -> None:
+    """Ray, once the output passed its checks; the workers fit, and leave Ray Data a CPU to read
+    with."""
     import ray
 
+    cli.connect_ray()
     total = ray.cluster_resources()
     if cfg.use_gpu and total.get("GPU", 0) < cfg.num_workers:
         raise ConfigError(f"--use-gpu needs {cfg.num_workers} GPU"
@@ -279,11 +281,7 @@ def run(cfg: Settings, *, fail_at_epoch: int | None = None) -> dict:
     t0 = time.perf_counter()
     data = check(cfg)
     out = output(cfg)
-    out.check(cfg.overwrite)  # refusals about the output come before Ray starts
-    storage.check_writable(cfg.output)
-    cli.connect_ray()
-    _check_cluster(cfg)  # and those about the cluster before anything is written
-    out.prepare(cfg.overwrite)
+    out.prepare(cfg.overwrite, ready=lambda: _connect(cfg))
     t = time.perf_counter()
     result = _fit(cfg, data, fail_at_epoch)
     fit_s = time.perf_counter() - t
