@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
 	# the exact attack's compiled CPU search, cached next to its source (about 25 s, once)
-	$(PY) -m attacks.exact
+	$(PY) -m attacks.methods.exact
 	touch $@
 
 install: $(STAMP) ## create .venv and install the project
@@ -39,12 +39,12 @@ lint: $(STAMP) ## ruff
 demo: $(STAMP) ## every job and the report on the built-in sample, into demo-out/
 	$(PY) -m pipelines.sample --out $(DEMO)/sample
 	$(PY) -m pipelines.ingest --source $(DEMO)/sample --output $(DEMO)/imagenet64 --overwrite
-	$(PY) -m pipelines.summary --data $(DEMO)/imagenet64 --preview $(DEMO)/preview.png
+	$(PY) -m pipelines.preview --data $(DEMO)/imagenet64 --preview $(DEMO)/preview.png
 	$(PY) -m training.train --data $(DEMO)/imagenet64 --output $(DEMO)/model --overwrite
 	$(PY) -m attacks.fool --data $(DEMO)/imagenet64 --model $(DEMO)/model \
 		--output $(DEMO)/fooling --noise-images 4 --overwrite
 	$(PY) -m attacks.summary --output $(DEMO)/fooling
-	$(PY) -m attacks.report --results $(DEMO)/fooling --output $(DEMO)/report --overwrite
+	$(PY) -m report.build --results $(DEMO)/fooling --output $(DEMO)/report --overwrite
 
 bench-ingest: $(STAMP) ## ingest benchmark: the job against Ray's stock reader
 	$(PY) -m benchmarks.ingest --images 10000 --repeat 2

@@ -7,7 +7,7 @@ from, and a method's extremes (the smallest changes, the most confident fooling 
 
 Reads only what it shows: a partition's image ids and statistics, then the row groups that hold
 the chosen rows; the originals come from the ingest output the attack read (validation images)
-or are drawn again from the attack's seed (noise starts, attacks/noise.py).
+or are drawn again from the attack's seed (noise starts, attacks/methods/noise.py).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from attacks.noise import NOISE_PREFIX, noise_images
+from attacks.methods.noise import NOISE_PREFIX, noise_images
 from common import dataset, schema, storage
 from common.errors import ConfigError
 from common.model import Model, read_model

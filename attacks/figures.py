@@ -17,11 +17,20 @@ import numpy as np
 from matplotlib.figure import Figure  # no pyplot: no global state, no backend to pick
 from PIL import Image, ImageDraw
 
-from training.templates import fit, font
-from training.templates import short_name as short  # one shortener for every picture
+from common.templates import fit, font
+from common.templates import short_name as short  # one shortener for every picture
 
+DPI = 110  # the charts' resolution: a 9-inch figure about 1,000 pixels wide
 SCALE = 4  # strip(): each pixel drawn SCALE x SCALE, so the panels hold the pixels exactly
 GAP, TEXT = 12, 16  # strip(): pixels between panels; label text size
+
+
+
+def to_png(fig: Figure) -> bytes:
+    """A matplotlib Figure as PNG bytes."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
+    return buf.getvalue()
 
 
 def amplify(original: np.ndarray, stored: np.ndarray) -> np.ndarray:

@@ -35,7 +35,7 @@ import warnings
 from dataclasses import asdict, dataclass, field
 
 from attacks import outputs, parts
-from attacks.linear import LinearModel
+from attacks.methods.linear import LinearModel
 from attacks.worker import ATTACKS, CPU_BATCH, GPU_BATCH_MAX, FoolWorker, Job
 from common import cli, dataset, lifecycle, progress, schema
 from common.errors import ConfigError

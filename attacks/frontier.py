@@ -13,18 +13,23 @@ validation top-1 and top-5 (from the sweep), and the median minimal L-inf streng
 over the fooled pairs that had to move (``exact`` when it is among --methods: the true minimum;
 else ``sign``), with the success rate; ``frontier.png``: top-1 against that median, one curve for
 L2 regularization and one per robust series, each point's templates beside it
-(attacks/tradeoff.py); and last ``manifest.json``.
+(report/models.py); and last ``manifest.json``.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
 
-from attacks import summary, tradeoff
-from attacks.charts import to_png
+import numpy as np
+from matplotlib.figure import Figure
+from PIL import Image
+
+from attacks import summary
+from attacks.figures import to_png
 from common import cli, lifecycle, schema, storage
 from common.errors import ConfigError
 from common.sweep import read_sweep
@@ -80,7 +85,6 @@ def _models(cfg: Settings) -> tuple[str, list[dict]]:
 def _attack(cfg: Settings, data: str, row: dict) -> None:
     """Run the attack on one model, unless it finished before."""
     from attacks import fool
-
     if storage.exists(storage.join(row["attack"], storage.MANIFEST)):
         return
     fool.run(fool.Settings(data=data, model=row["model"], output=row["attack"],
@@ -124,26 +128,65 @@ def templates(rows: list[dict]) -> dict[str, bytes]:
             for r in rows}
 
 
-def report_parts(frontier: str | None, transfers: tuple[str, ...], img
-                 ) -> tuple[list[tuple[str, str]], dict[str, bytes]]:
-    """The report's sections for a frontier output and transfer outputs: (title, HTML) pairs and
-    the figures (name -> PNG); ``img(name, png, caption)`` is the report's embedded figure."""
-    from attacks.transfer import read_transfer
+THUMB = 240  # pixels across each point's templates thumbnail
 
-    sections, figures = [], {}
-    if frontier:
-        rows, pngs = read_frontier(frontier)
-        figures[FIGURE] = to_png(tradeoff.frontier_figure(rows, pngs))
-        caption = ("Validation top-1 against the median minimal L-inf strength that fools each "
-                   "model (fooled pairs that had to move, validation images): L2 regularization "
-                   "against the robust objective, each point's templates beside it.")
-        table = "<pre>" + markdown(rows) + "</pre>"
-        sections.append(("The frontier: regularize or change the objective",
-                         img("frontier", figures[FIGURE], caption) + table))
-    if transfers:
-        rows = [r for t in transfers for r in read_transfer(t).to_pylist()]
-        sections.append(("Do fooling images transfer?", tradeoff.transfer_matrix(rows)))
-    return sections, figures
+
+def curves(rows: list[dict]) -> dict[str, list[dict]]:
+    """{label: points in order}: "L2" (robust_eps 0, by reg) and "robust, reg=r" (by robust_eps,
+    starting from the plain model of that reg when the sweep has it)."""
+    out = {"L2": sorted((r for r in rows if r["robust_eps"] == 0), key=lambda r: r["reg"])}
+    for reg in sorted({r["reg"] for r in rows if r["robust_eps"] > 0}):
+        points = [r for r in rows if r["reg"] == reg]
+        out[f"robust, reg={reg:g}"] = sorted(points, key=lambda r: r["robust_eps"])
+    return {k: v for k, v in out.items() if v}
+
+
+def _label(r: dict) -> str:
+    return f"E={r['robust_eps']:g}" if r["robust_eps"] else f"reg={r['reg']:g}"
+
+
+def _thumb(png: bytes) -> np.ndarray:
+    im = Image.open(io.BytesIO(png)).convert("RGB")
+    im.thumbnail((THUMB, THUMB))
+    return np.asarray(im)
+
+
+def frontier_figure(rows: list[dict], templates: dict[str, bytes] | None = None) -> Figure:
+    """Validation top-1 against the median minimal fooling strength, one curve per objective,
+    each point labelled with its setting; when given, each point's templates in a strip below,
+    in the curves' order."""
+    rows = [r for r in rows if r["median_linf"] is not None]  # None: nothing was fooled
+    series = curves(rows)
+    shown = [p for points in series.values() for p in points
+             if (templates or {}).get(p["model"]) is not None]
+    shown = list({p["model"]: p for p in shown}.values())  # a plain model starts two curves
+    fig = Figure(figsize=(max(9.0, 1.4 * len(shown)), 8.5 if shown else 6))
+    grid = fig.add_gridspec(2 if shown else 1, max(1, len(shown)),
+                            height_ratios=[3, 1.1] if shown else [1])
+    ax = fig.add_subplot(grid[0, :])
+    styles = {"L2": ("o-", "tab:blue")}
+    others = iter(["tab:red", "tab:green", "tab:purple", "tab:brown"])
+    for name, points in series.items():
+        marker, color = styles.get(name, ("s-", next(others, "black")))
+        x = [p["median_linf"] for p in points]
+        y = [100 * p["val_top1"] for p in points]
+        ax.plot(x, y, marker, color=color, label=name)
+        for p, xi, yi in zip(points, x, y):
+            ax.annotate(_label(p), (xi, yi), textcoords="offset points", xytext=(5, -12),
+                        fontsize=8, color=color)
+    method = ", ".join(sorted({r["method"] for r in rows}))
+    ax.set_xlabel(f"median minimal L-inf strength that fools ({method}, pixel levels)")
+    ax.set_ylabel("validation top-1 (%)")
+    ax.set_title("harder to fool vs accurate: L2 regularization against the robust objective")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    for i, p in enumerate(shown):
+        thumb = fig.add_subplot(grid[1, i])
+        thumb.imshow(_thumb(templates[p["model"]]))
+        thumb.set_title(f"reg={p['reg']:g}, E={p['robust_eps']:g}\n{100 * p['val_top1']:.1f}%, "
+                        f"{p['median_linf']:g}", fontsize=7)
+        thumb.axis("off")
+    return fig
 
 
 def output(cfg: Settings) -> lifecycle.Output:
@@ -169,7 +212,7 @@ def run(cfg: Settings) -> dict:
         rows.append(point(row, method))
     files = write_table(cfg.output, TABLE, rows, schema.FRONTIER_COLUMNS, markdown(rows))
     storage.write_bytes(storage.join(cfg.output, FIGURE),
-                        to_png(tradeoff.frontier_figure(rows, templates(rows))))
+                        to_png(frontier_figure(rows, templates(rows))))
     manifest = out.finish({
         schema.M_KIND: "frontier", schema.M_DATA: lifecycle.absolute(data), "rows": rows,
         schema.M_FILES: [*files, {"path": FIGURE}],

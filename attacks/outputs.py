@@ -17,8 +17,8 @@ import pyarrow.parquet as pq
 import torch
 
 from attacks import figures, parts, summary
-from attacks.linear import LinearModel
-from attacks.noise import noise_ids, noise_images
+from attacks.methods.linear import LinearModel
+from attacks.methods.noise import noise_ids, noise_images
 from attacks.worker import ATTACKS, Job, pixels
 from common import schema, storage
 from common.errors import ConfigError

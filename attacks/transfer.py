@@ -32,8 +32,8 @@ import pyarrow.dataset as ds
 import torch
 
 from attacks import parts
-from attacks.linear import LinearModel
-from attacks.noise import noise_ids, noise_images
+from attacks.methods.linear import LinearModel
+from attacks.methods.noise import noise_ids, noise_images
 from common import cli, dataset, lifecycle, schema, storage
 from common.errors import ConfigError
 from common.model import Model, read_model

@@ -19,14 +19,14 @@ import pyarrow as pa
 import torch
 
 from attacks import parts
-from attacks.exact import Exact
-from attacks.fooling import Attack, pairs, pairs_that_fit
-from attacks.iterative import Iterative
-from attacks.linear import LinearModel, measure
-from attacks.noise import noise_ids, noise_images
+from attacks.methods.base import Attack, pairs, pairs_that_fit
+from attacks.methods.exact import Exact
+from attacks.methods.iterative import Iterative
+from attacks.methods.linear import LinearModel, measure
+from attacks.methods.noise import noise_ids, noise_images
+from attacks.methods.sign import Sign
+from attacks.methods.template import Template
 from attacks.rows import TargetFiles, pair_tables
-from attacks.sign import Sign
-from attacks.template import Template
 from common import dataset, heap, schema
 from common.errors import ConfigError
 

@@ -20,12 +20,12 @@ of the per-core rates to 50,000 images x 1,000 targets. ``--device cuda`` measur
 ``--exact`` measures instead, in one run on one thread: pairs per CPU second (the same on a busy
 machine) of ``exact``, ``sign`` and ``iterative`` on the same pairs (each warmed up once, then
 the median of ``--repeats`` runs taken in turns), the LP solver (scipy's
-HiGHS, tests/lp_oracle.py) per pair on a sample of them, whether exact's certificate stays below
+HiGHS, benchmarks/lp.py) per pair on a sample of them, whether exact's certificate stays below
 the LP optimum and its stored step within one level above it, the distribution of the gap
 ``linf - bound_linf``, and the extrapolation to 50,000 x 1,000 pairs. ``--photos``: the 10-class
-model fitted on photograph crops (tests/attack_models.py) instead of the sample. With ``--device
-cuda`` the three run on the GPU, timed by the wall clock (synchronized), in batches of ``--batch``
-pairs, and the extrapolation is to GPU-hours.
+model fitted on photograph crops (benchmarks/attack_models.py) instead of the sample. With
+``--device cuda`` the three run on the GPU, timed by the wall clock (synchronized), in batches of
+``--batch`` pairs, and the extrapolation is to GPU-hours.
 
 Without --data/--model it generates the project's sample data (pipelines/sample.py) with
 --classes classes and uses the class-mean linear classifier (the heavily regularized limit of a
@@ -44,12 +44,12 @@ import ray
 import torch
 
 from attacks import fool, parts
-from attacks.exact import Exact
-from attacks.fooling import pairs
-from attacks.iterative import Iterative
-from attacks.linear import LinearModel, measure
-from attacks.sign import Sign
-from attacks.template import Template
+from attacks.methods.base import pairs
+from attacks.methods.exact import Exact
+from attacks.methods.iterative import Iterative
+from attacks.methods.linear import LinearModel, measure
+from attacks.methods.sign import Sign
+from attacks.methods.template import Template
 from common import dataset, heap, schema, storage
 from common.model import read_model, write_weights
 from pipelines import ingest, sample
@@ -232,7 +232,7 @@ def main() -> None:
     if not args.fresh_memory:
         heap.reuse_freed_memory()  # as the job's workers do
     if args.exact and args.photos:
-        from tests.attack_models import photo_model
+        from benchmarks.attack_models import photo_model
 
         W, b, X = photo_model()
         return exact_report(args, W, b, X)
@@ -316,7 +316,7 @@ def run_all(args, data: str, model_dir: str, tmp: str) -> None:
 def exact_report(args, W: np.ndarray, b: np.ndarray, X_all: np.ndarray) -> None:
     """exact vs sign vs iterative (pairs/s, one thread, same pairs), the LP per pair on a sample,
     the certificate against the LP, the gap linf - bound_linf, and the full-run extrapolation."""
-    from tests.lp_oracle import lp_minimum
+    from benchmarks.lp import lp_minimum
 
     C, gpu = len(b), args.device != "cpu"
     targets = torch.tensor(np.linspace(0, C - 1, min(args.targets, C)).round().astype(int))

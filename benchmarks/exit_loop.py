@@ -6,7 +6,7 @@
 read-only commands.)
 
 Builds a small chain once (sample -> ingest -> train -> fool -> report, on local Ray), then runs
-the quick read-only commands (``attacks.summary``, ``pipelines.summary``) ``--runs`` times each,
+the quick read-only commands (``attacks.summary``, ``pipelines.preview``) ``--runs`` times each,
 ``--jobs`` at a time, and each Ray job (ingest, train, fool, report, with --overwrite)
 ``--ray-runs`` times more. With ``--s3`` the read-only commands also read copies of the outputs
 from a local S3 server (infra/local_s3.py), so pyarrow's S3 client is set up and torn down too.
@@ -60,14 +60,14 @@ def chain(work: str) -> list[tuple[str, list[str]]]:
         ("attacks.fool", ["attacks.fool", "--data", j(work, "imagenet64"), "--model",
                           j(work, "model"), "--output", j(work, "fooling"),
                           "--noise-images", "2", "--overwrite"]),
-        ("attacks.report", ["attacks.report", "--results", j(work, "fooling"),
+        ("report.build", ["report.build", "--results", j(work, "fooling"),
                             "--output", j(work, "report")]),
     ]
 
 
 def readers(data: str, fooling: str) -> list[tuple[str, list[str]]]:
     return [(f"attacks.summary {fooling}", ["attacks.summary", "--output", fooling]),
-            (f"pipelines.summary {data}", ["pipelines.summary", "--data", data])]
+            (f"pipelines.preview {data}", ["pipelines.preview", "--data", data])]
 
 
 def to_s3(work: str, env: dict) -> tuple[object, str]:

@@ -27,9 +27,10 @@ import ray
 import torch
 from PIL import Image
 
-from attacks import frontier, tradeoff, transfer
+from attacks import frontier, transfer
 from benchmarks.train_defaults import photo_regions
 from pipelines import ingest
+from report import models
 from training import sweep
 
 REGS = (1e-4, 1e-2, 0.1, 1.0)  # the L2 curve, --robust-eps 0
@@ -40,7 +41,6 @@ TRANSFER = ((0.1, 0.0), (1.0, 0.0), (0.1, 8.0))  # (reg, robust_eps): sources an
 def step_cost(C: int = 1000, N: int = 256, D: int = 12288, steps: int = 3) -> None:
     """Seconds per training step (forward, backward) at C classes: plain against robust."""
     from training import softmax
-
     torch.manual_seed(0)
     model = softmax.make_model(D, C, 1e-3, 0)
     X, y, scale = torch.randn(N, D), torch.randint(0, C, (N,)), torch.rand(D) + 0.5
@@ -113,7 +113,7 @@ def measure(root: str, epochs: int, gray: bool) -> tuple[list[dict], str]:
             transfer.run(transfer.Settings(results=r["attack"], output=t,
                                            models=tuple(p["model"] for p in picked)))
         tables += transfer.read_transfer(t).to_pylist()
-    return rows, tradeoff.transfer_matrix(tables)
+    return rows, models.transfer_matrix(tables)
 
 
 def to_gray(root: str) -> None:

@@ -31,6 +31,14 @@ import pyarrow.parquet as pq
 from common import cli, lifecycle, progress, schema, storage
 from common.errors import ConfigError
 from pipelines import images, sources
+from pipelines.decoded import (
+    DECODE_CPU,
+    DECODE_END,
+    DECODE_START,
+    DECODED_SCHEMA,
+    PX_SUM,
+    PX_SUMSQ,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,21 +48,6 @@ TAR_GAP = 8 * 2**20  # a batch's tarball members are read at once unless this mu
 # from fusing decode into write, which would make each write task decode a whole file's worth of
 # images alone, one core per output file.
 WRITE_CPUS = 0.5
-ROW_GROUP_ROWS = 1024  # ~12 MB row groups at 64x64: readers stream without loading whole files
-# What decode tasks hand to write tasks: the image columns, the quarantine reason (null when the
-# image is good) and each image's per-channel pixel sum and sum of squares, for the split's stats.
-PX_SUM, PX_SUMSQ = "_px_sum", "_px_sumsq"
-# ... and when the decode phase ran: each row carries its batch's start and end (Unix time) and
-# the first row the batch's CPU seconds (0 the others), so that min, max and sum over any
-# regrouping of rows give the phase's span and CPU.
-DECODE_START, DECODE_END, DECODE_CPU = "_decode_start", "_decode_end", "_decode_cpu_s"
-DECODED_SCHEMA = pa.schema(
-    [*schema.IMAGES_SCHEMA, pa.field(schema.REASON, pa.string()),
-     pa.field(PX_SUM, pa.list_(pa.int64(), 3)), pa.field(PX_SUMSQ, pa.list_(pa.int64(), 3)),
-     pa.field(DECODE_START, pa.float64()), pa.field(DECODE_END, pa.float64()),
-     pa.field(DECODE_CPU, pa.float64())]
-)
-
 
 @dataclass(frozen=True)
 class Settings:

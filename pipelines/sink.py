@@ -1,6 +1,6 @@
 """The ingest job's Ray Data sink: write tasks that each write one Parquet file of a split.
 
-Ray lives here and in pipelines/ingest.py's driver only; ``--help`` answers without importing it.
+Ray lives here and in pipelines/decoded.py's driver only; ``--help`` answers without importing it.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
 from common import schema, storage
-from pipelines import ingest
+from pipelines import decoded
 
 
 class ImagesDatasink(Datasink):
@@ -33,17 +33,17 @@ class ImagesDatasink(Datasink):
 
     def write(self, blocks, ctx) -> dict:
         tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
-        table = pa.concat_tables(tables) if tables else ingest.DECODED_SCHEMA.empty_table()
+        table = pa.concat_tables(tables) if tables else decoded.DECODED_SCHEMA.empty_table()
         bad = pc.is_valid(table.column(schema.REASON))
         good = table.filter(pc.invert(bad)) if pc.any(bad).as_py() else table
         sums = [pc.list_flatten(good.column(c)).to_numpy().reshape(-1, 3).sum(0).tolist()
-                for c in (ingest.PX_SUM, ingest.PX_SUMSQ)]
+                for c in (decoded.PX_SUM, decoded.PX_SUMSQ)]
         good = good.select(self.schema.names).cast(self.schema)
         result = {
             "file": None, "rows": good.num_rows, "bytes": 0, "sum": sums[0], "sumsq": sums[1],
-            "decode_start": pc.min(table.column(ingest.DECODE_START)).as_py(),
-            "decode_end": pc.max(table.column(ingest.DECODE_END)).as_py(),
-            "decode_cpu_s": pc.sum(table.column(ingest.DECODE_CPU)).as_py() or 0.0,
+            "decode_start": pc.min(table.column(decoded.DECODE_START)).as_py(),
+            "decode_end": pc.max(table.column(decoded.DECODE_END)).as_py(),
+            "decode_cpu_s": pc.sum(table.column(decoded.DECODE_CPU)).as_py() or 0.0,
             "quarantine": [
                 {schema.SOURCE: r[schema.SOURCE], schema.SPLIT: self.split,
                  schema.REASON: r[schema.REASON]}
@@ -57,7 +57,7 @@ class ImagesDatasink(Datasink):
             # no dictionary and no min/max statistics for the image bytes: neither can help a
             # reader, and they cost the writer 40% of its time (snappy stays: 1% smaller files)
             small = [n for n in good.column_names if n != schema.IMAGE]
-            pq.write_table(good, path, filesystem=fs, row_group_size=ingest.ROW_GROUP_ROWS,
+            pq.write_table(good, path, filesystem=fs, row_group_size=decoded.ROW_GROUP_ROWS,
                            use_dictionary=small, write_statistics=small)
             result.update(file=rel, bytes=fs.get_file_info(path).size)
         return result

@@ -6,10 +6,10 @@ from __future__ import annotations
 import os
 
 from attacks import frontier
+from benchmarks.attack_models import fit_softmax, load_split, write_model
 from common import schema, storage
 from common.sweep import write_sweep
-from tests.attack_models import fit_softmax, load_split, write_model
-from training.templates import render
+from common.templates import render
 
 SETTINGS = ((1e-4, 0.0), (1e-4, 8.0))  # (reg, robust_eps) of the two models
 

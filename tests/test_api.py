@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.attack_models import fit_softmax, load_split, write_model
+from benchmarks.attack_models import fit_softmax, load_split, write_model
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

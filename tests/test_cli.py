@@ -50,7 +50,7 @@ def test_help_explains_every_flag():
                                          if f.default is not dataclasses.MISSING)
 
 
-@pytest.mark.parametrize("module", ["pipelines.ingest", "pipelines.sample", "pipelines.summary"])
+@pytest.mark.parametrize("module", ["pipelines.ingest", "pipelines.sample", "pipelines.preview"])
 def test_job_help_runs(module):
     out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True,
                          timeout=120, check=True).stdout
@@ -66,8 +66,8 @@ def test_verbose_is_no_setting(capsys):
     assert verbose and cfg == cli.parse(Example, ["--source", "x"])
 
 
-JOBS = ["pipelines.ingest", "pipelines.sample", "pipelines.summary", "training.train",
-        "training.sweep", "attacks.fool", "attacks.summary", "attacks.report",
+JOBS = ["pipelines.ingest", "pipelines.sample", "pipelines.preview", "training.train",
+        "training.sweep", "attacks.fool", "attacks.summary", "report.build",
         "attacks.frontier", "attacks.transfer"]
 
 
@@ -79,7 +79,7 @@ def test_help_answers_without_importing_ray_or_pyplot():
         "from common import cli",
         f"for name in {JOBS!r}:",
         "    cli.build_parser(importlib.import_module(name).Settings).format_help()",
-        "import attacks.charts, attacks.figures, attacks.tradeoff, training.templates",
+        "import report.charts, attacks.figures, report.models, common.templates",
         "print(sorted(m for m in ('ray', 'matplotlib.pyplot') if m in sys.modules))",
     ])
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -90,7 +90,7 @@ def test_help_answers_without_importing_ray_or_pyplot():
 def test_reading_commands_do_not_load_torch():
     """The attack's summary and report read Parquet and draw: torch (2 to 4 s to import on 2
     cores, once pulled in by a constant of the template attack) stays out of them."""
-    code = ("import sys, attacks.summary, attacks.report, attacks.show\n"
+    code = ("import sys, attacks.summary, report.build, report.show\n"
             "print('torch' in sys.modules, 'numba' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr

@@ -1,6 +1,6 @@
-"""The fused per-pair pieces of the dual search (attacks/dual_cpu.py) against numpy and against
-the batched torch versions in attacks/dual.py. The whole search, both ways, is checked against
-the LP in tests/test_exact.py."""
+"""The fused per-pair pieces of the dual search (attacks/methods/dual_cpu.py) against numpy and
+against the batched torch versions in attacks/methods/dual.py. The whole search, both ways, is
+checked against the LP in tests/test_exact.py."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from attacks import dual, dual_cpu
+from attacks.methods import dual, dual_cpu
 
 
 def test_root_matches_the_batched_one():

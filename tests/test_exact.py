@@ -1,7 +1,8 @@
-"""The exact attack (attacks/exact.py) against an independent LP solver (scipy's HiGHS,
-tests/lp_oracle.py), an independent numpy re-scoring, the two-class closed form and Sign. The
-tests marked ``both`` run the dual search both ways: fused per pair (attacks/dual_cpu.py, what a
-CPU runs) and as batched torch steps (what a GPU runs), here on the CPU."""
+"""The exact attack (attacks/methods/exact.py) against an independent LP solver (scipy's HiGHS,
+benchmarks/lp.py), an independent numpy re-scoring, the two-class closed form and Sign. The
+tests marked ``both`` run the dual search both ways: fused per pair
+(attacks/methods/dual_cpu.py, what a CPU runs) and as batched torch steps (what a GPU runs),
+here on the CPU."""
 
 from __future__ import annotations
 
@@ -11,16 +12,25 @@ import numpy as np
 import pytest
 import torch
 
-from attacks import dual, exact
-from attacks.dual import DENSE_C, KMAX, RIDGE, Problem, _solve, newton, onehot, search_weights
-from attacks.exact import NEWTON_STEPS, Exact
-from attacks.fooling import Fooled, pairs
-from attacks.iterative import Iterative
-from attacks.linear import LinearModel
-from attacks.sign import LEVELS, Sign
+from attacks.methods import dual, exact
+from attacks.methods.base import Fooled, pairs
+from attacks.methods.dual import (
+    DENSE_C,
+    KMAX,
+    RIDGE,
+    Problem,
+    _solve,
+    newton,
+    onehot,
+    search_weights,
+)
+from attacks.methods.exact import NEWTON_STEPS, Exact
+from attacks.methods.iterative import Iterative
+from attacks.methods.linear import LinearModel
+from attacks.methods.sign import LEVELS, Sign
+from benchmarks.attack_models import photo_model
+from benchmarks.lp import lp_minimum, value
 from common import heap
-from tests.attack_models import photo_model
-from tests.lp_oracle import lp_minimum, value
 from tests.test_fooling import numpy_verdict
 
 LP_RTOL = 1e-6  # the certificate may exceed the LP optimum by float error only
@@ -45,7 +55,7 @@ def one_thread():
 
 @pytest.fixture(params=["fused", "torch"])
 def both(request, monkeypatch):
-    """The dual search fused per pair (attacks/dual_cpu.py) or in torch's batched steps."""
+    """The dual search fused per pair (attacks/methods/dual_cpu.py) or in torch's batched steps."""
     monkeypatch.setattr(dual, "FUSED", request.param == "fused")
     return request.param
 

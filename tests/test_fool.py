@@ -20,12 +20,12 @@ import pytest
 from PIL import Image
 
 from attacks import fool, parts, summary
-from attacks.noise import noise_images
+from attacks.methods.noise import noise_images
 from benchmarks import exit_loop
+from benchmarks.attack_models import fit_softmax, load_split, write_model
 from common import dataset, schema, storage
 from common.errors import ConfigError
 from common.model import read_model
-from tests.attack_models import fit_softmax, load_split, write_model
 from tests.trees import every_file, tree_digest
 
 pytestmark = pytest.mark.slow
@@ -484,7 +484,6 @@ def test_default_batch_follows_the_device_and_its_free_memory(monkeypatch):
     import torch
 
     from attacks import worker
-
     D = 64 * 64 * 3
     assert worker.batch_pairs(torch.device("cpu"), D) == worker.CPU_BATCH
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 0)

@@ -1,10 +1,9 @@
-"""The fooling math (attacks/linear.py, fooling.py and one file per attack), against oracles:
+"""The fooling math (attacks/methods/: linear.py, base.py, one file per attack), against oracles:
 the blog's toy example, an independent numpy re-scoring of every stored image, brute-force scans,
 the two-class case where the certified bound is exact, and the regularization trade-off."""
 
 from __future__ import annotations
 
-import ast
 import math
 import subprocess
 import sys
@@ -14,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from attacks.fooling import first_success, pairs
-from attacks.iterative import Iterative
-from attacks.linear import LinearModel, measure
-from attacks.sign import Sign
-from attacks.template import TEMPLATE_RES, Template
-from tests.attack_models import fit_softmax, load_split
+from attacks.methods.base import first_success, pairs
+from attacks.methods.iterative import Iterative
+from attacks.methods.linear import LinearModel, measure
+from attacks.methods.sign import Sign
+from attacks.methods.template import TEMPLATE_RES, Template
+from benchmarks.attack_models import fit_softmax, load_split
 
 ATTACKS = (Template, Sign, Iterative)
 
@@ -195,23 +194,6 @@ def test_stronger_regularization_needs_larger_perturbations(ingested):
     for name in ("template", "sign"):
         weak, strong = medians[1e-3, name], medians[1.0, name]
         assert strong[0] > 1.2 * weak[0] and strong[1] > 1.2 * weak[1], medians
-
-
-CORE = ("linear", "fooling", "template", "sign", "iterative", "exact", "dual", "dual_cpu", "noise",
-        "parts", "rows", "worker", "summary", "figures", "outputs")
-
-
-def test_core_modules_do_not_import_ray():
-    """The math and the I/O helpers are plain numpy/torch/pyarrow; Ray lives in attacks/fool.py."""
-    core = Path(__file__).parents[1] / "attacks"
-    for name in CORE:
-        names = set()
-        for node in ast.walk(ast.parse((core / f"{name}.py").read_text())):
-            if isinstance(node, ast.Import):
-                names |= {a.name.split(".")[0] for a in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                names.add(node.module.split(".")[0])
-        assert "ray" not in names, name
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")

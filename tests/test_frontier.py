@@ -10,9 +10,10 @@ import pyarrow.dataset as ds
 import pytest
 from PIL import Image
 
-from attacks import frontier, page
+from attacks import frontier
 from common import schema, storage
 from common.errors import ConfigError
+from report import page
 
 
 @pytest.mark.slow

@@ -1,10 +1,10 @@
-"""The report's HTML pieces (attacks/page.py): numbers for people, escaping."""
+"""The report's HTML pieces (report/page.py): numbers for people, escaping."""
 
 from __future__ import annotations
 
 import pytest
 
-from attacks import page
+from report import page
 
 
 @pytest.mark.parametrize("value, shown", [

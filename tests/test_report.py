@@ -1,4 +1,4 @@
-"""The analysts' report (attacks/report.py) from a small real attack run; opened in Chromium."""
+"""The analysts' report (report/build.py) from a small real attack run; opened in Chromium."""
 
 from __future__ import annotations
 
@@ -16,12 +16,13 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from attacks import fool, report
+from attacks import fool
+from benchmarks.attack_models import fit_softmax, load_split, write_model
 from common import schema, storage
 from common.errors import ConfigError
 from common.model import write_weights
 from common.sweep import write_sweep
-from tests.attack_models import fit_softmax, load_split, write_model
+from report import build as report
 
 pytestmark = pytest.mark.slow
 

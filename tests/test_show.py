@@ -1,4 +1,4 @@
-"""attacks.show: one stored pair as a PNG, checked against the pixels read back independently."""
+"""report.show: one stored pair as a PNG, checked against the pixels read back independently."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from attacks import figures, fool, show
-from attacks.noise import noise_images
+from attacks import figures, fool
+from attacks.methods.noise import noise_images
+from benchmarks.attack_models import fit_softmax, load_split, write_model
 from common import schema, storage
 from common.errors import ConfigError
-from tests.attack_models import fit_softmax, load_split, write_model
+from report import show
 
 pytestmark = pytest.mark.slow
 
@@ -122,8 +123,7 @@ def test_results_without_images_are_refused(ingested, results, tmp_path):
 
 
 def test_a_picture_inside_the_results_is_refused_and_the_results_untouched(tmp_path):
-    from attacks import show
-
+    from report import show
     results = tmp_path / "fooling"
     results.mkdir()
     (results / "manifest.json").write_text("{}")

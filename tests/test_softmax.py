@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import ast
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -182,14 +180,6 @@ def test_cosine_schedule():
     assert epochs.lr_at(0.1, "constant", 0.9) == 0.1
 
 
-@pytest.mark.parametrize("module", ["softmax", "templates", "batches", "epochs", "weights"])
-def test_core_modules_do_not_import_ray(module):
-    tree = ast.parse((Path(__file__).parents[1] / "training" / f"{module}.py").read_text())
-    names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
-    names += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
-    assert not [n for n in names if n == "ray" or n.startswith("ray.")]
-
-
 # --- the robust objective (--robust-eps) --------------------------------------------------------
 
 
@@ -292,8 +282,8 @@ def test_robust_training_certifies_what_no_sign_attack_breaks():
     """A model trained with --robust-eps E: images its bound certifies at E resist the targeted
     sign attack at every target within E (the attack's minimal eps, clipping included, lies
     beyond), and it certifies more training images at E than the plain objective does."""
-    from attacks.linear import LinearModel
-    from attacks.sign import Sign
+    from attacks.methods.linear import LinearModel
+    from attacks.methods.sign import Sign
 
     rng = np.random.default_rng(8)
     centers = 128 + rng.normal(0, 8, (3, D))  # close classes: the plain fit certifies few at E

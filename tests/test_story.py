@@ -1,12 +1,12 @@
-"""The report's words (attacks/story.py): the headline against budget tables built by hand."""
+"""The report's words (report/story.py): the headline against budget tables built by hand."""
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 
-from attacks import story
 from common import schema
+from report import story
 
 
 def budget_table(linf: dict[str, list[float]]) -> pd.DataFrame:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training import templates
+from common import templates
 
 SHAPE = (8, 8, 3)
 

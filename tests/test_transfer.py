@@ -8,12 +8,12 @@ import pyarrow.dataset as ds
 import pytest
 
 from attacks import summary, transfer
-from attacks.linear import LinearModel
-from attacks.noise import noise_images
+from attacks.methods.linear import LinearModel
+from attacks.methods.noise import noise_images
+from benchmarks.attack_models import load_split
 from common import schema, storage
 from common.errors import ConfigError
 from common.model import read_model
-from tests.attack_models import load_split
 
 
 def stored_pairs(results: str) -> dict:

@@ -117,25 +117,14 @@ def _row(cfg: Settings, reg: float, robust_eps: float, X) -> dict:
             "val_loss": final["val_loss"], "train_loss": final["train_loss"],
             "train_top1": final["train_top1"], "w_norm": norms["W"],
             "w_pixels_norm": norms["W_pixels"], "epochs": final["epoch"],
-            "median_sign_eps": median_sign_eps(out, X), "model": out}
+            "median_sign_eps": _median_sign_eps(out, X), "model": out}
 
 
-def median_sign_eps(model: str, X) -> float:
-    """The median strength of the sign method that fools ``model`` over the images ``X`` (N, D)
-    uint8 and every target, fooled pairs only: how hard the model is to fool."""
-    import numpy as np
-    import torch
-
-    from attacks.linear import LinearModel
-    from attacks.sign import Sign
+def _median_sign_eps(model: str, X) -> float:
+    from attacks.methods.strength import median_sign_eps  # torch: imported where it is used
 
     m = read_model(model)
-    lin = LinearModel(m.W, m.b)
-    X = torch.from_numpy(X)
-    targets = torch.arange(lin.C)
-    fooled = Sign(lin)(X, lin.scores(X), targets)
-    ok = (fooled.scores.argmax(1) == targets.repeat(len(X))).numpy()
-    return float(np.median(fooled.strength.numpy()[ok])) if ok.any() else float("nan")
+    return median_sign_eps(m.W, m.b, X)
 
 
 def _val_images(data: str):

@@ -28,19 +28,18 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 from common import cli, dataset, lifecycle, progress, schema, storage
 from common.errors import ConfigError, find_config_error
+from training.settings import DEFAULT_LR, PATH, Settings
 
 # Ray, torch and the worker code are imported where they are used: --help answers without them.
 log = logging.getLogger(__name__)
 
-DEFAULT_LR = {"sgd": 3e-3, "adam": 3e-4}  # measured on photos, digits and the sample: README
 # Settings that may change when an unfinished run is resumed: they do not change the model.
 RESUMABLE = {"output", "num_workers", "use_gpu", "cpus_per_worker", "threads", "cache",
              "max_failures", "overwrite"}
-PATH = "path"  # the column Ray Data's read_parquet(include_paths=True) adds
 # Ray Data 2.60's Parquet reader lists the files of every read (each split, each epoch) through a
 # pool of footer-reading actors, 32 by default: 32 worker processes started per listing. One actor
 # reads 128 footers at a time, enough for ImageNet's few hundred files; on 2 CPUs a 2-epoch
@@ -48,53 +47,6 @@ PATH = "path"  # the column Ray Data's read_parquet(include_paths=True) adds
 FOOTER_READERS = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1"
 # What the job writes under --output besides manifest.json (what --overwrite may remove).
 OWNS = (schema.WEIGHTS_FILE, schema.METRICS_FILE, schema.TEMPLATES_FILE, schema.CHECKPOINTS_DIR)
-
-
-# The defaults follow cs231n's linear-classifier practice (normalized pixels, tiny init, SGD with
-# Nesterov momentum 0.9) plus a cosine decay, and were checked on real photographs, digits and the
-# generated sample (benchmarks/train_defaults.py): lr 3e-3 is the fastest stable rate there,
-# reg 0.1 costs no accuracy yet bounds ||W||, init std 1e-3 starts within 0.05 of ln(C).
-@dataclass(frozen=True)
-class Settings:
-    data: str = field(metadata={"help": "ingest output to train on: local path or s3://"})
-    output: str = field(metadata={"help": "where to write the model: local path or s3://"})
-    epochs: int = field(default=10, metadata={"help": "passes over the training split"})
-    batch_size: int = field(default=256, metadata={"help": "global batch, split across workers"})
-    lr: float | None = field(default=None, metadata={
-        "help": "peak learning rate, decayed by --schedule (default: 3e-3 sgd, 3e-4 adam)"})
-    reg: float = field(default=0.1, metadata={"help": "L2 strength: loss += 0.5 * reg * ||W||^2"})
-    robust_eps: float = field(default=0.0, metadata={
-        "help": "L-inf radius in pixel levels (0..255): train on the certified upper bound of "
-                "the worst-case cross-entropy within it (0: the plain cross-entropy)"})
-    optimizer: str = field(default="sgd", metadata={
-        "help": "sgd: Nesterov momentum; adam", "choices": ("sgd", "adam")})
-    momentum: float = field(default=0.9, metadata={"help": "momentum of sgd"})
-    schedule: str = field(default="cosine", metadata={
-        "help": "learning rate over the run", "choices": ("cosine", "constant")})
-    init_std: float = field(default=1e-3, metadata={
-        "help": "std of the initial weights: small, so the first loss is near ln(C)"})
-    seed: int = field(default=0, metadata={"help": "initial weights and shuffling"})
-    num_workers: int = field(default=1, metadata={"help": "Ray Train workers (DDP ranks)"})
-    use_gpu: bool = field(default=False, metadata={"help": "one GPU per worker, NCCL"})
-    cpus_per_worker: float = field(default=1.0, metadata={"help": "CPUs each worker reserves"})
-    threads: int | None = field(default=None, metadata={
-        "help": "torch threads per worker on CPU (default: its reserved CPUs, at least 1)"})
-    cache: bool | None = field(default=None, metadata={
-        "help": "hold each worker's shard in memory when it fits (default: on GPU only)"})
-    shuffle: str = field(default="global", metadata={
-        "help": "global: Ray Data shuffles the whole split (seeded) before each epoch, as "
-                "ingest writes its files in class order; local: only each worker's buffer "
-                "(reading overlaps training: for pre-shuffled data)",
-        "choices": ("global", "local")})
-    shuffle_buffer: int = field(default=4096, metadata={
-        "help": "rows in each worker's shuffle buffer, reshuffled every epoch when streaming"})
-    max_failures: int = field(default=3, metadata={
-        "help": "worker failures to recover from, each from the latest checkpoint"})
-    overwrite: bool = field(default=False, metadata={"help": "replace an existing model"})
-
-    @property
-    def peak_lr(self) -> float:
-        return self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
 
 
 # --- on the driver -----------------------------------------------------------------------------
@@ -241,7 +193,6 @@ def build_trainer(cfg: Settings, manifest: dict, fail_at_epoch: int | None = Non
 def _final_state(cfg: Settings, result) -> dict:
     """The last checkpoint's state; a run that stopped early diverged (training/worker.py)."""
     from training import weights
-
     state = None
     if result.checkpoint is not None:
         ckpt = result.checkpoint
@@ -277,7 +228,6 @@ def run(cfg: Settings, *, fail_at_epoch: int | None = None) -> dict:
     ``fail_at_epoch`` (tests only): inject a worker failure midway through that epoch.
     """
     from training import weights
-
     t0 = time.perf_counter()
     data = check(cfg)
     out = output(cfg)

@@ -18,9 +18,9 @@ import math
 import numpy as np
 import torch
 
-from common import dataset, lifecycle, schema, storage
+from common import dataset, lifecycle, schema, storage, templates
 from common.model import write_weights
-from training import softmax, templates
+from training import softmax
 from training.epochs import significant
 
 

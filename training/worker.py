@@ -26,7 +26,7 @@ from ray.data.collate_fn import ArrowBatchCollateFn
 from common import cli, dataset, progress, schema
 from common.errors import ConfigError
 from training import batches, epochs, softmax, weights
-from training.train import PATH, Settings
+from training.settings import PATH, Settings
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The frontier figure and the transfer matrix (attacks/tradeoff.py), from hand-made rows."""
+"""The frontier figure and the transfer matrix (report/models.py), from hand-made rows."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import re
 import numpy as np
 from PIL import Image
 
-from attacks import tradeoff
-from attacks.charts import to_png
+from attacks import frontier
+from attacks.figures import to_png
+from report import models
 
 
 def row(reg: float, eps: float, top1: float, median: float | None) -> dict:
@@ -22,7 +23,7 @@ ROWS = [row(1.0, 0, 0.70, 30), row(1e-4, 0, 0.80, 10), row(0.1, 0, 0.78, 20),
 
 
 def test_curves_split_l2_from_robust_and_order_them():
-    c = tradeoff.curves(ROWS)
+    c = frontier.curves(ROWS)
     assert [r["reg"] for r in c["L2"]] == [1e-4, 0.1, 1.0]
     # the robust series starts at the plain model of its reg
     assert [r["robust_eps"] for r in c["robust, reg=0.1"]] == [0, 2, 8, 16]
@@ -32,7 +33,7 @@ def test_curves_split_l2_from_robust_and_order_them():
 def test_frontier_figure_draws_each_point_and_its_templates():
     thumb = io.BytesIO()
     Image.fromarray(np.full((40, 60, 3), 200, np.uint8)).save(thumb, format="PNG")
-    fig = tradeoff.frontier_figure(ROWS, {r["model"]: thumb.getvalue() for r in ROWS})
+    fig = frontier.frontier_figure(ROWS, {r["model"]: thumb.getvalue() for r in ROWS})
     ax = fig.axes[0]
     lines = {line.get_label(): line for line in ax.get_lines()}
     assert list(lines["L2"].get_xdata()) == [10, 20, 30]
@@ -46,6 +47,6 @@ def test_transfer_matrix_has_a_cell_per_pair_and_marks_the_diagonal():
     rows = [{"source_model": "/s/a", "scoring_model": s, "same_model": s == "/s/a",
              "method": "sign", "origin": o, "target_rate": rate, "moved_rate": 1.0}
             for s, rate in (("/s/a", 0.9), ("/s/b", 0.25)) for o in ("val", "noise")]
-    page = tradeoff.transfer_matrix(rows)
+    page = models.transfer_matrix(rows)
     assert page.count("<table>") == 1 and "<b>90.0% (100.0%)</b>" in page
     assert re.search(r"<th>a</th><td><b>90.0%.*</b></td><td>25.0% \(100.0%\)</td>", page)

@@ -1,6 +1,6 @@
 """One fooling image as a picture: original | amplified change | fooling image, as in the blog.
 
-    python -m attacks.show --results out/fooling --image-id ILSVRC2012_val_00000001 \\
+    python -m report.show --results out/fooling --image-id ILSVRC2012_val_00000001 \\
         --target 7 [--method exact] --output fooling.png
 
 Reads the stored pair (local or s3:// results; only the row group that holds it), the image it
@@ -16,9 +16,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from attacks import examples, figures, story
+from attacks import examples, figures
 from common import cli, lifecycle, schema, storage
 from common.errors import ConfigError
+from report import story
 
 log = logging.getLogger(__name__)
 

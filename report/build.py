@@ -1,6 +1,6 @@
 """The analysts' report: one static HTML page that tells what the attack run found.
 
-    python -m attacks.report --results out/fooling --output out/report \\
+    python -m report --results out/fooling --output out/report \\
         [--model out/model] [--sweep out/sweep] [--frontier out/frontier] \\
         [--transfer out/transfer]
 
@@ -10,7 +10,7 @@ weights and manifest, the data's manifest, and a regularization sweep when given
 ``index.html`` (every picture it shows embedded: it opens offline, from anywhere; under BUDGET_MB
 also at 1,000 classes), the full-size figures it links beside it under ``figures/``, and
 ``manifest.json``. It reads summary tables and a bounded number of partitions, never every pair,
-so it takes about as long on 50M pairs as on a thousand. The sections are in attacks/sections.py.
+so it takes about as long on 50M pairs as on a thousand. The sections are in report/sections.py.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 
-from attacks import examples, page, sections, story, summary
+from attacks import examples, summary
 from common import cli, lifecycle, schema, storage
+from report import page, sections, story
 
 log = logging.getLogger(__name__)
 

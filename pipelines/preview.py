@@ -1,6 +1,6 @@
 """Print what an ingest wrote, reading it back with pyarrow alone.
 
-    python -m pipelines.summary --data out/imagenet64 [--preview preview.png]
+    python -m pipelines.preview --data out/imagenet64 [--preview preview.png]
 
 Refuses an output without manifest.json. Reads the quarantine table and the first rows of each
 split back from Parquet, and can save a picture of a few images per class.

@@ -9,7 +9,7 @@ weights lambda >= 0 on the rivals (``g = sum_k lambda_k a_k``, the room ``R_j`` 
     h(lambda, eps) = sum_k lambda_k q_k + sum_j |g_j| min(eps, R_j)
                    = max over x' in B(eps) of sum_k lambda_k (q_k + a_k . (x' - x)),
 
-reached at the corner ``clip(x + eps sign(g), 0, 255)`` (the sign step of attacks/sign.py along
+reached at the corner ``clip(x + eps sign(g), 0, 255)`` (the sign step of sign.py along
 sign(g)). ``h`` is nondecreasing and piecewise linear in eps with breakpoints at the integers
 (rooms are integers): its root ``r(lambda)`` comes from one 256-bin histogram of |g| over R. For
 every lambda, no image closer than ``r(lambda)`` beats all rivals (it would make h >= 0), and by
@@ -23,7 +23,7 @@ per pair: (1) SMO on r(lambda) over the KMAX nearest rivals by the Hoelder ratio
 ||a_k||_1`` (move weight from the most satisfied rival to the most violated one of the corner at
 the root, regula falsi on the segment) gives the first certificate and e, and its corner at e is
 scored; then in stages for the pairs it does not win, (2) Newton's method on h(., e)
-(attacks/dual.py: a line search on h over its kinks, a smoothed Hessian from the pixels nearest
+(dual.py: a line search on h over its kinks, a smoothed Hessian from the pixels nearest
 a kink), which reaches the LP's duals. Where even they leave h < 0, no image within e beats
 these rivals: their root, beyond e, is the better certificate and e moves up. Elsewhere (3)
 their corner at e is scored, and where one of these rivals beats it, the same corner with the
@@ -33,7 +33,7 @@ minimum over all images, proved by the certificate (where the best root is not a
 Newton's weights at e - 1 give one that is). If not, the classes that beat it join the rivals
 and the next stage starts from Newton's weights. No LP solver: products with W's rows,
 histograms and (K, K) solves (batched over pairs in torch on a GPU, fused per pair on a CPU:
-attacks/dual.py, attacks/dual_cpu.py).
+dual.py, dual_cpu.py).
 
 Only numpy and torch here: no Ray, no storage.
 """
@@ -42,10 +42,10 @@ from __future__ import annotations
 
 import torch
 
-from attacks.dual import Problem, newton, onehot, search_weights
-from attacks.fooling import Fooled, expand, first_success, pairs, pairs_that_fit
-from attacks.iterative import Iterative
-from attacks.sign import Sign
+from attacks.methods.base import Fooled, expand, first_success, pairs, pairs_that_fit
+from attacks.methods.dual import Problem, newton, onehot, search_weights
+from attacks.methods.iterative import Iterative
+from attacks.methods.sign import Sign
 
 STAGES = 6  # Newton's method at e, then a step that is scored (after the root search's step)
 ROOT_CALLS = 8  # root evaluations per pair of the first search (the first certificate and e)
@@ -235,10 +235,10 @@ class Exact(Sign):
 
 
 def compile_cpu() -> None:
-    """Compiles the fused CPU search (attacks/dual_cpu.py, numba, cached on disk next to its
+    """Compiles the fused CPU search (dual_cpu.py, numba, cached on disk next to its
     source) on a tiny random problem: otherwise the first exact attack of a fresh install takes
-    about 25 s longer (2 CPUs). ``make install`` runs it (``python -m attacks.exact``)."""
-    from attacks.linear import LinearModel
+    about 25 s longer (2 CPUs). ``make install`` runs it (``python -m attacks.methods.exact``)."""
+    from attacks.methods.linear import LinearModel
 
     rng = torch.Generator().manual_seed(0)
     W = torch.randn(20, 48, generator=rng) * 1e-3

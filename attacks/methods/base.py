@@ -15,7 +15,7 @@ on the stored image; only where clipping or rounding break linearity does a sear
 then bisection) re-score more candidates. Where a pair passes at k, one cheap dot product usually
 proves that k - 1 fails (``s_t - s_k*`` for one competitor k* on the stored k - 1 image); a full
 re-score settles the rest. So the reported k passes and k - 1 does not. ``Sign`` replaces this
-search with an exact one (attacks/sign.py): its eps is the smallest in 1..255, clipping included.
+search with an exact one (sign.py): its eps is the smallest in 1..255, clipping included.
 
 Only numpy and torch here: no Ray, no storage.
 """
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from attacks.linear import LinearModel, passes
+from attacks.methods.linear import LinearModel, passes
 from common import heap
 
 CERT_RTOL = 1e-5  # a one-competitor proof of failure needs a margin beyond this relative error

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from attacks.fooling import Attack, Fooled, pairs
+from attacks.methods.base import Attack, Fooled, pairs
 
 STEPS_PER_LEVEL = 2  # steps taken at each ball radius before it grows by one level
 COMPACT_AT = 0.75  # rows of finished pairs are dropped once fewer than this fraction still walk

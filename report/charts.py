@@ -7,16 +7,13 @@ Every function returns PNG bytes; drawn on matplotlib Figure objects (no pyplot,
 
 from __future__ import annotations
 
-import io
-
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # no pyplot: no global state, no backend to pick
 
-from attacks.figures import short  # noqa: E402
+from attacks.figures import short, to_png  # noqa: E402
 from common.schema import METHODS
 
-DPI = 110
 COLORS = {"template": "tab:blue", "sign": "tab:orange", "iterative": "tab:green",
           "exact": "tab:red"}
 AXIS_NAMES = {"linf_q50": "median L-inf", "linf_mean": "mean L-inf"}
@@ -27,12 +24,6 @@ def in_order(methods) -> list[str]:
     """The distinct methods in the attack job's order (template, sign, iterative, exact)."""
     return sorted(set(methods), key=lambda m: (m not in METHODS, METHODS.index(m)
                                                if m in METHODS else 0, m))
-
-
-def to_png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
-    return buf.getvalue()
 
 
 def budget_curves(budget: pd.DataFrame) -> bytes:

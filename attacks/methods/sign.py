@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from attacks.fooling import CERT_RTOL, Fooled, StepAttack
+from attacks.methods.base import CERT_RTOL, Fooled, StepAttack
 
 LEVELS = 256
 MAX_ROUNDS = LEVELS  # each round rules out one eps at least: the search always ends
@@ -41,7 +41,7 @@ class Sign(StepAttack):
 
     name = "sign"
     res = 1
-    softmax_confidence = True  # a confidence P means p_t >= P (attacks/exact.py: each margin)
+    softmax_confidence = True  # a confidence P means p_t >= P (exact.py: each margin)
 
     def direction(self, X, S, targets):
         """d (P, D) int8 = sign(W[t] - p @ W), built image x target without gathers; g = W d."""

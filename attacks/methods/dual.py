@@ -1,4 +1,4 @@
-"""The LP dual of the minimal L-inf fooling distance, for one chunk of pairs (attacks/exact.py).
+"""The LP dual of the minimal L-inf fooling distance, for one chunk of pairs (exact.py).
 
 For weights lambda (P, K) on K rivals per pair, ``g = sum_k lambda_k (W[t] - W[k])`` and
 
@@ -11,7 +11,7 @@ root; ``newton`` minimizes h(., eps) (Newton directions from the density of h's 
 search on h itself), which reaches the LP's duals; ``Problem.balanced`` is the LP's basic solution
 for them. Shapes: x (P, D) uint8 pixels in 0..255, margins q (P, K) in score units. These are
 batched torch steps over (P, K, D) rows, what a GPU runs; on a CPU ``search_weights``, ``newton``
-and the certificate's root run the same steps fused per pair (attacks/dual_cpu.py, ``FUSED``),
+and the certificate's root run the same steps fused per pair (dual_cpu.py, ``FUSED``),
 with W's rows read by index instead of the rows W[t] - W[k].
 
 Only numpy, torch and numba here: no Ray, no storage.
@@ -23,9 +23,9 @@ import functools
 
 import torch
 
-from attacks import dual_cpu
-from attacks.linear import BOUND_SLACK, LinearModel, _round_down
-from attacks.sign import LEVELS
+from attacks.methods import dual_cpu
+from attacks.methods.linear import BOUND_SLACK, LinearModel, _round_down
+from attacks.methods.sign import LEVELS
 
 KMAX = 8  # rivals in the dual search, nearest first (random 1,000-class models bind more)
 LINE_STEPS = 3  # evaluations per line search before it settles on its best point
@@ -317,7 +317,7 @@ def newton(prob: Problem, lam: torch.Tensor, eps: torch.Tensor, steps: int,
     the weights' root, and the search goes on there. Returns the weights, h there (P,) (the
     LP's best worst-case margin at eps, from above), eps (P,), and the weights' g (P, D) float32
     and root r (P,) (float32 products: to steer). On a CPU the same steps run fused per pair
-    (attacks/dual_cpu.py).
+    (dual_cpu.py).
     """
     if fused(lam):
         return _newton_cpu(prob, lam, eps, steps, until_feasible)
@@ -386,13 +386,13 @@ def newton(prob: Problem, lam: torch.Tensor, eps: torch.Tensor, steps: int,
 
 
 def fused(v: torch.Tensor) -> bool:
-    """Whether the search over tensors on v's device runs fused per pair (attacks/dual_cpu.py):
+    """Whether the search over tensors on v's device runs fused per pair (dual_cpu.py):
     on a CPU, 2x faster than the batched torch steps, which run on a GPU."""
     return FUSED and v.device.type == "cpu"
 
 
 def _newton_cpu(prob: Problem, lam, eps, steps: int, until_feasible: bool):
-    """``newton`` on a CPU: the same steps, fused per pair (attacks/dual_cpu.py)."""
+    """``newton`` on a CPU: the same steps, fused per pair (dual_cpu.py)."""
     out = dual_cpu.newton(
         *_fused_rows(prob), _np(prob.q), _np(lam), _np(eps), _np(prob.x, None), steps,
         until_feasible, _grid("cpu").numpy(), BIN_SHIFT, FIRST_BIN, KERNEL, TAU_FLOOR, DAMP,

@@ -16,13 +16,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from attacks import charts, examples, figures, frontier, page, story
+from attacks import examples, figures
 from common import schema, storage
 from common.errors import ConfigError
 from common.model import Model, read_model
 from common.sweep import read_sweep
-from training.templates import render as render_templates
-from training.templates import short_name, to_images
+from common.templates import render as render_templates
+from common.templates import short_name, to_images
+from report import charts, models, page, story
 
 SAMPLE_MARK = "sample.json"  # pipelines.sample writes it beside the images it makes
 TEMPLATES_SHOWN = 48  # templates drawn inline; all of them are in figures/templates.png
@@ -270,7 +271,7 @@ def sweep(f: Facts) -> list[page.Section]:
 
 def tradeoff(f: Facts) -> list[page.Section]:
     """The frontier (accuracy against fooling strength) and the transfer matrix, when given."""
-    parts, files = frontier.report_parts(f.frontier, f.transfer, page.img)
+    parts, files = models.model_sections(f.frontier, f.transfer, page.img)
     f.files.update(files)
     return [page.Section(title, body) for title, body in parts]
 

@@ -1,6 +1,7 @@
 """The exact minimal L-inf fooling distance of a linear classifier, from a general LP solver.
 
-The oracle of attacks/exact.py: an independent formulation, solved by scipy's HiGHS in float64.
+The oracle of attacks/methods/exact.py: an independent formulation, solved by scipy's HiGHS in
+float64.
 For an image x0 (D,) in 0..255, a target t and margins ``q_k = s_t - s_k - margin`` (k != t),
 ``value(eps)`` is the LP
 

@@ -6,8 +6,8 @@ respect to the image is W[t], so adding a little of the class template makes the
 
 from __future__ import annotations
 
-from attacks.fooling import StepAttack
-from attacks.linear import LinearModel
+from attacks.methods.base import StepAttack
+from attacks.methods.linear import LinearModel
 from common.schema import TEMPLATE_RES
 
 

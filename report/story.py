@@ -12,8 +12,8 @@ import math
 
 import pandas as pd
 
-from attacks.page import esc, number, percent
 from common import schema
+from report.page import esc, number, percent
 
 METHOD_TEXT = {
     "template": "adds a multiple of the target class's template W[t] to the image, the blog's "
