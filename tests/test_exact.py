@@ -1,7 +1,7 @@
 """The exact attack (attacks/methods/exact.py) against an independent LP solver (scipy's HiGHS,
 benchmarks/lp.py), an independent numpy re-scoring, the two-class closed form and Sign. The
 tests marked ``both`` run the dual search both ways: fused per pair
-(attacks/methods/dual_cpu.py, what a CPU runs) and as batched torch steps (what a GPU runs),
+(attacks/methods/search_numba.py, what a CPU runs) and as batched torch steps (what a GPU runs),
 here on the CPU."""
 
 from __future__ import annotations
@@ -12,9 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from attacks.methods import dual, exact
+from attacks.methods import exact, search_torch
 from attacks.methods.base import Fooled, pairs
-from attacks.methods.dual import (
+from attacks.methods.exact import NEWTON_STEPS, Exact
+from attacks.methods.iterative import Iterative
+from attacks.methods.linear import LinearModel
+from attacks.methods.search_torch import (
     DENSE_C,
     KMAX,
     RIDGE,
@@ -24,9 +27,6 @@ from attacks.methods.dual import (
     onehot,
     search_weights,
 )
-from attacks.methods.exact import NEWTON_STEPS, Exact
-from attacks.methods.iterative import Iterative
-from attacks.methods.linear import LinearModel
 from attacks.methods.sign import LEVELS, Sign
 from benchmarks.attack_models import photo_model
 from benchmarks.lp import lp_minimum, value
@@ -55,8 +55,9 @@ def one_thread():
 
 @pytest.fixture(params=["fused", "torch"])
 def both(request, monkeypatch):
-    """The dual search fused per pair (attacks/methods/dual_cpu.py) or in torch's batched steps."""
-    monkeypatch.setattr(dual, "FUSED", request.param == "fused")
+    """The dual search fused per pair (attacks/methods/search_numba.py) or in torch's batched
+    steps."""
+    monkeypatch.setattr(search_torch, "FUSED", request.param == "fused")
     return request.param
 
 

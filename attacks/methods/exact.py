@@ -23,7 +23,7 @@ per pair: (1) SMO on r(lambda) over the KMAX nearest rivals by the Hoelder ratio
 ||a_k||_1`` (move weight from the most satisfied rival to the most violated one of the corner at
 the root, regula falsi on the segment) gives the first certificate and e, and its corner at e is
 scored; then in stages for the pairs it does not win, (2) Newton's method on h(., e)
-(dual.py: a line search on h over its kinks, a smoothed Hessian from the pixels nearest
+(search_torch.py: a line search on h over its kinks, a smoothed Hessian from the pixels nearest
 a kink), which reaches the LP's duals. Where even they leave h < 0, no image within e beats
 these rivals: their root, beyond e, is the better certificate and e moves up. Elsewhere (3)
 their corner at e is scored, and where one of these rivals beats it, the same corner with the
@@ -33,7 +33,7 @@ minimum over all images, proved by the certificate (where the best root is not a
 Newton's weights at e - 1 give one that is). If not, the classes that beat it join the rivals
 and the next stage starts from Newton's weights. No LP solver: products with W's rows,
 histograms and (K, K) solves (batched over pairs in torch on a GPU, fused per pair on a CPU:
-dual.py, dual_cpu.py).
+search_torch.py, search_numba.py).
 
 Only numpy and torch here: no Ray, no storage.
 """
@@ -43,8 +43,8 @@ from __future__ import annotations
 import torch
 
 from attacks.methods.base import Fooled, expand, first_success, pairs, pairs_that_fit
-from attacks.methods.dual import Problem, newton, onehot, search_weights
 from attacks.methods.iterative import Iterative
+from attacks.methods.search_torch import Problem, newton, onehot, search_weights
 from attacks.methods.sign import Sign
 
 STAGES = 6  # Newton's method at e, then a step that is scored (after the root search's step)
@@ -235,7 +235,7 @@ class Exact(Sign):
 
 
 def compile_cpu() -> None:
-    """Compiles the fused CPU search (dual_cpu.py, numba, cached on disk next to its
+    """Compiles the fused CPU search (search_numba.py, numba, cached on disk next to its
     source) on a tiny random problem: otherwise the first exact attack of a fresh install takes
     about 25 s longer (2 CPUs). ``make install`` runs it (``python -m attacks.methods.exact``)."""
     from attacks.methods.linear import LinearModel

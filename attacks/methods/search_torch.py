@@ -11,7 +11,7 @@ root; ``newton`` minimizes h(., eps) (Newton directions from the density of h's 
 search on h itself), which reaches the LP's duals; ``Problem.balanced`` is the LP's basic solution
 for them. Shapes: x (P, D) uint8 pixels in 0..255, margins q (P, K) in score units. These are
 batched torch steps over (P, K, D) rows, what a GPU runs; on a CPU ``search_weights``, ``newton``
-and the certificate's root run the same steps fused per pair (dual_cpu.py, ``FUSED``),
+and the certificate's root run the same steps fused per pair (search_numba.py, ``FUSED``),
 with W's rows read by index instead of the rows W[t] - W[k].
 
 Only numpy, torch and numba here: no Ray, no storage.
@@ -23,7 +23,7 @@ import functools
 
 import torch
 
-from attacks.methods import dual_cpu
+from attacks.methods import search_numba
 from attacks.methods.linear import BOUND_SLACK, LinearModel, _round_down
 from attacks.methods.sign import LEVELS
 
@@ -47,7 +47,7 @@ CERT_CHUNK = 16  # pairs per float64 product of the certificate: CERT_CHUNK x K 
 GPU_CERT_CHUNK = 512  # on a GPU (2.8 GB for K = 56 at 64x64x3)
 ROWS_CHUNK = 1024  # pairs whose rival rows are gathered at once (diff_rows)
 COMPACT_AT = 0.75  # the search drops settled pairs once fewer than this fraction still move
-FUSED = True  # on a CPU, the root search and Newton's method run fused per pair (dual_cpu.py)
+FUSED = True  # on a CPU, the root search and Newton's method run fused per pair (search_numba.py)
 
 
 class Problem:
@@ -133,7 +133,7 @@ class Problem:
             coef.scatter_add_(1, self.t[:, None], lam.sum(1, keepdim=True))
             return coef @ self.model.W.to(dtype)
         if self.A is None and dtype == torch.float32:  # fused: from W's rows, none stored
-            return torch.from_numpy(dual_cpu.combine(*_fused_rows(self), _np(lam)))
+            return torch.from_numpy(search_numba.combine(*_fused_rows(self), _np(lam)))
         return torch.bmm(lam[:, None, :], self.rows().to(dtype))[:, 0]
 
     def margins(self, step: torch.Tensor) -> torch.Tensor:
@@ -222,7 +222,7 @@ class Problem:
         c = (lam * (b[t].double()[:, None] - b[rivals].double() - self.margin)).sum(1)
         lq = c + (g * self.x.double()).sum(1)
         if fused(g):
-            r = torch.from_numpy(dual_cpu.roots(g.contiguous().numpy(), _np(self.x, None),
+            r = torch.from_numpy(search_numba.roots(g.contiguous().numpy(), _np(self.x, None),
                                                 lq.contiguous().numpy()))
         else:
             r, _ = root(self.histogram(g), lq)
@@ -317,7 +317,7 @@ def newton(prob: Problem, lam: torch.Tensor, eps: torch.Tensor, steps: int,
     the weights' root, and the search goes on there. Returns the weights, h there (P,) (the
     LP's best worst-case margin at eps, from above), eps (P,), and the weights' g (P, D) float32
     and root r (P,) (float32 products: to steer). On a CPU the same steps run fused per pair
-    (dual_cpu.py).
+    (search_numba.py).
     """
     if fused(lam):
         return _newton_cpu(prob, lam, eps, steps, until_feasible)
@@ -386,14 +386,14 @@ def newton(prob: Problem, lam: torch.Tensor, eps: torch.Tensor, steps: int,
 
 
 def fused(v: torch.Tensor) -> bool:
-    """Whether the search over tensors on v's device runs fused per pair (dual_cpu.py):
+    """Whether the search over tensors on v's device runs fused per pair (search_numba.py):
     on a CPU, 2x faster than the batched torch steps, which run on a GPU."""
     return FUSED and v.device.type == "cpu"
 
 
 def _newton_cpu(prob: Problem, lam, eps, steps: int, until_feasible: bool):
-    """``newton`` on a CPU: the same steps, fused per pair (dual_cpu.py)."""
-    out = dual_cpu.newton(
+    """``newton`` on a CPU: the same steps, fused per pair (search_numba.py)."""
+    out = search_numba.newton(
         *_fused_rows(prob), _np(prob.q), _np(lam), _np(eps), _np(prob.x, None), steps,
         until_feasible, _grid("cpu").numpy(), BIN_SHIFT, FIRST_BIN, KERNEL, TAU_FLOOR, DAMP,
         FEASIBLE, LINE_OCTAVES)
@@ -487,7 +487,7 @@ def search_weights(prob: Problem, lam: torch.Tensor, calls: int):
     weights (P, K), their root r (P,) and h's slope in eps there (P,).
     """
     if fused(lam):
-        out = dual_cpu.search(*_fused_rows(prob), _np(prob.q), _np(lam), _np(prob.x, None),
+        out = search_numba.search(*_fused_rows(prob), _np(prob.q), _np(lam), _np(prob.x, None),
                               calls, LINE_STEPS, CONVERGED)
         return tuple(torch.from_numpy(v) for v in out)
     P, K = lam.shape

@@ -1,4 +1,4 @@
-"""The LP dual's searches (dual.py ``newton``, ``search_weights``), fused per pair for CPUs.
+"""The LP dual's searches (search_torch.py ``newton``, ``search_weights``), fused per pair for CPUs.
 
 The same iteration as the batched torch version, one pair at a time in compiled loops (numba):
 a Newton step reads the rows of W for the target and the rivals three times (g and the corner's
@@ -84,7 +84,7 @@ def _ends(xj, e):
 
 @numba.njit(cache=True, error_model="numpy")
 def _root(hist, lq):
-    """Root in eps of ``lq + sum_r hist_r min(eps, r)`` and the slope there (dual.py
+    """Root in eps of ``lq + sum_r hist_r min(eps, r)`` and the slope there (search_torch.py
     ``root``): inf where it stays negative up to 255."""
     n = hist.shape[0]
     total = 0.0
@@ -166,7 +166,7 @@ def _solve(Mx, rhs):
 
 @numba.njit(cache=True, error_model="numpy")
 def _kkt_step(H, grad, free, damp):
-    """The Newton step on the simplex over the free rivals (dual.py ``_kkt_step``)."""
+    """The Newton step on the simplex over the free rivals (search_torch.py ``_kkt_step``)."""
     K = grad.shape[0]
     Hf = np.eye(K)
     for a in range(K):
@@ -198,7 +198,7 @@ def _kkt_step(H, grad, free, damp):
 def _pass_line(W, rows, d, g, x, e, corner, gd, kink, bins_hist, bin_shift, first_bin):
     """gd = d . A (float32), the slope of h along d at 0 from the corner (returned without the
     d . q term), and the histogram of the slope's rises ``|gd_j| span_j`` binned by the float32
-    bits of the kinks -g_j / gd_j (dual.py ``line_min``)."""
+    bits of the kinks -g_j / gd_j (search_torch.py ``line_min``)."""
     D = W.shape[1]
     n = bins_hist.shape[0] - 1
     mask = (1 << (32 - bin_shift)) - 1
@@ -361,7 +361,7 @@ def _line_step(slope0, hist, grid):
 @numba.njit(cache=True, error_model="numpy")
 def newton(W, rows, q, lam0, eps, x, steps, until_feasible, grid, bin_shift, first_bin,
            kernel, tau_floor, damp, feasible, octaves):
-    """Newton's method on h(., eps) for every pair (dual.py ``newton``, the same steps):
+    """Newton's method on h(., eps) for every pair (search_torch.py ``newton``, the same steps):
     W (C, D) float32, rows (P, 1 + K) int64 (each pair's target, then its rivals), q (P, K) and
     lam0 (P, K) float64, eps (P,) float64, x (P, D) uint8.
     Returns the weights (P, K), h there (P,), eps (P,) (moved up where h < 0), and the weights'
@@ -417,7 +417,7 @@ def newton(W, rows, q, lam0, eps, x, steps, until_feasible, grid, bin_shift, fir
 @numba.njit(cache=True, fastmath=_FLAGS, error_model="numpy")
 def _evaluate(W, rows, lam, q, x, g, step, M, rooms):
     """At the root r of h(lam, .) (inf: t cannot win): the corner's rival margins M (float64,
-    float32 products) and h's slope in eps (dual.py ``Problem.evaluate``)."""
+    float32 products) and h's slope in eps (search_torch.py ``Problem.evaluate``)."""
     _combine(W, rows, lam, g)
     r, slope = _rooms(g, x, (lam * q).sum(), rooms)
     e = np.float32(min(r, 255.0))
@@ -430,7 +430,7 @@ def _evaluate(W, rows, lam, q, x, g, step, M, rooms):
 
 @numba.njit(cache=True, error_model="numpy")
 def search(W, rows, q, lam0, x, calls, line_steps, converged):
-    """SMO with regula falsi on the root r(lam) for every pair (dual.py
+    """SMO with regula falsi on the root r(lam) for every pair (search_torch.py
     ``search_weights``): weight moves from o (the most satisfied rival with weight) to v (the
     most violated) along a segment, whose best point found in ``line_steps`` evaluations becomes
     the next base; a pair stops once settled (no margin short by more than ``converged`` times
