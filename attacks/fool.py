@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 
 from attacks import outputs, parts
 from attacks.methods.linear import LinearModel
+from attacks.pairs import Pairs
 from attacks.worker import ATTACKS, CPU_BATCH, GPU_BATCH_MAX, FoolWorker, Job
 from common import cli, dataset, lifecycle, progress, schema
 from common.errors import ConfigError
@@ -180,10 +181,10 @@ def _run_parts(cfg: Settings, todo: list[dict], job: Job, model: Model, facts: d
     workers = cfg.workers or (gpus if cfg.use_gpu else int(ray.cluster_resources().get("CPU", 1)))
     refs = ray.put((model.W, model.b, facts))
     resources = {"num_gpus": 1} if cfg.use_gpu else {"num_cpus": 1}
-    pairs = sum((p["chunk"]["stop"] - p["chunk"]["start"]) * len(p["targets"]) for p in todo)
+    pairs = sum(p.pairs for p in todo)
     with progress.watch(log, "attack", pairs, "pairs") as counter:
         for attempt in range(1, ATTEMPTS + 1):
-            ds = ray.data.from_items([{"part": json.dumps(p)} for p in todo],
+            ds = ray.data.from_items([{"part": p.to_json()} for p in todo],
                                      override_num_blocks=len(todo))
             with warnings.catch_warnings():  # Ray's own way to turn restarts off (its comment
                 # in actor_pool_map_operator.py) also warns that extra arguments are deprecated
@@ -198,7 +199,7 @@ def _run_parts(cfg: Settings, todo: list[dict], job: Job, model: Model, facts: d
                 break
             except ray.exceptions.RayActorError as e:
                 done = parts.done_keys(cfg.output)
-                todo = [p for p in todo if p["key"] not in done]
+                todo = [p for p in todo if p.key not in done]
                 if attempt == ATTEMPTS:
                     raise
                 log.warning("a worker was lost (%s); running the %d parts not done again",
@@ -246,7 +247,7 @@ def run(cfg: Settings, *, kill_worker_once: str | None = None) -> dict:
         cfg.noise_images)
     all_parts = parts.plan_parts(chunks, cfg.methods, inputs.targets, cfg.targets_per_part)
     done = parts.done_keys(cfg.output)
-    todo = [p for p in all_parts if p["key"] not in done]
+    todo = [p for p in all_parts if p.key not in done]
     log.info("%d parts (%d done before), %d pairs per method", len(all_parts),
              len(all_parts) - len(todo), (inputs.n_val + cfg.noise_images) * len(inputs.targets))
     t = time.perf_counter()
@@ -255,12 +256,13 @@ def run(cfg: Settings, *, kill_worker_once: str | None = None) -> dict:
     t = time.perf_counter()
     _run_parts(cfg, todo, job, inputs.model, facts)
     timings["attack_s"] = round(time.perf_counter() - t, 3)
-    markers = parts.read_markers(cfg.output, [p["key"] for p in all_parts])
+    markers = parts.read_markers(cfg.output, [p.key for p in all_parts])
     files = _check_rows(all_parts, markers)
     t = time.perf_counter()
-    files += outputs.write_summary(cfg.output, cfg.methods, inputs.targets)
+    pairs = Pairs(job.output, files)  # what the summary and the figures read back
+    files += outputs.write_summary(pairs, cfg.methods, inputs.targets)
     model = LinearModel(inputs.model.W, inputs.model.b, facts=facts)
-    files += outputs.write_figures(job, model, list(inputs.targets), m, cfg.methods,
+    files += outputs.write_figures(job, pairs, model, list(inputs.targets), m, cfg.methods,
                                    cfg.noise_images)
     timings["summary_s"] = round(time.perf_counter() - t, 3)
     timings["total_s"] = round(time.perf_counter() - t0, 3)
@@ -270,16 +272,15 @@ def run(cfg: Settings, *, kill_worker_once: str | None = None) -> dict:
     return manifest
 
 
-def _check_rows(all_parts: list[dict], markers: list[dict]) -> list[dict]:
+def _check_rows(all_parts: list[parts.Part], markers: list[parts.Marker]) -> list[dict]:
     """Every part wrote exactly its chunk x targets rows; returns the pair files."""
-    by_key = {mk["key"]: mk for mk in markers}
+    by_key = {mk.key: mk for mk in markers}
     files = []
     for p in all_parts:
-        want = (p["chunk"]["stop"] - p["chunk"]["start"]) * len(p["targets"])
-        got = by_key[p["key"]]["rows"]
-        if got != want:  # a lost or doubled row is a bug, never an output
-            raise RuntimeError(f"part {p['key']} wrote {got} rows, expected {want}")
-        files += by_key[p["key"]]["files"]
+        got = by_key[p.key].rows
+        if got != p.pairs:  # a lost or doubled row is a bug, never an output
+            raise RuntimeError(f"part {p.key} wrote {got} rows, expected {p.pairs}")
+        files += by_key[p.key].files
     return files
 
 

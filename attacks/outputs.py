@@ -1,7 +1,7 @@
 """Beside the pairs: the summary tables and the contact sheets, written after every part is done.
 
-    >>> files = write_summary(out, ["sign"], targets)            # summary/*.parquet
-    >>> files += write_figures(job, model, targets, manifest, ["sign"], noise=4)
+    >>> files = write_summary(pairs, ["sign"], targets)            # summary/*.parquet
+    >>> files += write_figures(job, pairs, model, targets, manifest, ["sign"], noise=4)
 
 Both read the stored pairs back, so they show what analysts will read. Where images were not kept,
 the few pairs of the contact sheets are recomputed with the same attacks (deterministic).
@@ -16,11 +16,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from attacks import figures, parts, summary
+from attacks import figures, summary
 from attacks.methods.linear import LinearModel
 from attacks.methods.noise import noise_ids, noise_images
+from attacks.pairs import Pairs
 from attacks.worker import ATTACKS, Job, pixels
-from common import schema, storage
+from common import dataset, schema, storage
 from common.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -36,15 +37,15 @@ def _write_table(output: str, rel: str, table: pa.Table) -> dict:
     return {"path": rel, "rows": table.num_rows, "bytes": len(data)}
 
 
-def write_summary(output: str, methods, targets) -> list[dict]:
-    """Write summary/{targets,methods,budget}.parquet; log each method's success rate."""
-    tables = summary.summarize(output, methods, targets)
+def write_summary(pairs: Pairs, methods, targets) -> list[dict]:
+    """Write summary/*.parquet; log each method's success rate."""
+    tables = summary.summarize(pairs, methods, targets)
     q50 = schema.quantile_column(schema.LINF, 0.5)
     for r in tables["methods"].to_pylist():
         log.info("%-5s %-9s fooled %d of %d pairs (%.1f%%), median linf %.1f", r[schema.ORIGIN],
                  r[schema.METHOD], r[schema.S_FOOLED], r[schema.S_PAIRS],
                  100 * r[schema.S_SUCCESS_RATE], r[q50])
-    return [_write_table(output, f"{schema.SUMMARY_DIR}/{schema.SUMMARY_TABLES[k]}", t)
+    return [_write_table(pairs.results, f"{schema.SUMMARY_DIR}/{schema.SUMMARY_TABLES[k]}", t)
             for k, t in tables.items()]
 
 
@@ -61,28 +62,20 @@ def _originals(job: Job, D: int, origin: str, count: int):
         n = min(FIG_IMAGES, count)
         X = noise_images(n, job.noise_seed, job.image_shape)
         return noise_ids(n), np.full(n, -1), X
-    table = next(parts.read_images(job.val_files, job.val_counts, 0,
+    table = next(dataset.read_rows(job.val_files, job.val_counts, 0,
                                    min(FIG_IMAGES, job.n_val), FIG_IMAGES, D))
     return (table.column(schema.IMAGE_ID).to_pylist(), table.column(schema.LABEL).to_numpy(),
             pixels(table.column(schema.IMAGE), D).numpy())
 
 
-def _stored(output: str, method: str, target: int, chunk: str, ids: list[str]) -> dict:
-    """The stored pairs of one chunk and target, by image_id (unique per split since ingest)."""
+def _examples(pairs, model, method, confidence, X, ids, targets) -> list[dict]:
+    """The contact sheet's rows, from the stored pairs (recomputed where images were not kept)."""
     if len(set(ids)) != len(ids):
         raise ConfigError(f"the validation split repeats an image_id among {ids}: the contact "
                           "sheet could pair one image with another's fooling image; re-ingest")
-    fs, path = storage.filesystem(storage.join(output, parts.pair_file(method, target, chunk)))
-    table = pq.read_table(path, filesystem=fs, filters=[(schema.IMAGE_ID, "in", ids)])
-    return {r[schema.IMAGE_ID]: r for r in table.to_pylist()}
-
-
-def _examples(output, model, method, origin, confidence, X, ids, targets) -> list[dict]:
-    """The contact sheet's rows, from the stored pairs (recomputed where images were not kept)."""
     S = model.scores(torch.from_numpy(X))
     P = torch.softmax(S, 1).numpy()
-    chunk = "noise-00000" if origin == "noise" else "val-00000"
-    rows = {t: _stored(output, method, t, chunk, ids) for t in targets}
+    rows = {t: pairs.take(method, t, ids) for t in targets}
     fresh = None
     if any(r[schema.IMAGE] is None for rs in rows.values() for r in rs.values()):
         fresh = ATTACKS[method](model, confidence)(torch.from_numpy(X), S, torch.tensor(targets))
@@ -99,8 +92,8 @@ def _examples(output, model, method, origin, confidence, X, ids, targets) -> lis
     return out
 
 
-def write_figures(job: Job, model: LinearModel, run_targets: list[int], manifest: dict, methods,
-                  noise: int) -> list[dict]:
+def write_figures(job: Job, pairs: Pairs, model: LinearModel, run_targets: list[int],
+                  manifest: dict, methods, noise: int) -> list[dict]:
     """figures/<origin>-<method>.png for the validation images and, if any, the noise starts."""
     output = job.output
     names = manifest.get(schema.M_CLASS_NAMES) or manifest[schema.M_CLASSES]
@@ -113,7 +106,7 @@ def write_figures(job: Job, model: LinearModel, run_targets: list[int], manifest
         preds = (X.astype(np.float64) @ W.T.astype(np.float64) + b).argmax(1)
         targets = _pick(run_targets, preds)
         for method in methods:
-            ex = _examples(output, model, method, origin, conf, X, ids, targets)
+            ex = _examples(pairs, model, method, conf, X, ids, targets)
             title = f"{method}: {'validation images' if origin == 'val' else 'noise starts'}"
             png = figures.contact_sheet(ex, names, job.image_shape, title)
             rel = f"{schema.FIGURES_DIR}/{origin}-{method}.png"

@@ -2,59 +2,102 @@
 
 A *chunk* is a run of validation images (global rows [start, stop) over the split's files in the
 manifest's order) or the noise images; a *part* is one chunk x one method x a group of targets.
-A part writes one Parquet file per target,
-
-    pairs/method=<method>/target=<t>/<chunk>.parquet   e.g. .../target=17/val-00003.parquet
-
-and, last, its marker ``_parts/<method>/<chunk>-t<first target>.json`` listing those files. A part
-is complete exactly when its marker exists: a rerun skips it, and redoes any other part from
-scratch under the same file names, so nothing is ever written twice.
+A part writes one Parquet file per target (attacks/pairs.py names them) and, last, its marker
+``_parts/<method>/<chunk>-t<first target>.json`` listing those files. A part is complete exactly
+when its marker exists: a rerun skips it, and redoes any other part from scratch under the same
+file names, so nothing is ever written twice.
 
     >>> chunks = val_chunks(50_000, rows_per_chunk=10_900)      # val-00000 .. val-00004
-    >>> todo = [p for p in plan_parts(chunks, methods, targets, 8) if p["key"] not in done]
+    >>> todo = [p for p in plan_parts(chunks, methods, targets, 8) if p.key not in done]
+    >>> Part.from_json(p.to_json()) == p                         # how a part travels to a worker
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
 
-import numpy as np
-import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
-from common import dataset, schema, storage
+from common import storage
+from common.errors import ConfigError
 
 PARTS_DIR = "_parts"  # markers of completed parts: outside pairs/, so no reader ever sees them
 MARKER_THREADS = 16
 
 
-def val_chunks(n_rows: int, rows_per_chunk: int) -> list[dict]:
+@dataclass(frozen=True)
+class Chunk:
+    name: str  # val-00000, ..., or noise-00000: the name of its files
+    origin: str  # "val" or "noise"
+    start: int  # rows [start, stop) of the validation split, or of the noise images
+    stop: int
+
+    @property
+    def images(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass(frozen=True)
+class Part:
+    key: str  # <method>/<chunk>-t<first target>: its marker's name
+    chunk: Chunk
+    method: str
+    targets: tuple[int, ...]
+
+    @property
+    def pairs(self) -> int:
+        return self.chunk.images * len(self.targets)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> Part:
+        d = json.loads(text)
+        return cls(d["key"], Chunk(**d["chunk"]), d["method"], tuple(d["targets"]))
+
+
+@dataclass(frozen=True)
+class Marker:
+    """A finished part: the files it wrote ([{path, rows, bytes}], relative to the output)."""
+
+    key: str
+    files: tuple[dict, ...]
+    rows: int
+    seconds: float
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str) -> Marker:
+        try:
+            files = tuple({"path": str(f["path"]), "rows": int(f["rows"]),
+                           "bytes": int(f["bytes"])} for f in d["files"])
+            return cls(str(d["key"]), files, int(d["rows"]), float(d["seconds"]))
+        except (KeyError, TypeError, ValueError):
+            raise ConfigError(f"{where}: not a part's marker; delete it and rerun to redo "
+                              "that part") from None
+
+
+def val_chunks(n_rows: int, rows_per_chunk: int) -> list[Chunk]:
     """Validation rows [0, n_rows) in runs of at most rows_per_chunk, named val-00000, ..."""
-    return [{"name": f"val-{i:05d}", "origin": "val", "start": s,
-             "stop": min(s + rows_per_chunk, n_rows)}
+    return [Chunk(f"val-{i:05d}", "val", s, min(s + rows_per_chunk, n_rows))
             for i, s in enumerate(range(0, n_rows, rows_per_chunk))]
 
 
-def noise_chunk(count: int) -> list[dict]:
-    return [{"name": "noise-00000", "origin": "noise", "start": 0, "stop": count}] if count else []
+def noise_chunk(count: int) -> list[Chunk]:
+    return [Chunk("noise-00000", "noise", 0, count)] if count else []
 
 
-def plan_parts(chunks: list[dict], methods, targets, targets_per_part: int) -> list[dict]:
-    """Every part: chunk x method x group of consecutive targets, with its key and file names."""
+def plan_parts(chunks: list[Chunk], methods, targets, targets_per_part: int) -> list[Part]:
+    """Every part: chunk x method x group of consecutive targets."""
     out = []
     for chunk in chunks:
         for method in methods:
             for i in range(0, len(targets), targets_per_part):
-                group = [int(t) for t in targets[i:i + targets_per_part]]
-                out.append({"key": f"{method}/{chunk['name']}-t{group[0]:04d}", "chunk": chunk,
-                            "method": method, "targets": group})
+                group = tuple(int(t) for t in targets[i:i + targets_per_part])
+                out.append(Part(f"{method}/{chunk.name}-t{group[0]:04d}", chunk, method, group))
     return out
-
-
-def pair_file(method: str, target: int, chunk: str) -> str:
-    return f"{schema.PAIRS_DIR}/{schema.METHOD}={method}/{schema.TARGET}={target}/{chunk}.parquet"
 
 
 def marker_file(key: str) -> str:
@@ -72,50 +115,15 @@ def done_keys(output: str) -> set[str]:
             if i.type == pafs.FileType.File and i.path.endswith(".json")}
 
 
-def read_markers(output: str, keys) -> list[dict]:
-    """The file lists of finished parts (read in parallel: small objects, latency-bound)."""
+def read_markers(output: str, keys) -> list[Marker]:
+    """The markers of finished parts (read in parallel: small objects, latency-bound)."""
     def one(key):
-        return storage.read_json(storage.join(output, marker_file(key)))
+        uri = storage.join(output, marker_file(key))
+        return Marker.from_dict(storage.read_json(uri), uri)
 
     with ThreadPoolExecutor(MARKER_THREADS) as pool:
         return list(pool.map(one, sorted(keys)))
 
 
-def write_marker(output: str, key: str, result: dict) -> None:
-    storage.write_json_atomic(storage.join(output, marker_file(key)), result)
-
-
-def read_images(files, counts, start: int, stop: int, rows: int, D: int) -> Iterator[pa.Table]:
-    """Validation rows [start, stop) of the split's files, ``rows`` at a time.
-
-    Reads only the row groups that hold the range, and only the columns the attack needs; an
-    image that is not D bytes stops the job with one line naming it and its file.
-    """
-    columns = [schema.IMAGE_ID, schema.LABEL, schema.IMAGE]
-    offsets = np.concatenate([[0], np.cumsum(counts)])
-    pending: list[pa.Table] = []
-    for f, uri in enumerate(files):
-        lo, hi = max(start, offsets[f]) - offsets[f], min(stop, offsets[f + 1]) - offsets[f]
-        if lo >= hi:
-            continue
-        fs, path = storage.filesystem(uri)
-        with fs.open_input_file(path) as handle:
-            pf = pq.ParquetFile(handle)
-            first = 0
-            for g in range(pf.num_row_groups):
-                n = pf.metadata.row_group(g).num_rows
-                if first < hi and first + n > lo:
-                    table = pf.read_row_group(g, columns=columns)
-                    begin, end = max(lo, first), min(hi, first + n)
-                    table = table.slice(begin - first, end - begin)
-                    dataset.pixels(table.column(schema.IMAGE), D, table.column(schema.IMAGE_ID),
-                                   uri)
-                    pending.append(table)
-                    while sum(t.num_rows for t in pending) >= rows:
-                        batch = pa.concat_tables(pending)
-                        yield batch.slice(0, rows)
-                        pending = [batch.slice(rows)]
-                first += n
-    rest = pa.concat_tables(pending) if pending else None
-    if rest is not None and rest.num_rows:
-        yield rest
+def write_marker(output: str, marker: Marker) -> None:
+    storage.write_json_atomic(storage.join(output, marker_file(marker.key)), asdict(marker))

@@ -2,7 +2,7 @@
 
     python -m attacks.summary --output out/fooling        # print a finished output's summary
 
-    >>> tables = summarize("s3://bucket/fooling", ["sign"], range(1000))
+    >>> tables = summarize(Pairs.open("s3://bucket/fooling"), ["sign"], range(1000))
     >>> tables["targets"].to_pandas()       # one row per (origin, method, target)
 
 Five tables, written by the job under ``summary/`` (file names in common/schema.py):
@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from attacks.pairs import Pairs, open_attack
 from common import cli, schema, storage
 from common.errors import ConfigError
 from common.schema import TEMPLATE_RES
@@ -42,14 +42,6 @@ GRID = 255 * TEMPLATE_RES + 1  # strengths are multiples of 1 / TEMPLATE_RES in 
 READ_THREADS = 16
 STATS = [schema.ORIGIN, schema.LABEL, schema.PRED, schema.SUCCESS, schema.STRENGTH, schema.LINF,
          schema.L2, schema.BOUND_LINF]
-
-
-def read_partition(output: str, method: str, target: int) -> pa.Table:
-    """The statistics columns of one pairs/method=<m>/target=<t>/ folder (no images)."""
-    fs, path = storage.filesystem(storage.join(output, schema.PAIRS_DIR,
-                                               f"{schema.METHOD}={method}",
-                                               f"{schema.TARGET}={target}"))
-    return ds.dataset(path, filesystem=fs, format="parquet").to_table(columns=STATS)
 
 
 def _quantiles(name: str, values: np.ndarray) -> dict:
@@ -179,11 +171,11 @@ def _source_rows(method: str, rs: list[dict]) -> list[dict]:
             for label in range(len(pairs_)) if pairs_[label]]
 
 
-def summarize(output: str, methods, targets) -> dict[str, pa.Table]:
-    """Read every (method, target) partition's statistics and build the three tables."""
+def summarize(pairs: Pairs, methods, targets) -> dict[str, pa.Table]:
+    """Read every (method, target) partition's statistics (no images) and build the tables."""
     jobs = [(m, int(t)) for m in methods for t in targets]
     with ThreadPoolExecutor(READ_THREADS) as pool:
-        parts = pool.map(lambda mt: target_stats(read_partition(output, *mt), *mt), jobs)
+        parts = pool.map(lambda mt: target_stats(pairs.read(*mt, STATS), *mt), jobs)
         rows = [r for part in parts for r in part]
     per_target = pa.Table.from_pylist([{k: v for k, v in r.items() if not k.startswith("_")}
                                        for r in rows])
@@ -197,10 +189,9 @@ class Settings:
 
 def read_summary(results: str) -> dict[str, pa.Table]:
     """The summary tables of a finished attack output, each checked for the columns its
-    readers use; a missing or incomplete table is one ConfigError naming it."""
-    m = storage.read_manifest(results, "attack output")
-    if m.get(schema.M_KIND) != "attack":
-        raise ConfigError(f"{results} is not an attack output (kind: {m.get(schema.M_KIND)!r})")
+    readers use, and its pairs' files against its manifest (attacks/pairs.py); a missing or
+    incomplete table or file is one ConfigError naming it."""
+    Pairs.open(results)
     out = {}
     for name, file in schema.SUMMARY_TABLES.items():
         uri = storage.join(results, schema.SUMMARY_DIR, file)
@@ -223,8 +214,8 @@ def read_summary(results: str) -> dict[str, pa.Table]:
 
 def describe(output: str) -> str:
     """A few lines on a finished attack output: per method, success and perturbation sizes."""
-    m = storage.read_manifest(output, "attack output")
     methods = read_summary(output)["methods"]
+    m = open_attack(output)
     c = m[schema.M_COUNTS]
     lines = [f"{output}: {c['pairs']} pairs = ({c['val_images']} validation + {c['noise_images']} "
              f"noise images) x {c['targets']} targets x {len(c['methods'])} methods, "

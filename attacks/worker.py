@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -26,7 +26,7 @@ from attacks.methods.linear import LinearModel, measure
 from attacks.methods.noise import noise_ids, noise_images
 from attacks.methods.sign import Sign
 from attacks.methods.template import Template
-from attacks.rows import TargetFiles, pair_tables
+from attacks.pairs import TargetFiles, pair_tables
 from common import dataset, heap, schema
 from common.errors import ConfigError
 
@@ -90,48 +90,48 @@ class FoolWorker:
         as the part's ``error``, one line for the driver, instead of a retried task failure."""
         results = []
         for p in batch["part"]:
-            part = json.loads(p)
+            part = parts.Part.from_json(p)
             try:
-                results.append(self.run_part(part))
+                results.append(asdict(self.run_part(part)))
             except ConfigError as e:
-                results.append({"key": part["key"], "error": str(e)})
+                results.append({"key": part.key, "error": str(e)})
         return {"result": np.array([json.dumps(r) for r in results], dtype=object)}
 
-    def run_part(self, part: dict) -> dict:
+    def run_part(self, part: parts.Part) -> parts.Marker:
         """Attack one chunk x method x targets, write one file per target, then the marker."""
         t0 = time.perf_counter()
         if self.job.kill_once and not os.path.exists(self.job.kill_once):
             open(self.job.kill_once, "w").close()
             os._exit(1)  # a worker lost mid-run, as a node that goes away
-        chunk, targets = part["chunk"], part["targets"]
-        attack = self.attacks[(part["method"], chunk["origin"])]
-        files = TargetFiles(self.job.output, part["method"], targets, chunk["name"],
+        chunk, targets = part.chunk, list(part.targets)
+        attack = self.attacks[(part.method, chunk.origin)]
+        files = TargetFiles(self.job.output, part.method, targets, chunk.name,
                             self.job.image_shape)
         per_batch = max(1, self.batch // len(targets))
         for ids, labels, X in self.images(chunk, per_batch):
-            cols = self.attack_batch(attack, chunk["origin"], ids, labels, X, targets)
+            cols = self.attack_batch(attack, chunk.origin, ids, labels, X, targets)
             files.add(pair_tables(cols, targets, self.job.keep_images))
             if self.counter is not None:
                 self.counter.add.remote(len(ids) * len(targets))
         listing = files.close()
-        result = {"key": part["key"], "files": listing, "rows": sum(f["rows"] for f in listing),
-                  "seconds": round(time.perf_counter() - t0, 3)}
-        parts.write_marker(self.job.output, part["key"], result)
-        log.info("part %s: %d rows in %.1f s", part["key"], result["rows"], result["seconds"])
-        return result
+        marker = parts.Marker(part.key, tuple(listing), sum(f["rows"] for f in listing),
+                              round(time.perf_counter() - t0, 3))
+        parts.write_marker(self.job.output, marker)
+        log.info("part %s: %d rows in %.1f s", part.key, marker.rows, marker.seconds)
+        return marker
 
-    def images(self, chunk: dict, rows: int):
+    def images(self, chunk: parts.Chunk, rows: int):
         """(image ids, labels, X (n, D) uint8 tensor) batches of a chunk."""
-        if chunk["origin"] == "noise":
-            X = noise_images(chunk["stop"], self.job.noise_seed, self.job.image_shape)
-            ids = noise_ids(chunk["stop"])
-            for i in range(chunk["start"], chunk["stop"], rows):
-                sl = slice(i, min(i + rows, chunk["stop"]))
+        if chunk.origin == "noise":
+            X = noise_images(chunk.stop, self.job.noise_seed, self.job.image_shape)
+            ids = noise_ids(chunk.stop)
+            for i in range(chunk.start, chunk.stop, rows):
+                sl = slice(i, min(i + rows, chunk.stop))
                 yield ids[sl], np.full(sl.stop - sl.start, -1, np.int16), torch.from_numpy(X[sl])
             return
         D = self.model.D
-        for table in parts.read_images(self.job.val_files, self.job.val_counts,
-                                       chunk["start"], chunk["stop"], rows, D):
+        for table in dataset.read_rows(self.job.val_files, self.job.val_counts,
+                                       chunk.start, chunk.stop, rows, D):
             yield (table.column(schema.IMAGE_ID).to_pylist(),
                    table.column(schema.LABEL).to_numpy(), pixels(table.column(schema.IMAGE), D))
 
@@ -160,5 +160,5 @@ class FoolWorker:
 
 
 def pixels(column: pa.ChunkedArray, D: int) -> torch.Tensor:
-    """A binary column of D-byte images (checked by parts.read_images) -> (n, D) uint8 tensor."""
+    """A binary column of D-byte images (checked by dataset.read_rows) -> (n, D) uint8 tensor."""
     return torch.from_numpy(np.array(dataset.pixels(column, D)))

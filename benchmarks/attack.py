@@ -173,7 +173,7 @@ def job_rate(data: str, model: str, out: str, method: str, images: int, targets,
                         limit_images=images, targets=tuple(str(t) for t in targets),
                         workers=cpus)
     m = fool.run(cfg)
-    busy = sum(mk["seconds"] for mk in parts.read_markers(out, parts.done_keys(out)))
+    busy = sum(mk.seconds for mk in parts.read_markers(out, parts.done_keys(out)))
     n = m[schema.M_COUNTS]["pairs"]
     return n, n / m[schema.M_TIMINGS]["attack_s"], n / busy
 

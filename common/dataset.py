@@ -3,6 +3,7 @@
     >>> m = open_ingest("s3://bucket/imagenet64", splits=("val",))  # manifest checked vs the data
     >>> paths = split_files("s3://bucket/imagenet64", m, "val")      # URIs of the val Parquet files
     >>> X = pixels(table.column("image"), 12288, ids, where)         # (N, D) uint8, width checked
+    >>> for table in read_rows(paths, split_counts(m, "val"), 0, 5000, 1024, 12288): ...
 
 ``open_ingest`` checks, before any cluster work starts, what can be checked cheaply against the
 data itself: every listed file's footer (row count, columns and types, label range from the
@@ -12,10 +13,12 @@ A row of the wrong length further in is named by ``pixels`` where it is decoded.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from common import schema, storage
@@ -150,3 +153,63 @@ def pixels(column: pa.ChunkedArray | pa.Array, D: int, ids=None, where: str | No
     if not parts:
         return np.empty((0, D), np.uint8)
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def read_rows(files, counts, start: int, stop: int, rows: int, D: int) -> Iterator[pa.Table]:
+    """Rows [start, stop) of a split (global row numbers over its ``files`` in the manifest's
+    order, ``counts`` rows each), ``rows`` at a time.
+
+    Reads only the row groups that hold the range, and only the columns the attack needs; an
+    image that is not D bytes stops the job with one line naming it and its file.
+    """
+    columns = [schema.IMAGE_ID, schema.LABEL, schema.IMAGE]
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    pending: list[pa.Table] = []
+    for f, uri in enumerate(files):
+        lo, hi = max(start, offsets[f]) - offsets[f], min(stop, offsets[f + 1]) - offsets[f]
+        if lo >= hi:
+            continue
+        fs, path = storage.filesystem(uri)
+        with fs.open_input_file(path) as handle:
+            pf = pq.ParquetFile(handle)
+            first = 0
+            for g in range(pf.num_row_groups):
+                n = pf.metadata.row_group(g).num_rows
+                if first < hi and first + n > lo:
+                    table = pf.read_row_group(g, columns=columns)
+                    begin, end = max(lo, first), min(hi, first + n)
+                    table = table.slice(begin - first, end - begin)
+                    pixels(table.column(schema.IMAGE), D, table.column(schema.IMAGE_ID),
+                                   uri)
+                    pending.append(table)
+                    while sum(t.num_rows for t in pending) >= rows:
+                        batch = pa.concat_tables(pending)
+                        yield batch.slice(0, rows)
+                        pending = [batch.slice(rows)]
+                first += n
+    rest = pa.concat_tables(pending) if pending else None
+    if rest is not None and rest.num_rows:
+        yield rest
+
+
+def rows_by_id(uris: list[str], ids: list[str], columns: list[str]) -> dict[str, dict]:
+    """The rows with these image ids (image_id -> row) of Parquet files (a split's, or a pairs
+    partition's), reading the id column of each file and then only the row groups that hold a
+    wanted row; stops at the first file once every id is found."""
+    out: dict[str, dict] = {}
+    for uri in uris:
+        fs, path = storage.filesystem(uri)
+        with fs.open_input_file(path) as handle:
+            pf = pq.ParquetFile(handle)
+            found = pc.is_in(pf.read(columns=[schema.IMAGE_ID]).column(0),
+                             value_set=pa.array(ids)).to_numpy(zero_copy_only=False)
+            first = 0
+            for g in range(pf.num_row_groups):
+                n = pf.metadata.row_group(g).num_rows
+                if found[first:first + n].any():
+                    rows = pf.read_row_group(g, columns=columns).to_pylist()
+                    out.update({r[schema.IMAGE_ID]: r for r in rows if r[schema.IMAGE_ID] in ids})
+                first += n
+        if len(out) == len(set(ids)):
+            break
+    return out

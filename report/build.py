@@ -19,9 +19,10 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 
-from attacks import examples, summary
+from attacks import summary
+from attacks.pairs import open_attack
 from common import cli, lifecycle, schema, storage
-from report import page, sections, story
+from report import examples, page, sections, story
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ class Settings:
 def build(cfg: Settings) -> tuple[str, dict[str, bytes]]:
     """The page's HTML and the files beside it (figures/<name> -> PNG bytes)."""
     frames = {k: t.to_pandas() for k, t in summary.read_summary(cfg.results).items()}
-    m = storage.read_manifest(cfg.results, "attack output")
+    m = open_attack(cfg.results)
     model = examples.attack_model(cfg.results, m, cfg.model)
     f = sections.Facts(cfg.results, m, frames, model, examples.class_names(m), cfg.top, cfg.sweep,
                        cfg.frontier, cfg.transfer)

@@ -16,10 +16,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from attacks import examples, figures
+from attacks import figures
+from attacks.pairs import Pairs, open_attack
 from common import cli, lifecycle, schema, storage
 from common.errors import ConfigError
-from report import story
+from report import examples, story
 
 log = logging.getLogger(__name__)
 
@@ -58,15 +59,13 @@ def resolve(cfg: Settings, manifest: dict) -> tuple[int, str]:
 def run(cfg: Settings) -> bytes:
     """Write the picture of one pair; returns its PNG bytes."""
     lifecycle.refuse_overlap(cfg.output, {"results": cfg.results})  # never write into the input
-    m = storage.read_manifest(cfg.results, "attack output")
-    if m.get(schema.M_KIND) != "attack":
-        raise ConfigError(f"{cfg.results} is not an attack output (kind: {m.get(schema.M_KIND)!r})")
+    m = open_attack(cfg.results)
     target, method = resolve(cfg, m)
     if m[schema.M_IDENTITY]["settings"].get("keep_images") == "none":
         raise ConfigError(f"{cfg.results} was written with --keep-images none: it holds no "
                           "fooling images to show")
     model = examples.attack_model(cfg.results, m)
-    ex = examples.example(cfg.results, m, model, cfg.image_id, target, method)
+    ex = examples.example(Pairs.open(cfg.results, m), m, model, cfg.image_id, target, method)
     names = examples.class_names(m)
     title = f"{method}: {cfg.image_id} → {names[target]}"
     png = figures.strip(ex, names, tuple(m[schema.M_IMAGE_SHAPE]), title)

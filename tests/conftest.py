@@ -1,4 +1,5 @@
-"""Shared fixtures: one local S3 server, one local Ray and one small sample for the whole run.
+"""Shared fixtures: one local S3 server, one local Ray and one small sample for the whole run;
+every test that uses the Ray is marked slow.
 
 The S3 environment is set before Ray starts, so that Ray's workers inherit it as a cluster's would.
 """
@@ -14,6 +15,14 @@ from infra import local_s3
 from pipelines import ingest, sample
 
 TEST_BUCKET = "test-bucket"
+
+
+def pytest_collection_modifyitems(items):
+    """Every test that starts the session's Ray (directly or through a fixture that needs it:
+    ingested, attacked_sweep, ...) is marked slow, so ``-m "not slow"`` never starts Ray."""
+    for item in items:
+        if "ray_local" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

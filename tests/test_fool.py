@@ -286,13 +286,13 @@ def test_resume_after_a_killed_part(local_run, tmp_path):
     killed = "iterative/val-00001-t0002"
     marker = parts.read_markers(out, [killed])[0]
     os.remove(os.path.join(out, parts.marker_file(killed)))
-    for f in marker["files"]:
+    for f in marker.files:
         path = os.path.join(out, f["path"])
         with open(path, "r+b") as fh:
             fh.truncate(f["bytes"] // 2)
     others = {f["path"]: os.stat(os.path.join(out, f["path"])).st_mtime_ns
               for f in manifest[schema.M_FILES] if f["path"].startswith("pairs/")
-              and f["path"] not in {g["path"] for g in marker["files"]}}
+              and f["path"] not in {g["path"] for g in marker.files}}
     again = fool.run(dataclasses.replace(cfg, output=out))
     assert again[schema.M_COUNTS]["pairs"] == manifest[schema.M_COUNTS]["pairs"]
     for path, mtime in others.items():  # completed parts were skipped, not rewritten

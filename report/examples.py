@@ -1,9 +1,10 @@
 """Stored fooling images read back: one (image, target, method) pair with the original it started
 from, and a method's extremes (the smallest changes, the most confident fooling images).
 
-    >>> ex = example(results, manifest, model, "ILSVRC2012_val_00000001", 7, "sign")
+    >>> pairs = Pairs.open(results)
+    >>> ex = example(pairs, manifest, model, "ILSVRC2012_val_00000001", 7, "sign")
     >>> ex["stored"], ex["original"]           # (D,) uint8 each: the fooling image and its start
-    >>> picks = extremes(results, "exact", targets, count=6)  # {"smallest": .., "confident": ..}
+    >>> picks = extremes(pairs, "exact", targets, count=6)  # {"smallest": .., "confident": ..}
 
 Reads only what it shows: a partition's image ids and statistics, then the row groups that hold
 the chosen rows; the originals come from the ingest output the attack read (validation images)
@@ -14,14 +15,10 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.dataset as ds
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from attacks.methods.noise import NOISE_PREFIX, noise_images
-from common import dataset, schema, storage
+from attacks.pairs import Pairs
+from common import dataset, schema
 from common.errors import ConfigError
 from common.model import Model, read_model
 
@@ -47,38 +44,6 @@ def attack_model(results: str, manifest: dict, uri: str | None = None) -> Model:
     return model
 
 
-def partition_files(results: str, method: str, target: int) -> list[str]:
-    """URIs of the Parquet files of pairs/method=<m>/target=<t>/ (none: an empty list)."""
-    uri = storage.join(results, schema.PAIRS_DIR, f"{schema.METHOD}={method}",
-                       f"{schema.TARGET}={target}")
-    fs, path = storage.filesystem(uri)
-    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    return [storage.join(uri, i.base_name) for i in sorted(infos, key=lambda i: i.base_name)
-            if i.type == pafs.FileType.File and i.base_name.endswith(".parquet")]
-
-
-def take(uris: list[str], ids: list[str], columns: list[str]) -> dict[str, dict]:
-    """The rows with these image ids (image_id -> row), reading the id column of each file and
-    then only the row groups that hold a wanted row."""
-    out: dict[str, dict] = {}
-    for uri in uris:
-        fs, path = storage.filesystem(uri)
-        with fs.open_input_file(path) as handle:
-            pf = pq.ParquetFile(handle)
-            found = pc.is_in(pf.read(columns=[schema.IMAGE_ID]).column(0),
-                             value_set=pa.array(ids)).to_numpy(zero_copy_only=False)
-            first = 0
-            for g in range(pf.num_row_groups):
-                n = pf.metadata.row_group(g).num_rows
-                if found[first:first + n].any():
-                    rows = pf.read_row_group(g, columns=columns).to_pylist()
-                    out.update({r[schema.IMAGE_ID]: r for r in rows if r[schema.IMAGE_ID] in ids})
-                first += n
-        if len(out) == len(set(ids)):
-            break
-    return out
-
-
 def originals(manifest: dict, ids: list[str]) -> dict[str, np.ndarray]:
     """The starting images (image_id -> (D,) uint8) of an attack output's pairs."""
     shape = manifest[schema.M_IMAGE_SHAPE]
@@ -93,7 +58,7 @@ def originals(manifest: dict, ids: list[str]) -> dict[str, np.ndarray]:
     if val:
         data = manifest[schema.M_SOURCE]["data"]
         files = dataset.split_files(data, dataset.open_ingest(data), "val")
-        rows = take(files, val, [schema.IMAGE_ID, schema.IMAGE])
+        rows = dataset.rows_by_id(files, val, [schema.IMAGE_ID, schema.IMAGE])
         missing = [i for i in val if i not in rows]
         if missing:
             raise ConfigError(f"the validation images {', '.join(missing[:3])} are not in {data}, "
@@ -109,7 +74,7 @@ def probabilities(model: Model, X: np.ndarray) -> np.ndarray:
     return E / E.sum(1, keepdims=True)
 
 
-def describe(rows: list[dict], manifest: dict, model: Model) -> list[dict]:
+def examples_of(rows: list[dict], manifest: dict, model: Model) -> list[dict]:
     """Stored pair rows (with their images) as figure examples: the original, its class and
     probability, the stored fooling image and what the model says of it."""
     starts = originals(manifest, [r[schema.IMAGE_ID] for r in rows])
@@ -123,27 +88,26 @@ def describe(rows: list[dict], manifest: dict, model: Model) -> list[dict]:
              "strength": float(r[schema.STRENGTH])} for i, r in enumerate(rows)]
 
 
-def stored_rows(results: str, picks: list[tuple[str, int, str]]) -> list[dict]:
+def stored_rows(pairs: Pairs, picks: list[tuple[str, int, str]]) -> list[dict]:
     """The full stored rows of (image_id, target, method) picks, in their order; a pair that is
     not there or was stored without its image is one ConfigError naming it."""
     out = []
     for image_id, target, method in picks:
-        files = partition_files(results, method, target)
-        row = take(files, [image_id], schema.PAIRS_FILE_SCHEMA.names).get(image_id)
+        row = pairs.take(method, target, [image_id]).get(image_id)
         if row is None:
-            raise ConfigError(f"{results} holds no pair of image {image_id!r}, target {target} "
-                              f"and method {method!r}")
+            raise ConfigError(f"{pairs.results} holds no pair of image {image_id!r}, target "
+                              f"{target} and method {method!r}")
         if row[schema.IMAGE] is None:
-            raise ConfigError(f"{results} was written with --keep-images none: the fooling image "
-                              f"of {image_id!r} -> {target} ({method}) was not stored")
+            raise ConfigError(f"{pairs.results} was written with --keep-images none: the fooling "
+                              f"image of {image_id!r} -> {target} ({method}) was not stored")
         out.append({**row, schema.METHOD: method, schema.TARGET: target})
     return out
 
 
-def example(results: str, manifest: dict, model: Model, image_id: str, target: int,
+def example(pairs: Pairs, manifest: dict, model: Model, image_id: str, target: int,
             method: str) -> dict:
-    """One pair as a figure example (see ``describe``)."""
-    return describe(stored_rows(results, [(image_id, target, method)]), manifest, model)[0]
+    """One pair as a figure example (see ``examples_of``)."""
+    return examples_of(stored_rows(pairs, [(image_id, target, method)]), manifest, model)[0]
 
 
 def spread(targets, count: int = SCAN_TARGETS) -> list[int]:
@@ -153,18 +117,14 @@ def spread(targets, count: int = SCAN_TARGETS) -> list[int]:
     return [int(targets[int(i)]) for i in idx]
 
 
-def extremes(results: str, method: str, targets, count: int, origin: str = "val") -> dict:
+def extremes(pairs: Pairs, method: str, targets, count: int, origin: str = "val") -> dict:
     """(image_id, target, method) picks of the fooled pairs that had to move: the ``count`` with
     the smallest L-inf change and the ``count`` with the highest target probability, from the
     partitions of up to SCAN_TARGETS targets. Each image appears at most once in a list."""
     frames = []
     for t in spread(targets):
-        files = partition_files(results, method, t)
-        if files:
-            fs = storage.filesystem(files[0])[0]
-            table = ds.dataset([storage.filesystem(f)[1] for f in files], filesystem=fs,
-                               format="parquet").to_table(columns=SCAN)
-            frames.append(table.to_pandas().assign(target=t))
+        if pairs.uris(method, t):
+            frames.append(pairs.read(method, t, SCAN).to_pandas().assign(target=t))
     if not frames:
         return {"smallest": [], "confident": []}
     pairs = pd.concat(frames)

@@ -1,0 +1,249 @@
+"""The attack's ``pairs/``, written and read in one place: its paths, partitioning, writers and
+readers, and its files checked against the listing that names them.
+
+    pairs/method=<method>/target=<t>/<chunk>.parquet     e.g. .../target=17/val-00003.parquet
+
+Written by the attack's workers, one file per (method, target, chunk), row group by row group:
+
+    >>> files = TargetFiles(out, "sign", [3, 7], "val-00000", (64, 64, 3))
+    >>> files.add(pair_tables(columns, [3, 7], keep_images=True))   # buffered into row groups
+    >>> listing = files.close()              # [{path, rows, bytes}] for the part's marker
+
+Read through ``Pairs``, which knows the files from a listing, never from a folder's contents: a
+finished output's manifest (``Pairs.open``, which first checks that every listed file is there
+with its size and that no other file sits under ``pairs/``) or, inside the job, its parts'
+markers. A missing, damaged or extra file is one ConfigError naming it.
+
+    >>> pairs = Pairs.open("s3://bucket/fooling")
+    >>> pairs.read("exact", 7, [schema.LINF])                  # one partition, these columns
+    >>> pairs.take("exact", 7, ["ILSVRC2012_val_00000001"])    # rows by image id
+    >>> for batch in pairs.batches([schema.IMAGE, schema.TARGET], 4096): ...
+
+Columns and types come from common/schema.py (``PAIRS_FILE_SCHEMA``: the method and the target
+live in the folder names, and in each file's metadata, with the image column's shape).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from common import dataset, schema, storage
+from common.errors import ConfigError
+
+ROW_GROUP_ROWS = 1024  # ~12 MB row groups with images: readers stream without loading a file
+# The stored images are mostly noise-like to a general-purpose compressor: compressing them costs
+# CPU for little space, so only the small columns are compressed.
+COMPRESSION = {f.name: ("none" if f.name == schema.IMAGE else "zstd")
+               for f in schema.PAIRS_FILE_SCHEMA}
+
+
+def pair_file(method: str, target: int, chunk: str) -> str:
+    """The file of one (method, target, chunk), relative to the output."""
+    return f"{schema.PAIRS_DIR}/{schema.METHOD}={method}/{schema.TARGET}={target}/{chunk}.parquet"
+
+
+# --- writing ------------------------------------------------------------------------------------
+
+
+def binary_column(images: np.ndarray) -> pa.Array:
+    """(P, D) uint8 -> a binary array of P values of D bytes each, without a copy per value."""
+    P, D = images.shape
+    data = np.ascontiguousarray(images)
+    offsets = np.arange(P + 1, dtype=np.int32) * D
+    return pa.Array.from_buffers(pa.binary(), P, [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+
+
+def pair_tables(cols: dict[str, np.ndarray], targets: list[int], keep_images: bool) -> dict:
+    """Split image-major pair columns (each (N*T,)) into one Arrow table per target."""
+    T = len(targets)
+    out = {}
+    for j, target in enumerate(targets):
+        arrays = []
+        for f in schema.PAIRS_FILE_SCHEMA:
+            if f.name == schema.IMAGE:
+                arr = (binary_column(cols[f.name][j::T]) if keep_images
+                       else pa.nulls(len(cols[schema.LABEL][j::T]), pa.binary()))
+            else:
+                arr = pa.array(np.ascontiguousarray(cols[f.name][j::T]), f.type)
+            arrays.append(arr)
+        out[target] = pa.Table.from_arrays(arrays, schema=schema.PAIRS_FILE_SCHEMA)
+    return out
+
+
+class TargetFiles:
+    """One Parquet file per target of a part, written row group by row group."""
+
+    def __init__(self, output: str, method: str, targets: list[int], chunk: str,
+                 shape: tuple[int, ...]):
+        self.output, self.method, self.shape = output, method, shape
+        self.rel = {t: pair_file(method, t, chunk) for t in targets}
+        self.buffers: dict[int, list[pa.Table]] = {t: [] for t in targets}
+        self.writers: dict[int, pq.ParquetWriter] = {}
+        self.rows = dict.fromkeys(targets, 0)
+
+    def add(self, tables: dict[int, pa.Table]) -> None:
+        for t, table in tables.items():
+            self.buffers[t].append(table)
+            self.rows[t] += table.num_rows
+            if sum(b.num_rows for b in self.buffers[t]) >= ROW_GROUP_ROWS:
+                self._flush(t)
+
+    def _flush(self, t: int) -> None:
+        if not self.buffers[t]:
+            return
+        if t not in self.writers:
+            fs, path = storage.filesystem(storage.join(self.output, self.rel[t]))
+            fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+            self.writers[t] = pq.ParquetWriter(
+                path, schema.pair_file_schema(self.method, t, self.shape), filesystem=fs,
+                compression=COMPRESSION)
+        table = pa.concat_tables(self.buffers[t])
+        self.writers[t].write_table(table, row_group_size=ROW_GROUP_ROWS)
+        self.buffers[t] = []
+
+    def close(self) -> list[dict]:
+        """Flush and close every file; returns [{path, rows, bytes}] relative to the output."""
+        out = []
+        for t in self.rel:
+            if t not in self.writers and not self.buffers[t]:
+                self.buffers[t] = [schema.PAIRS_FILE_SCHEMA.empty_table()]
+            self._flush(t)
+            self.writers.pop(t).close()
+            fs, path = storage.filesystem(storage.join(self.output, self.rel[t]))
+            out.append({"path": self.rel[t], "rows": self.rows[t],
+                        "bytes": fs.get_file_info(path).size})
+        return out
+
+
+# --- reading ------------------------------------------------------------------------------------
+
+
+def open_attack(results: str) -> dict:
+    """The manifest of a finished attack output (refused without one, or of another kind)."""
+    m = storage.read_manifest(results, "attack output")
+    if m.get(schema.M_KIND) != "attack":
+        raise ConfigError(f"{results} is not an attack output (kind: {m.get(schema.M_KIND)!r})")
+    return m
+
+
+@dataclass(frozen=True)
+class PairFile:
+    """One listed file of pairs/: its path relative to the output, rows and bytes."""
+
+    path: str
+    rows: int
+    bytes: int
+
+    @property
+    def partition(self) -> tuple[str, int]:
+        """(method, target), from the path's Hive folders."""
+        _, m, t, _ = self.path.split("/")
+        return m.split("=", 1)[1], int(t.split("=", 1)[1])
+
+
+class Pairs:
+    """The pairs of one attack output, as the listing ``files`` ([{path, rows, bytes}], paths
+    relative to ``results``; entries outside pairs/ are ignored) names them."""
+
+    def __init__(self, results: str, files: list[dict]):
+        self.results = results
+        self.files: dict[tuple[str, int], list[PairFile]] = {}
+        for f in files:
+            if f["path"].startswith(schema.PAIRS_DIR + "/"):
+                pf = PairFile(f["path"], int(f["rows"]), int(f["bytes"]))
+                self.files.setdefault(pf.partition, []).append(pf)
+        for listed in self.files.values():
+            listed.sort(key=lambda f: f.path)
+
+    @classmethod
+    def open(cls, results: str, manifest: dict | None = None) -> Pairs:
+        """A finished output's pairs, its files checked against its manifest."""
+        m = manifest if manifest is not None else open_attack(results)
+        pairs = cls(results, m.get(schema.M_FILES) or [])
+        pairs.check()
+        return pairs
+
+    @property
+    def rows(self) -> int:
+        return sum(f.rows for listed in self.files.values() for f in listed)
+
+    def uris(self, method: str, target: int) -> list[str]:
+        return [storage.join(self.results, f.path) for f in self.files.get((method, target), [])]
+
+    def check(self) -> None:
+        """Every listed file is under pairs/ with its size, and nothing else is (one listing)."""
+        fs, root = storage.filesystem(storage.join(self.results, schema.PAIRS_DIR))
+        try:
+            infos = fs.get_file_info(pafs.FileSelector(root, recursive=True,
+                                                       allow_not_found=True))
+        except OSError as e:
+            raise ConfigError(f"cannot list {self.results}/{schema.PAIRS_DIR}: "
+                              f"{str(e).splitlines()[0]}") from None
+        found = {f"{schema.PAIRS_DIR}/{i.path[len(root) + 1:]}": i.size for i in infos
+                 if i.type == pafs.FileType.File}
+        listed = {f.path: f for files in self.files.values() for f in files}
+        for path, f in sorted(listed.items()):
+            if path not in found:
+                raise ConfigError(f"{storage.join(self.results, path)} is missing: the attack "
+                                  "output is damaged (its manifest lists it)")
+            if found[path] != f.bytes:
+                raise ConfigError(f"{storage.join(self.results, path)} has {found[path]} bytes, "
+                                  f"its manifest says {f.bytes}: the file is damaged")
+        extra = sorted(set(found) - set(listed))
+        if extra:
+            raise ConfigError(f"{storage.join(self.results, extra[0])} is not listed in the "
+                              f"manifest ({len(extra)} such files): another run wrote here")
+
+    def _dataset(self, uris: list[str], partitioned: bool = False) -> ds.Dataset:
+        fs, root = storage.filesystem(storage.join(self.results, schema.PAIRS_DIR))
+        paths = [storage.filesystem(u)[1] for u in uris]
+        if not partitioned:
+            return ds.dataset(paths, filesystem=fs, format="parquet")
+        return ds.dataset(paths, filesystem=fs, format="parquet",
+                          partitioning=schema.pairs_partitioning(), partition_base_dir=root)
+
+    def read(self, method: str, target: int, columns: list[str]) -> pa.Table:
+        """The ``columns`` of one (method, target) partition, its files in name order."""
+        uris = self.uris(method, target)
+        if not uris:
+            raise ConfigError(f"{self.results} holds no pairs of method {method!r} and target "
+                              f"{target}")
+        return self._read(lambda: self._dataset(uris).to_table(columns=columns), uris)
+
+    def take(self, method: str, target: int, ids: list[str],
+             columns: list[str] | None = None) -> dict[str, dict]:
+        """The rows of these image ids in one partition (image_id -> row; absent: not there),
+        reading only the row groups that hold them."""
+        uris = self.uris(method, target)
+        cols = columns or schema.PAIRS_FILE_SCHEMA.names
+        return self._read(lambda: dataset.rows_by_id(uris, ids, cols), uris)
+
+    def batches(self, columns: list[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
+        """Every pair, ``columns`` of them (``method`` and ``target`` from the folders, typed),
+        ``batch_rows`` at a time, one file read ahead."""
+        uris = [storage.join(self.results, f.path) for k in sorted(self.files)
+                for f in self.files[k]]
+        pairs = self._dataset(uris, partitioned=True)
+        try:
+            yield from pairs.to_batches(columns=columns, batch_size=batch_rows,
+                                        batch_readahead=1, fragment_readahead=1)
+        except (OSError, pa.ArrowInvalid) as e:
+            raise self._damaged(e) from None
+
+    def _read(self, read, uris: list[str]):
+        """``read()``, a damaged file one ConfigError."""
+        try:
+            return read()
+        except (OSError, pa.ArrowInvalid) as e:
+            raise self._damaged(e) from None
+
+    def _damaged(self, e: Exception) -> ConfigError:
+        # pyarrow's first line names the file it failed on
+        return ConfigError(f"cannot read the pairs of {self.results}: {str(e).splitlines()[0]}")
