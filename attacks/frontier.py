@@ -8,12 +8,12 @@ For every model of the sweeps (training.sweep outputs on the same data) this run
 (attacks.fool; images kept with --keep-images all, for attacks.transfer) on its first
 --limit-images validation images and every target, into ``<output>/attacks/<sweep
 index>_<trial>/``; an attack already finished there is kept, an unfinished one resumes. Then it
-writes ``frontier.parquet`` and ``frontier.md``: per model, its setting (reg, robust_eps),
-validation top-1 and top-5 (from the sweep), and the median minimal L-inf strength that fools it
-over the fooled pairs that had to move (``exact`` when it is among --methods: the true minimum;
-else ``sign``), with the success rate; ``frontier.png``: top-1 against that median, one curve for
-L2 regularization and one per robust series, each point's templates beside it
-(report/models.py); and last ``manifest.json``.
+writes ``frontier.parquet`` and ``frontier.md`` (attacks/tables.py, ``FrontierRow``): per model,
+its setting (reg, robust_eps), validation top-1 and top-5 (from the sweep), and the median minimal
+L-inf strength that fools it over the fooled pairs that had to move (``exact`` when it is among
+--methods: the true minimum; else ``sign``), with the success rate; ``frontier.png``: top-1
+against that median, one curve for L2 regularization and one per robust series, each point's
+templates beside it (report/models.py); and last ``manifest.json``.
 """
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image
 
-from attacks import summary
+from attacks import summary, tables
 from attacks.figures import to_png
+from attacks.tables import FrontierRow
 from common import cli, lifecycle, schema, storage
 from common.errors import ConfigError
-from common.sweep import read_sweep
-from common.tables import read_table, write_table
+from common.sweep import SweepRow, read_sweep
 
 log = logging.getLogger(__name__)
 
@@ -66,83 +66,76 @@ def measured_method(methods: tuple[str, ...]) -> str:
     raise ConfigError(f"--methods must include sign or exact, got {','.join(methods)}")
 
 
-def _models(cfg: Settings) -> tuple[str, list[dict]]:
-    """The sweeps' common data and their rows, each with the folder its attack goes to."""
+@dataclass(frozen=True)
+class Model:
+    """A model of the sweeps: its sweep, its row there and the folder its attack goes to."""
+
+    sweep: str
+    row: SweepRow
+    attack: str
+
+
+def _models(cfg: Settings) -> tuple[str, list[Model]]:
+    """The sweeps' common data and their models."""
     if not cfg.sweeps or len(set(cfg.sweeps)) != len(cfg.sweeps) or cfg.limit_images < 1:
         raise ConfigError("--sweeps must list distinct sweeps and --limit-images be positive")
-    data, rows = set(), []
+    data, models = set(), []
     for i, sweep in enumerate(cfg.sweeps):
         data.add(storage.read_manifest(sweep, "sweep output")[schema.M_DATA])
-        for r in read_sweep(sweep).to_pylist():
-            name = f"{i}_{r['model'].rstrip('/').rsplit('/', 1)[-1]}"
-            rows.append({**r, "sweep": lifecycle.absolute(sweep),
-                         "attack": lifecycle.absolute(storage.join(cfg.output, ATTACKS_DIR, name))})
+        for r in read_sweep(sweep):
+            name = f"{i}_{r.model.rstrip('/').rsplit('/', 1)[-1]}"
+            models.append(Model(lifecycle.absolute(sweep), r, lifecycle.absolute(
+                storage.join(cfg.output, ATTACKS_DIR, name))))
     if len(data) != 1:
         raise ConfigError(f"the sweeps were trained on different data: {', '.join(sorted(data))}")
-    return data.pop(), rows
+    return data.pop(), models
 
 
-def _attack(cfg: Settings, data: str, row: dict) -> None:
+def _attack(cfg: Settings, data: str, model: Model) -> None:
     """Run the attack on one model, unless it finished before."""
     from attacks import fool
-    if storage.exists(storage.join(row["attack"], storage.MANIFEST)):
+    if storage.exists(storage.join(model.attack, storage.MANIFEST)):
         return
-    fool.run(fool.Settings(data=data, model=row["model"], output=row["attack"],
+    fool.run(fool.Settings(data=data, model=model.row.model, output=model.attack,
                            methods=cfg.methods, limit_images=cfg.limit_images,
                            keep_images=cfg.keep_images, use_gpu=cfg.use_gpu,
                            workers=cfg.workers))
 
 
-def point(row: dict, method: str) -> dict:
+def point(model: Model, method: str) -> FrontierRow:
     """One frontier row from a sweep row and its attack's methods summary (validation images)."""
-    table = summary.read_summary(row["attack"])["methods"].to_pylist()
+    table = summary.read_summary(model.attack)["methods"].to_pylist()
     s = next(t for t in table if t[schema.METHOD] == method and t[schema.ORIGIN] == "val")
     median = s[schema.quantile_column(schema.LINF, 0.5)]
-    return {"sweep": row["sweep"], "reg": row["reg"], "robust_eps": row["robust_eps"],
-            "val_top1": row["val_top1"], "val_top5": row["val_top5"], "method": method,
-            "median_linf": median if math.isfinite(median) else None,  # None: none fooled
-            schema.S_SUCCESS_RATE: s[schema.S_SUCCESS_RATE], schema.S_PAIRS: s[schema.S_PAIRS],
-            "model": row["model"], "attack": row["attack"]}
+    r = model.row
+    return FrontierRow(sweep=model.sweep, reg=r.reg, robust_eps=r.robust_eps,
+                       val_top1=r.val_top1, val_top5=r.val_top5, method=method,
+                       median_linf=median if math.isfinite(median) else None,  # None: none fooled
+                       success_rate=s[schema.S_SUCCESS_RATE], pairs=s[schema.S_PAIRS],
+                       model=r.model, attack=model.attack)
 
 
-def markdown(rows: list[dict]) -> str:
-    lines = ["| reg | robust eps | val top-1 | median L-inf to fool | method | fooled |",
-             "|---:|---:|---:|---:|---|---:|"]
-    for r in rows:
-        median = "none fooled" if r["median_linf"] is None else f"{r['median_linf']:g}"
-        lines.append(f"| {r['reg']:g} | {r['robust_eps']:g} | {r['val_top1']:.1%} | "
-                     f"{median} | {r['method']} | {r['success_rate']:.1%} |")
-    return "\n".join(lines) + "\n"
-
-
-def read_frontier(uri: str) -> tuple[list[dict], dict[str, bytes]]:
-    """A finished frontier's rows and each model's templates.png (for the figure)."""
-    table = read_table(uri, "frontier", TABLE, schema.FRONTIER_COLUMNS)
-    rows = table.to_pylist()
-    return rows, templates(rows)
-
-
-def templates(rows: list[dict]) -> dict[str, bytes]:
+def templates(rows: list[FrontierRow]) -> dict[str, bytes]:
     """Each row's model's templates.png, by the model's URI."""
-    return {r["model"]: storage.read_bytes(storage.join(r["model"], schema.TEMPLATES_FILE))
+    return {r.model: storage.read_bytes(storage.join(r.model, schema.TEMPLATES_FILE))
             for r in rows}
 
 
 THUMB = 240  # pixels across each point's templates thumbnail
 
 
-def curves(rows: list[dict]) -> dict[str, list[dict]]:
+def curves(rows: list[FrontierRow]) -> dict[str, list[FrontierRow]]:
     """{label: points in order}: "L2" (robust_eps 0, by reg) and "robust, reg=r" (by robust_eps,
     starting from the plain model of that reg when the sweep has it)."""
-    out = {"L2": sorted((r for r in rows if r["robust_eps"] == 0), key=lambda r: r["reg"])}
-    for reg in sorted({r["reg"] for r in rows if r["robust_eps"] > 0}):
-        points = [r for r in rows if r["reg"] == reg]
-        out[f"robust, reg={reg:g}"] = sorted(points, key=lambda r: r["robust_eps"])
+    out = {"L2": sorted((r for r in rows if r.robust_eps == 0), key=lambda r: r.reg)}
+    for reg in sorted({r.reg for r in rows if r.robust_eps > 0}):
+        points = [r for r in rows if r.reg == reg]
+        out[f"robust, reg={reg:g}"] = sorted(points, key=lambda r: r.robust_eps)
     return {k: v for k, v in out.items() if v}
 
 
-def _label(r: dict) -> str:
-    return f"E={r['robust_eps']:g}" if r["robust_eps"] else f"reg={r['reg']:g}"
+def _label(r: FrontierRow) -> str:
+    return f"E={r.robust_eps:g}" if r.robust_eps else f"reg={r.reg:g}"
 
 
 def _thumb(png: bytes) -> np.ndarray:
@@ -151,15 +144,16 @@ def _thumb(png: bytes) -> np.ndarray:
     return np.asarray(im)
 
 
-def frontier_figure(rows: list[dict], templates: dict[str, bytes] | None = None) -> Figure:
+def frontier_figure(rows: list[FrontierRow], templates: dict[str, bytes] | None = None
+                    ) -> Figure:
     """Validation top-1 against the median minimal fooling strength, one curve per objective,
     each point labelled with its setting; when given, each point's templates in a strip below,
     in the curves' order."""
-    rows = [r for r in rows if r["median_linf"] is not None]  # None: nothing was fooled
+    rows = [r for r in rows if r.median_linf is not None]  # None: nothing was fooled
     series = curves(rows)
     shown = [p for points in series.values() for p in points
-             if (templates or {}).get(p["model"]) is not None]
-    shown = list({p["model"]: p for p in shown}.values())  # a plain model starts two curves
+             if (templates or {}).get(p.model) is not None]
+    shown = list({p.model: p for p in shown}.values())  # a plain model starts two curves
     fig = Figure(figsize=(max(9.0, 1.4 * len(shown)), 8.5 if shown else 6))
     grid = fig.add_gridspec(2 if shown else 1, max(1, len(shown)),
                             height_ratios=[3, 1.1] if shown else [1])
@@ -168,13 +162,13 @@ def frontier_figure(rows: list[dict], templates: dict[str, bytes] | None = None)
     others = iter(["tab:red", "tab:green", "tab:purple", "tab:brown"])
     for name, points in series.items():
         marker, color = styles.get(name, ("s-", next(others, "black")))
-        x = [p["median_linf"] for p in points]
-        y = [100 * p["val_top1"] for p in points]
+        x = [p.median_linf for p in points]
+        y = [100 * p.val_top1 for p in points]
         ax.plot(x, y, marker, color=color, label=name)
         for p, xi, yi in zip(points, x, y):
             ax.annotate(_label(p), (xi, yi), textcoords="offset points", xytext=(5, -12),
                         fontsize=8, color=color)
-    method = ", ".join(sorted({r["method"] for r in rows}))
+    method = ", ".join(sorted({r.method for r in rows}))
     ax.set_xlabel(f"median minimal L-inf strength that fools ({method}, pixel levels)")
     ax.set_ylabel("validation top-1 (%)")
     ax.set_title("harder to fool vs accurate: L2 regularization against the robust objective")
@@ -182,9 +176,9 @@ def frontier_figure(rows: list[dict], templates: dict[str, bytes] | None = None)
     ax.legend(loc="best", fontsize=8)
     for i, p in enumerate(shown):
         thumb = fig.add_subplot(grid[1, i])
-        thumb.imshow(_thumb(templates[p["model"]]))
-        thumb.set_title(f"reg={p['reg']:g}, E={p['robust_eps']:g}\n{100 * p['val_top1']:.1f}%, "
-                        f"{p['median_linf']:g}", fontsize=7)
+        thumb.imshow(_thumb(templates[p.model]))
+        thumb.set_title(f"reg={p.reg:g}, E={p.robust_eps:g}\n{100 * p.val_top1:.1f}%, "
+                        f"{p.median_linf:g}", fontsize=7)
         thumb.axis("off")
     return fig
 
@@ -207,17 +201,18 @@ def run(cfg: Settings) -> dict:
     out = output(cfg)
     out.prepare(cfg.overwrite)
     rows = []
-    for row in models:
-        _attack(cfg, data, row)
-        rows.append(point(row, method))
-    files = write_table(cfg.output, TABLE, rows, schema.FRONTIER_COLUMNS, markdown(rows))
+    for model in models:
+        _attack(cfg, data, model)
+        rows.append(point(model, method))
+    files = tables.write_frontier(cfg.output, rows)
     storage.write_bytes(storage.join(cfg.output, FIGURE),
                         to_png(frontier_figure(rows, templates(rows))))
     manifest = out.finish({
-        schema.M_KIND: "frontier", schema.M_DATA: lifecycle.absolute(data), "rows": rows,
-        schema.M_FILES: [*files, {"path": FIGURE}],
+        schema.M_KIND: "frontier", schema.M_DATA: lifecycle.absolute(data),
+        "rows": [asdict(r) for r in rows], schema.M_FILES: [*files, {"path": FIGURE}],
         **schema.stamp(asdict(cfg), {"total_s": round(time.perf_counter() - t0, 3)})})
-    log.info("frontier of %d models written to %s:\n%s", len(rows), cfg.output, markdown(rows))
+    log.info("frontier of %d models written to %s:\n%s", len(rows), cfg.output,
+             tables.frontier_markdown(rows))
     return manifest
 
 

@@ -16,7 +16,8 @@ target_rate is the attack's success rate. The pairs are read in batches of --bat
 Parquet fragment at a time, local or s3://: memory does not grow with the run. Plain Python (no
 Ray): scoring is one matrix product per model and batch.
 
-Writes ``transfer.parquet``, ``transfer.md`` and, last, ``manifest.json`` under --output.
+Writes ``transfer.parquet``, ``transfer.md`` (attacks/tables.py, ``TransferRow``) and, last,
+``manifest.json`` under --output.
 """
 
 from __future__ import annotations
@@ -31,13 +32,12 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import torch
 
-from attacks import parts
+from attacks import parts, tables
 from attacks.methods.linear import LinearModel
 from attacks.methods.noise import noise_ids, noise_images
 from common import cli, dataset, lifecycle, schema, storage
 from common.errors import ConfigError
 from common.model import Model, read_model
-from common.tables import read_table, write_table
 
 log = logging.getLogger(__name__)
 
@@ -160,27 +160,16 @@ def score(results: str, m: dict, models: list[Model], batch_rows: int) -> dict:
     return tallies
 
 
-def rows(m: dict, models: list[Model], tallies: dict) -> list[dict]:
+def rows(m: dict, models: list[Model], tallies: dict) -> list[tables.TransferRow]:
     """The table's rows, sorted by scoring model (in --models order), method and origin."""
     source = m[schema.M_SOURCE]
-    out = []
-    for (i, method, origin), tally in sorted(tallies.items()):
-        out.append({"source_model": source["model"], "scoring_model": models[i].uri,
-                    "same_model": models[i].sha256 == source["model_sha256"],
-                    schema.METHOD: method, schema.ORIGIN: origin, schema.S_PAIRS: tally.pairs,
-                    "target_rate": tally.to_target / tally.pairs,
-                    "moved_rate": tally.moved / tally.pairs, "median_p_target": tally.median_p()})
-    return out
-
-
-def markdown(table: list[dict]) -> str:
-    lines = ["| scoring model | same | method | origin | pairs | to target | moved | "
-             "median p_target |", "|---|---|---|---|---:|---:|---:|---:|"]
-    for r in table:
-        lines.append(f"| {r['scoring_model']} | {'yes' if r['same_model'] else ''} | "
-                     f"{r['method']} | {r['origin']} | {r['pairs']} | {r['target_rate']:.1%} | "
-                     f"{r['moved_rate']:.1%} | {r['median_p_target']:.3g} |")
-    return "\n".join(lines) + "\n"
+    return [tables.TransferRow(source_model=source["model"], scoring_model=models[i].uri,
+                               same_model=models[i].sha256 == source["model_sha256"],
+                               method=method, origin=origin, pairs=tally.pairs,
+                               target_rate=tally.to_target / tally.pairs,
+                               moved_rate=tally.moved / tally.pairs,
+                               median_p_target=tally.median_p())
+            for (i, method, origin), tally in sorted(tallies.items())]
 
 
 def output(cfg: Settings, m: dict, models: list[Model]) -> lifecycle.Output:
@@ -193,11 +182,6 @@ def output(cfg: Settings, m: dict, models: list[Model]) -> lifecycle.Output:
                   "settings": {}})
 
 
-def read_transfer(uri: str) -> pa.Table:
-    """The table of a finished transfer output, with every column of the contract."""
-    return read_table(uri, "transfer", TABLE, schema.TRANSFER_COLUMNS)
-
-
 def run(cfg: Settings) -> dict:
     """Score the attack's stored images with every model; returns the manifest written."""
     t0 = time.perf_counter()
@@ -205,12 +189,13 @@ def run(cfg: Settings) -> dict:
     out = output(cfg, m, models)
     out.prepare(cfg.overwrite, resumable=False)
     table = rows(m, models, score(cfg.results, m, models, cfg.batch_rows))
-    files = write_table(cfg.output, TABLE, table, schema.TRANSFER_COLUMNS, markdown(table))
+    files = tables.write_transfer(cfg.output, table)
     manifest = out.finish({
-        schema.M_KIND: "transfer", schema.M_SOURCE: out.identity["inputs"], "rows": table,
-        schema.M_FILES: files,
+        schema.M_KIND: "transfer", schema.M_SOURCE: out.identity["inputs"],
+        "rows": [asdict(r) for r in table], schema.M_FILES: files,
         **schema.stamp(asdict(cfg), {"total_s": round(time.perf_counter() - t0, 3)})})
-    log.info("transfer of %s to %d models:\n%s", cfg.results, len(models), markdown(table))
+    log.info("transfer of %s to %d models:\n%s", cfg.results, len(models),
+             tables.transfer_markdown(table))
     return manifest
 
 

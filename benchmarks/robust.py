@@ -27,7 +27,7 @@ import ray
 import torch
 from PIL import Image
 
-from attacks import frontier, transfer
+from attacks import frontier, tables, transfer
 from benchmarks.train_defaults import photo_regions
 from pipelines import ingest
 from report import models
@@ -74,18 +74,18 @@ def main() -> None:
         ray.shutdown()
     print(f"\nmedian minimal sign strength (L-inf of the stored image) over every validation "
           f"image x every class but its prediction, fooled pairs; {args.epochs} epochs")
-    print(frontier.markdown(rows))
+    print(tables.frontier_markdown(rows))
     print(f"transfer of the fooling images (validation images):\n{matrix}")
-    default = next(r for r in rows if r["reg"] == 0.1 and r["robust_eps"] == 0)
-    at8 = next(r for r in rows if r["reg"] == 0.1 and r["robust_eps"] == 8)
-    ratio = at8["median_linf"] / default["median_linf"]
-    met = ratio >= 1.5 and at8["val_top1"] >= 0.7
-    print(f"E = 8: median {at8['median_linf']:g} = {ratio:.2f}x the default model's "
-          f"{default['median_linf']:g}, top-1 {at8['val_top1']:.1%}: goal (>= 1.5x at >= 70%) "
+    default = next(r for r in rows if r.reg == 0.1 and r.robust_eps == 0)
+    at8 = next(r for r in rows if r.reg == 0.1 and r.robust_eps == 8)
+    ratio = at8.median_linf / default.median_linf
+    met = ratio >= 1.5 and at8.val_top1 >= 0.7
+    print(f"E = 8: median {at8.median_linf:g} = {ratio:.2f}x the default model's "
+          f"{default.median_linf:g}, top-1 {at8.val_top1:.1%}: goal (>= 1.5x at >= 70%) "
           f"{'met' if met else 'NOT met'}")
 
 
-def measure(root: str, epochs: int, gray: bool) -> tuple[list[dict], str]:
+def measure(root: str, epochs: int, gray: bool) -> tuple[list[tables.FrontierRow], str]:
     """Data, the two sweeps, the frontier and the transfer tables under root (each kept when
     it finished before); returns the frontier's rows and the transfer table as Markdown."""
     src, data = os.path.join(root, "src"), os.path.join(root, "data")
@@ -104,16 +104,16 @@ def measure(root: str, epochs: int, gray: bool) -> tuple[list[dict], str]:
     if not finished(out):
         frontier.run(frontier.Settings(sweeps=tuple(os.path.join(root, n) for n in sweeps),
                                        output=out, limit_images=10**6, keep_images="all"))
-    rows, _ = frontier.read_frontier(out)
-    picked = [r for r in rows if (r["reg"], r["robust_eps"]) in TRANSFER]
-    tables = []
+    rows = tables.read_frontier(out)
+    picked = [r for r in rows if (r.reg, r.robust_eps) in TRANSFER]
+    scored = []
     for r in picked:
-        t = os.path.join(root, "transfer", os.path.basename(r["attack"]))
+        t = os.path.join(root, "transfer", os.path.basename(r.attack))
         if not finished(t):
-            transfer.run(transfer.Settings(results=r["attack"], output=t,
-                                           models=tuple(p["model"] for p in picked)))
-        tables += transfer.read_transfer(t).to_pylist()
-    return rows, models.transfer_matrix(tables)
+            transfer.run(transfer.Settings(results=r.attack, output=t,
+                                           models=tuple(p.model for p in picked)))
+        scored += tables.read_transfer(t)
+    return rows, models.transfer_matrix(scored)
 
 
 def to_gray(root: str) -> None:

@@ -211,16 +211,7 @@ SUMMARY_COLUMNS = {
     "strength": [ORIGIN, METHOD, STRENGTH, S_COUNT],
 }
 
-# --- A sweep: <out>/sweep.parquet, one row per trained setting ---------------------------------
-SWEEP_COLUMNS = ["reg", "robust_eps", "val_top1", "val_top5", "val_loss", "train_loss",
-                 "train_top1", "w_norm", "w_pixels_norm", "epochs", "median_sign_eps", "model"]
-
-# --- Transfer: <out>/transfer.parquet, one row per (scoring model, method, origin) --------------
-TRANSFER_TABLE = "transfer"
-TRANSFER_COLUMNS = ["source_model", "scoring_model", "same_model", METHOD, ORIGIN, S_PAIRS,
-                    "target_rate", "moved_rate", "median_p_target"]
-
-# --- Frontier: <out>/frontier.parquet, one row per model of the sweeps it attacked --------------
-FRONTIER_TABLE = "frontier"
-FRONTIER_COLUMNS = ["sweep", "reg", "robust_eps", "val_top1", "val_top5", "method", "median_linf",
-                    S_SUCCESS_RATE, S_PAIRS, "model", "attack"]
+# --- The sweep, transfer and frontier tables: their columns are the fields of SweepRow
+# (common/sweep.py), TransferRow and FrontierRow (attacks/tables.py) ---------------------------
+TRANSFER_TABLE = "transfer"  # <out>/transfer.parquet: one row per (scoring model, method, origin)
+FRONTIER_TABLE = "frontier"  # <out>/frontier.parquet: one row per model of the sweeps it attacked

@@ -1,15 +1,16 @@
 """The sweep table's contract: ``<sweep>/sweep.parquet`` and ``sweep.md``, written and read here.
 
-One row per trained setting (columns in common/schema.py, ``SWEEP_COLUMNS``): its validation
-accuracy and losses, the weight norms, the median sign strength that fools it, and the model's URI.
+One row per trained setting, ``SweepRow`` (its fields are the columns, common/tables.py): its
+validation accuracy and losses, the weight norms, the median sign strength that fools it, and the
+model's URI.
 
-    >>> files = write_sweep("out/sweep", rows)      # [{path, rows}] for the manifest
-    >>> table = read_sweep("out/sweep")             # refuses an unfinished sweep or a bad table
+    >>> files = write_sweep("out/sweep", rows)      # [SweepRow] -> [{path, rows}] for the manifest
+    >>> rows = read_sweep("out/sweep")              # refuses an unfinished sweep or a bad table
 """
 
 from __future__ import annotations
 
-import pyarrow as pa
+from dataclasses import dataclass
 
 from common import schema
 from common.tables import read_table, write_table
@@ -17,24 +18,42 @@ from common.tables import read_table, write_table
 TABLE = schema.SWEEP_TABLE
 
 
-def markdown(rows: list[dict]) -> str:
+@dataclass(frozen=True)
+class SweepRow:
+    """One training of the sweep (training.sweep); the model's manifest has the rest."""
+
+    reg: float  # L2 strength
+    robust_eps: float  # the robust objective's L-inf radius, pixel levels (0: plain cross-entropy)
+    val_top1: float  # the last epoch's, clean validation images
+    val_top5: float
+    val_loss: float
+    train_loss: float  # the certified bound when robust_eps > 0
+    train_top1: float
+    w_norm: float  # ||W|| as trained (normalized inputs)
+    w_pixels_norm: float  # ||W|| of weights.npz (raw pixels)
+    epochs: int
+    median_sign_eps: float  # the sign method's median fooling strength, pixel levels
+    model: str  # the training's output (absolute URI)
+
+
+def markdown(rows: list[SweepRow]) -> str:
     """The table as Markdown: reg and robust radius vs accuracy, weight norms and the strength
     that fools."""
     lines = ["| reg | robust eps | val top-1 | val top-5 | val loss | train loss | ‖W‖ | "
              "‖W‖ (pixels) | median sign eps |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['reg']:g} | {r['robust_eps']:g} | {r['val_top1']:.1%} | "
-                     f"{r['val_top5']:.1%} | {r['val_loss']:.3f} | {r['train_loss']:.3f} | "
-                     f"{r['w_norm']:.4g} | "
-                     f"{r['w_pixels_norm']:.4g} | {r['median_sign_eps']:g} |")
+        lines.append(f"| {r.reg:g} | {r.robust_eps:g} | {r.val_top1:.1%} | "
+                     f"{r.val_top5:.1%} | {r.val_loss:.3f} | {r.train_loss:.3f} | "
+                     f"{r.w_norm:.4g} | "
+                     f"{r.w_pixels_norm:.4g} | {r.median_sign_eps:g} |")
     return "\n".join(lines) + "\n"
 
 
-def write_sweep(out: str, rows: list[dict]) -> list[dict]:
+def write_sweep(out: str, rows: list[SweepRow]) -> list[dict]:
     """Write sweep.parquet and sweep.md; returns their manifest entries."""
-    return write_table(out, TABLE, rows, schema.SWEEP_COLUMNS, markdown(rows))
+    return write_table(out, TABLE, SweepRow, rows, markdown(rows))
 
 
-def read_sweep(sweep: str) -> pa.Table:
-    """The table of a finished sweep, with every column of the contract."""
-    return read_table(sweep, "sweep", TABLE, schema.SWEEP_COLUMNS)
+def read_sweep(sweep: str) -> list[SweepRow]:
+    """The rows of a finished sweep, checked against ``SweepRow``."""
+    return read_table(sweep, "sweep", TABLE, SweepRow)

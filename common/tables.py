@@ -1,13 +1,19 @@
 """A job's small result table: ``<out>/<name>.parquet`` beside ``<name>.md``, read back checked.
 
-The sweep (common/sweep.py), the frontier (attacks/frontier.py) and the transfer table
-(attacks/transfer.py) are such tables; their names and columns live in common/schema.py.
+A table is a frozen dataclass of one row: its fields, in order and with their types, are the
+Parquet columns (float -> double, int -> int64, str -> string, bool -> bool; only a field typed
+``X | None`` may hold nulls). The sweep (common/sweep.py, ``SweepRow``), the frontier and the
+transfer table (attacks/tables.py, ``FrontierRow`` and ``TransferRow``) are such tables.
 
-    >>> files = write_table("out/frontier", "frontier", rows, schema.FRONTIER_COLUMNS, md)
-    >>> table = read_table("out/frontier", "frontier", "frontier", schema.FRONTIER_COLUMNS)
+    >>> files = write_table("out/frontier", "frontier", FrontierRow, rows, md)  # manifest entries
+    >>> rows = read_table("out/frontier", "frontier", "frontier", FrontierRow)  # [FrontierRow]
 """
 
 from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -15,19 +21,46 @@ import pyarrow.parquet as pq
 from common import storage
 from common.errors import ConfigError
 
+ARROW_TYPES = {float: pa.float64(), int: pa.int64(), str: pa.string(), bool: pa.bool_()}
 
-def write_table(out: str, name: str, rows: list[dict], columns: list[str], md: str) -> list[dict]:
-    """Write the rows (only ``columns``, in that order) and their Markdown; returns the
-    manifest's file entries."""
+
+def columns(row_type: type) -> list[tuple[str, pa.DataType, bool]]:
+    """(name, Arrow type, may be null) of each field of the row dataclass, in order."""
+    hints = typing.get_type_hints(row_type)
+    out = []
+    for f in dataclasses.fields(row_type):
+        args = typing.get_args(hints[f.name])
+        optional = type(None) in args
+        base = next(a for a in args if a is not type(None)) if optional else hints[f.name]
+        out.append((f.name, ARROW_TYPES[base], optional))
+    return out
+
+
+def arrow_schema(row_type: type) -> pa.Schema:
+    """The Parquet file's schema: one column per field, every one nullable (as pyarrow infers)."""
+    return pa.schema([(name, t) for name, t, _ in columns(row_type)])
+
+
+def write_table(out: str, name: str, row_type: type, rows: Sequence, md: str) -> list[dict]:
+    """Write the rows (instances of ``row_type``) and their Markdown; returns the manifest's file
+    entries."""
+    cols = columns(row_type)
+    if not all(isinstance(r, row_type) for r in rows):
+        raise TypeError(f"{name}: every row must be a {row_type.__name__}")
+    table = pa.Table.from_pydict({c: [getattr(r, c) for r in rows] for c, _, _ in cols},
+                                 schema=arrow_schema(row_type))
+    nulls = [c for c, _, optional in cols if not optional and table.column(c).null_count]
+    if nulls:
+        raise ValueError(f"{name}: None in the columns {', '.join(nulls)}")
     fs, path = storage.filesystem(storage.join(out, f"{name}.parquet"))
-    pq.write_table(pa.Table.from_pylist(rows).select(columns), path, filesystem=fs)
+    pq.write_table(table, path, filesystem=fs)
     storage.write_bytes(storage.join(out, f"{name}.md"), md.encode())
     return [{"path": f"{name}.parquet", "rows": len(rows)}, {"path": f"{name}.md"}]
 
 
-def read_table(out: str, kind: str, name: str, columns: list[str]) -> pa.Table:
-    """The table of a finished output of that kind, with every column of its contract; anything
-    else is one ConfigError."""
+def read_table(out: str, kind: str, name: str, row_type: type) -> list:
+    """The rows of a finished output of that kind, as ``row_type`` objects; an unfinished
+    output or a file whose columns are not the row's is one ConfigError."""
     m = storage.read_manifest(out, f"{kind} output")
     if m.get("kind") != kind:
         raise ConfigError(f"{out} is not a {kind} output (kind: {m.get('kind')!r})")
@@ -37,7 +70,27 @@ def read_table(out: str, kind: str, name: str, columns: list[str]) -> pa.Table:
         table = pq.read_table(path, filesystem=fs)
     except FileNotFoundError:
         raise ConfigError(f"{uri} is missing: the {kind} output is incomplete") from None
-    missing = [c for c in columns if c not in table.column_names]
-    if missing:
-        raise ConfigError(f"{uri} lacks the columns {', '.join(missing)}")
-    return table
+    except pa.ArrowInvalid as e:
+        raise ConfigError(f"{uri}: not a readable Parquet file ({e})") from None
+    return rows_of(table, row_type, uri)
+
+
+def rows_of(table: pa.Table, row_type: type, uri: str) -> list:
+    """The table's rows as ``row_type`` objects, after checking each field's column (other
+    columns are left out); every problem is named in one ConfigError."""
+    problems, picked = [], {}
+    for c, want, optional in columns(row_type):
+        if c not in table.column_names:
+            problems.append(f"no column {c}")
+            continue
+        col = table.column(c)
+        if optional and col.type == pa.null():  # every value null: pyarrow infers no type
+            col = col.cast(want)
+        if col.type != want:
+            problems.append(f"column {c} is {col.type}, not {want}")
+        elif col.null_count and not optional:
+            problems.append(f"column {c} has {col.null_count} nulls")
+        picked[c] = col
+    if problems:
+        raise ConfigError(f"{uri}: {'; '.join(problems)}")
+    return [row_type(**r) for r in pa.table(picked).to_pylist()]

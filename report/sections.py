@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -240,32 +240,37 @@ def classes(f: Facts) -> list[page.Section]:
     return out
 
 
+# The sweep's table on the page: (header, the row's value[, format]).
+SWEEP_SHOWN: list[tuple] = [
+    ("reg", lambda r: r.reg), ("robust ε", lambda r: r.robust_eps),
+    ("val top-1", lambda r: r.val_top1, page.percent),
+    ("val top-5", lambda r: r.val_top5, page.percent),
+    ("median sign eps", lambda r: r.median_sign_eps), ("‖W‖", lambda r: r.w_pixels_norm),
+    ("epochs", lambda r: r.epochs)]
+
+
 def sweep(f: Facts) -> list[page.Section]:
     """Each trained setting's accuracy, strength and templates; the L2 curve over the trainings
     without a robust radius (the frontier, attacks.frontier, sets both objectives side by side)."""
     if not f.sweep:
         return []
-    frame = read_sweep(f.sweep).to_pandas()
-    if "robust_eps" not in frame:  # a table written before the robust objective
-        frame["robust_eps"] = 0.0
-    frame = frame.sort_values(["robust_eps", "reg"])
+    rows = sorted(read_sweep(f.sweep), key=lambda r: (r.robust_eps, r.reg))
     grids = []
-    for reg, eps, uri in zip(frame["reg"], frame["robust_eps"], frame["model"]):
-        m = read_model(uri)
+    for r in rows:
+        m, reg, eps = read_model(r.model), r.reg, r.robust_eps
         setting = f"reg={reg:g}" + (f"_eps={eps:g}" if eps else "")
         name = f"templates_{setting}.png"
-        f.files[name] = full_templates(uri, m.W, f.shape, f.names)
+        f.files[name] = full_templates(r.model, m.W, f.shape, f.names)
         label = f"reg = {page.number(reg)}" + (f", robust ε = {page.number(eps)}" if eps else "")
         grids.append(f'<p>{label} (<a href="{schema.FIGURES_DIR}/{name}">all templates</a>)</p>'
                      + template_grid(m.W, f.shape, f.names, 12))
-    cols = [("reg", "reg"), ("robust_eps", "robust ε"), ("val_top1", "val top-1", page.percent),
-            ("val_top5", "val top-5", page.percent), ("median_sign_eps", "median sign eps"),
-            ("w_pixels_norm", "‖W‖"), ("epochs", "epochs")]
-    l2 = frame[frame["robust_eps"] == 0]
+    records = [{head: value(r) for head, value, *_ in SWEEP_SHOWN} for r in rows]
+    cols = [(head, head, *fmt) for head, _, *fmt in SWEEP_SHOWN]
+    l2 = pd.DataFrame([asdict(r) for r in rows if r.robust_eps == 0])  # charts.tradeoff's frame
     chart = f.figure("tradeoff.png", charts.tradeoff(l2), "Stronger L2: lower accuracy, and "
                      "larger steps needed to fool (sign method, median over the first validation "
                      "images and all targets, measured by the sweep job).") if len(l2) else ""
-    body = chart + page.table(frame.to_dict("records"), cols) + "".join(grids)
+    body = chart + page.table(records, cols) + "".join(grids)
     return [page.Section("The regularization trade-off", body, "tradeoff")]
 
 

@@ -4,43 +4,45 @@ from __future__ import annotations
 
 import io
 import os
+from dataclasses import asdict
 
 import numpy as np
 import pyarrow.dataset as ds
 import pytest
 from PIL import Image
 
-from attacks import frontier
+from attacks import frontier, tables
 from common import schema, storage
 from common.errors import ConfigError
-from report import page
+from report import models, page
 
 
 @pytest.mark.slow
 def test_frontier_attacks_every_model_of_the_sweep(attacked_sweep):
     out, sweep, manifest = (attacked_sweep[k] for k in ("frontier", "sweep", "manifest"))
-    rows, pngs = frontier.read_frontier(out)
-    assert [(r["reg"], r["robust_eps"]) for r in rows] == [(1e-4, 0.0), (1e-4, 8.0)]
-    assert rows == manifest["rows"] and set(pngs) == {r["model"] for r in rows}
+    rows = tables.read_frontier(out)
+    assert [(r.reg, r.robust_eps) for r in rows] == [(1e-4, 0.0), (1e-4, 8.0)]
+    assert [asdict(r) for r in rows] == manifest["rows"]
+    assert set(frontier.templates(rows)) == {r.model for r in rows}
     for r in rows:  # the median over the stored pairs that were fooled and had to move
-        pairs = ds.dataset(os.path.join(r["attack"], schema.PAIRS_DIR), format="parquet",
+        pairs = ds.dataset(os.path.join(r.attack, schema.PAIRS_DIR), format="parquet",
                            partitioning=ds.partitioning(schema.PAIRS_PARTITION_SCHEMA,
                                                         flavor="hive")).to_table().to_pandas()
         assert len(pairs) == 4 * 4 and (pairs[schema.METHOD] == "sign").all()
         moved = pairs[pairs[schema.SUCCESS] & (pairs[schema.PRED] != pairs[schema.TARGET])]
-        assert r["median_linf"] == pytest.approx(np.quantile(moved[schema.LINF], 0.5), abs=1.0)
-        assert r["method"] == "sign" and r[schema.S_PAIRS] == 16
+        assert r.median_linf == pytest.approx(np.quantile(moved[schema.LINF], 0.5), abs=1.0)
+        assert r.method == "sign" and r.pairs == 16
     Image.open(os.path.join(out, frontier.FIGURE)).verify()
     assert len(open(os.path.join(out, f"{frontier.TABLE}.md")).read().splitlines()) == 4
 
-    sections, figures = frontier.report_parts(out, (), page.img)  # the report's hook
+    sections, figures = models.model_sections(out, (), page.img)  # the report's section
     assert len(sections) == 1 and Image.open(io.BytesIO(figures[frontier.FIGURE])).size[0] > 500
     # an unfinished frontier resumes: the finished attacks are kept, not rerun
     os.remove(os.path.join(out, storage.MANIFEST))
-    kept = os.path.join(rows[0]["attack"], storage.MANIFEST)
+    kept = os.path.join(rows[0].attack, storage.MANIFEST)
     before = os.stat(kept).st_mtime_ns
     again = frontier.run(frontier.Settings(**attacked_sweep["settings"]))
-    assert again["rows"] == rows and os.stat(kept).st_mtime_ns == before
+    assert again["rows"] == manifest["rows"] and os.stat(kept).st_mtime_ns == before
 
 
 def test_frontier_refuses_bad_settings(tmp_path):

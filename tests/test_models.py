@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import os
 import re
 
 import numpy as np
 from PIL import Image
 
-from attacks import frontier
+from attacks import frontier, tables
 from attacks.figures import to_png
-from report import models
+from attacks.tables import FrontierRow, TransferRow
+from common import schema, storage
+from report import models, page
 
 
-def row(reg: float, eps: float, top1: float, median: float | None) -> dict:
-    return {"reg": reg, "robust_eps": eps, "val_top1": top1, "median_linf": median,
-            "method": "sign", "model": f"/s/reg={reg:g}" + (f"_eps={eps:g}" if eps else "")}
+def row(reg: float, eps: float, top1: float, median: float | None) -> FrontierRow:
+    model = f"/s/reg={reg:g}" + (f"_eps={eps:g}" if eps else "")
+    return FrontierRow(sweep="/s", reg=reg, robust_eps=eps, val_top1=top1, val_top5=1.0,
+                       method="sign", median_linf=median, success_rate=1.0, pairs=1, model=model,
+                       attack=f"/f/attacks/0_{model[3:]}")
 
 
 ROWS = [row(1.0, 0, 0.70, 30), row(1e-4, 0, 0.80, 10), row(0.1, 0, 0.78, 20),
@@ -24,16 +30,16 @@ ROWS = [row(1.0, 0, 0.70, 30), row(1e-4, 0, 0.80, 10), row(0.1, 0, 0.78, 20),
 
 def test_curves_split_l2_from_robust_and_order_them():
     c = frontier.curves(ROWS)
-    assert [r["reg"] for r in c["L2"]] == [1e-4, 0.1, 1.0]
+    assert [r.reg for r in c["L2"]] == [1e-4, 0.1, 1.0]
     # the robust series starts at the plain model of its reg
-    assert [r["robust_eps"] for r in c["robust, reg=0.1"]] == [0, 2, 8, 16]
+    assert [r.robust_eps for r in c["robust, reg=0.1"]] == [0, 2, 8, 16]
     assert set(c) == {"L2", "robust, reg=0.1"}
 
 
 def test_frontier_figure_draws_each_point_and_its_templates():
     thumb = io.BytesIO()
     Image.fromarray(np.full((40, 60, 3), 200, np.uint8)).save(thumb, format="PNG")
-    fig = frontier.frontier_figure(ROWS, {r["model"]: thumb.getvalue() for r in ROWS})
+    fig = frontier.frontier_figure(ROWS, {r.model: thumb.getvalue() for r in ROWS})
     ax = fig.axes[0]
     lines = {line.get_label(): line for line in ax.get_lines()}
     assert list(lines["L2"].get_xdata()) == [10, 20, 30]
@@ -44,9 +50,35 @@ def test_frontier_figure_draws_each_point_and_its_templates():
 
 
 def test_transfer_matrix_has_a_cell_per_pair_and_marks_the_diagonal():
-    rows = [{"source_model": "/s/a", "scoring_model": s, "same_model": s == "/s/a",
-             "method": "sign", "origin": o, "target_rate": rate, "moved_rate": 1.0}
+    rows = [TransferRow(source_model="/s/a", scoring_model=s, same_model=s == "/s/a",
+                        method="sign", origin=o, pairs=4, target_rate=rate, moved_rate=1.0,
+                        median_p_target=0.5)
             for s, rate in (("/s/a", 0.9), ("/s/b", 0.25)) for o in ("val", "noise")]
     page = models.transfer_matrix(rows)
     assert page.count("<table>") == 1 and "<b>90.0% (100.0%)</b>" in page
     assert re.search(r"<th>a</th><td><b>90.0%.*</b></td><td>25.0% \(100.0%\)</td>", page)
+
+
+def test_model_sections_read_the_frontier_and_transfer_tables(tmp_path):
+    """The report's sections from a frontier and a transfer output on disk (the real files)."""
+    thumb = io.BytesIO()
+    Image.fromarray(np.full((40, 60, 3), 200, np.uint8)).save(thumb, format="PNG")
+    rows = [dataclasses.replace(r, model=str(tmp_path / r.model.lstrip("/"))) for r in ROWS]
+    for r in rows:
+        storage.write_bytes(storage.join(r.model, schema.TEMPLATES_FILE), thumb.getvalue())
+    front, trans = str(tmp_path / "frontier"), str(tmp_path / "transfer")
+    cells = [TransferRow(source_model=rows[0].model, scoring_model=r.model,
+                         same_model=r is rows[0], method="sign", origin="val", pairs=4,
+                         target_rate=0.5, moved_rate=0.75, median_p_target=0.5) for r in rows[:2]]
+    os.makedirs(front)
+    os.makedirs(trans)
+    storage.write_manifest(front, {schema.M_KIND: "frontier",
+                                   schema.M_FILES: tables.write_frontier(front, rows)})
+    storage.write_manifest(trans, {schema.M_KIND: "transfer",
+                                   schema.M_FILES: tables.write_transfer(trans, cells)})
+    sections, figures = models.model_sections(front, (trans,), page.img)
+    assert [title for title, _ in sections] == [
+        "The frontier: regularize or change the objective", "Do fooling images transfer?"]
+    assert Image.open(io.BytesIO(figures[frontier.FIGURE])).size[0] > 500
+    assert tables.frontier_markdown(rows) in sections[0][1]
+    assert "<b>50.0% (75.0%)</b>" in sections[1][1]

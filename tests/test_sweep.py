@@ -8,12 +8,12 @@ import re
 
 import numpy as np
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 import pytest
 
 from common import schema, storage
 from common.errors import ConfigError
 from common.model import read_model
+from common.sweep import SweepRow, read_sweep
 from tests.trees import every_file
 from training import sweep
 
@@ -36,9 +36,9 @@ def test_the_grid_is_every_pair_once():
 
 
 def test_markdown_has_a_row_per_setting():
-    rows = [{"reg": r, "robust_eps": 0.0, "val_top1": 0.5, "val_top5": 1.0, "val_loss": 1.0,
-             "train_loss": 0.9, "w_norm": 2.0, "w_pixels_norm": 0.1, "median_sign_eps": 7.0}
-            for r in (1e-4, 100.0)]
+    rows = [SweepRow(reg=r, robust_eps=0.0, val_top1=0.5, val_top5=1.0, val_loss=1.0,
+                     train_loss=0.9, train_top1=0.6, w_norm=2.0, w_pixels_norm=0.1, epochs=1,
+                     median_sign_eps=7.0, model="m") for r in (1e-4, 100.0)]
     lines = sweep.markdown(rows).strip().splitlines()
     assert len(lines) == 4 and lines[2].startswith("| 0.0001 |") and "50.0%" in lines[3]
 
@@ -113,29 +113,28 @@ def test_every_job_on_s3_and_no_credential_in_any_log_output_or_object(
 
 def _check_sweep_table(out: str, radii: tuple[float, ...], caplog) -> None:
     """One row, one complete model per setting; the robust model harder to fool."""
-    fs, path = storage.filesystem(out)
-    table = pq.read_table(f"{path}/{sweep.TABLE}.parquet", filesystem=fs).to_pylist()
-    assert [(r["reg"], r["robust_eps"]) for r in table] == [(1e-4, e) for e in radii]
+    table = read_sweep(out)
+    assert [(r.reg, r.robust_eps) for r in table] == [(1e-4, e) for e in radii]
     md = storage.read_bytes(storage.join(out, f"{sweep.TABLE}.md")).decode().strip().splitlines()
     assert len(md) == 2 + len(radii)
     for row in table:  # each training has its own complete model
-        m = storage.read_manifest(row["model"], "model")
-        W = read_model(row["model"]).W
-        assert m[schema.M_CONFIG]["reg"] == row["reg"]
-        assert m[schema.M_CONFIG]["robust_eps"] == row["robust_eps"]
-        assert row["w_pixels_norm"] == pytest.approx(float(np.linalg.norm(W)), rel=1e-5)
-        assert storage.exists(storage.join(row["model"], schema.TEMPLATES_FILE))
+        m = storage.read_manifest(row.model, "model")
+        W = read_model(row.model).W
+        assert m[schema.M_CONFIG]["reg"] == row.reg
+        assert m[schema.M_CONFIG]["robust_eps"] == row.robust_eps
+        assert row.w_pixels_norm == pytest.approx(float(np.linalg.norm(W)), rel=1e-5)
+        assert storage.exists(storage.join(row.model, schema.TEMPLATES_FILE))
     plain, robust = table
     # the robust loss is the certified worst case: above the plain loss; and the model is
     # harder to fool (measured: median sign eps 22.5 against 21; same seed, same weights on CPU)
-    assert robust["train_loss"] > plain["train_loss"] + 0.5
-    assert robust["median_sign_eps"] > plain["median_sign_eps"]
+    assert robust.train_loss > plain.train_loss + 0.5
+    assert robust.median_sign_eps > plain.median_sign_eps
     # each model's median sign strength over the first validation images (the trade-off itself
     # needs trained-to-convergence models: tests/test_fooling.py checks it on fitted ones)
-    assert all(0 < r["median_sign_eps"] <= 255 for r in table)
+    assert all(0 < r.median_sign_eps <= 255 for r in table)
     assert storage.read_manifest(out, "sweep")[schema.M_KIND] == "sweep"
     # each finished model was announced on the driver, through the sweep's progress
     done = [r.getMessage() for r in caplog.records if r.name == "training.sweep"
             and re.fullmatch(r".+: val top-1 [\d.]+% after \d+ epochs", r.getMessage())]
     announced = sorted(d.split(": val top-1")[0] for d in done)
-    assert announced == sorted(r["model"] for r in table), done
+    assert announced == sorted(r.model for r in table), done

@@ -3,11 +3,13 @@ checked against the attack's own summary and a numpy scoring of every stored pai
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import numpy as np
 import pyarrow.dataset as ds
 import pytest
 
-from attacks import summary, transfer
+from attacks import summary, tables, transfer
 from attacks.methods.linear import LinearModel
 from attacks.methods.noise import noise_images
 from benchmarks.attack_models import load_split
@@ -34,15 +36,16 @@ def test_transfer_of_two_models(attacked_sweep, ingested, bucket, tmp_path):
     out = f"{bucket}/transfer-{tmp_path.name}"  # written to the S3 server, read locally
     manifest = transfer.run(transfer.Settings(results=results, models=tuple(models), output=out,
                                               batch_rows=5))  # several batches per fragment
-    table = transfer.read_transfer(out).to_pylist()
-    assert table == manifest["rows"] and len(table) == 2  # 2 models x validation images
+    table = tables.read_transfer(out)
+    assert [asdict(r) for r in table] == manifest["rows"]
+    assert len(table) == 2  # 2 models x validation images
 
     # the diagonal is the attack's own success rate, origin by origin
     own = summary.read_summary(results)["methods"].to_pylist()
-    for r in (r for r in table if r["same_model"]):
-        want = next(o for o in own if o[schema.ORIGIN] == r[schema.ORIGIN])
-        assert r["scoring_model"] == models[0] and r[schema.S_PAIRS] == want[schema.S_PAIRS]
-        assert r["target_rate"] == want[schema.S_SUCCESS_RATE]
+    for r in (r for r in table if r.same_model):
+        want = next(o for o in own if o[schema.ORIGIN] == r.origin)
+        assert r.scoring_model == models[0] and r.pairs == want[schema.S_PAIRS]
+        assert r.target_rate == want[schema.S_SUCCESS_RATE]
 
     # every row against numpy: float64 scores of each stored image and of its original
     pairs = stored_pairs(results)
@@ -51,19 +54,19 @@ def test_transfer_of_two_models(attacked_sweep, ingested, bucket, tmp_path):
     X0 = np.stack([originals[i] for i in pairs[schema.IMAGE_ID]]).astype(np.float64)
     t = pairs[schema.TARGET].astype(int)
     for r in table:
-        m = read_model(r["scoring_model"])
+        m = read_model(r.scoring_model)
         W, b = m.W.astype(np.float64), m.b.astype(np.float64)
         S = pairs[schema.IMAGE].astype(np.float64) @ W.T + b
-        sel = pairs[schema.ORIGIN] == r[schema.ORIGIN]
+        sel = pairs[schema.ORIGIN] == r.origin
         pred = S.argmax(1)
-        assert r["target_rate"] == pytest.approx(np.mean((pred == t)[sel]))
-        assert r["moved_rate"] == pytest.approx(np.mean((pred != (X0 @ W.T + b).argmax(1))[sel]))
+        assert r.target_rate == pytest.approx(np.mean((pred == t)[sel]))
+        assert r.moved_rate == pytest.approx(np.mean((pred != (X0 @ W.T + b).argmax(1))[sel]))
         logp = S - S.max(1, keepdims=True)
         logp -= np.log(np.exp(logp).sum(1, keepdims=True))
         p = np.sort(np.exp(logp[np.arange(len(t)), t])[sel])
         lower_median = max(p[(len(p) - 1) // 2], 1e-45)
-        assert r["median_p_target"] == pytest.approx(lower_median, rel=10 ** transfer.LOG_STEP - 1)
-    assert any(r["target_rate"] < 1 for r in table if not r["same_model"])  # a real measurement
+        assert r.median_p_target == pytest.approx(lower_median, rel=10 ** transfer.LOG_STEP - 1)
+    assert any(r.target_rate < 1 for r in table if not r.same_model)  # a real measurement
 
 
 def test_transfer_refuses_what_it_cannot_score(tmp_path):

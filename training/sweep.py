@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field, fields
 from common import cli, dataset, lifecycle, progress, schema, storage
 from common.errors import ConfigError, find_config_error
 from common.model import read_model
-from common.sweep import TABLE, markdown, write_sweep
+from common.sweep import TABLE, SweepRow, markdown, write_sweep
 from training import train
 
 log = logging.getLogger(__name__)
@@ -108,16 +108,16 @@ def train_one(config: dict, counter=None) -> None:
     tune.report({k: final[k] for k in ("val_top1", "val_top5", "val_loss", "train_loss")})
 
 
-def _row(cfg: Settings, reg: float, robust_eps: float, X) -> dict:
+def _row(cfg: Settings, reg: float, robust_eps: float, X) -> SweepRow:
+    """The table's row of one finished training, from its manifest (``final``: its metrics)."""
     out = lifecycle.absolute(trial_output(cfg.output, reg, robust_eps))
     m = storage.read_manifest(out, "model")
     final, norms = m[schema.M_FINAL], m[schema.M_WEIGHT_NORMS]
-    return {"reg": reg, "robust_eps": robust_eps, "val_top1": final["val_top1"],
-            "val_top5": final["val_top5"],
-            "val_loss": final["val_loss"], "train_loss": final["train_loss"],
-            "train_top1": final["train_top1"], "w_norm": norms["W"],
-            "w_pixels_norm": norms["W_pixels"], "epochs": final["epoch"],
-            "median_sign_eps": _median_sign_eps(out, X), "model": out}
+    return SweepRow(reg=reg, robust_eps=robust_eps, val_top1=final["val_top1"],
+                    val_top5=final["val_top5"], val_loss=final["val_loss"],
+                    train_loss=final["train_loss"], train_top1=final["train_top1"],
+                    w_norm=norms["W"], w_pixels_norm=norms["W_pixels"], epochs=final["epoch"],
+                    median_sign_eps=_median_sign_eps(out, X), model=out)
 
 
 def _median_sign_eps(model: str, X) -> float:
@@ -236,8 +236,8 @@ def run(cfg: Settings) -> dict:
     rows = [_row(cfg, reg, eps, X) for reg, eps in grid(cfg)]
     files = write_sweep(cfg.output, rows)
     manifest = {
-        schema.M_KIND: "sweep", schema.M_DATA: lifecycle.absolute(cfg.data), "rows": rows,
-        schema.M_FILES: files,
+        schema.M_KIND: "sweep", schema.M_DATA: lifecycle.absolute(cfg.data),
+        "rows": [asdict(r) for r in rows], schema.M_FILES: files,
         **schema.stamp(asdict(cfg), {"total_s": round(time.perf_counter() - t0, 3)}),
     }
     manifest = out.finish(manifest)
