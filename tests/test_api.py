@@ -1,4 +1,4 @@
-"""The README's Python API section runs as written, against an oracle computed with numpy."""
+"""docs/analysis.md's Python API section runs as written, against an oracle computed with numpy."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 
 from benchmarks.attack_models import fit_softmax, load_split, write_model
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ANALYSIS = Path(__file__).resolve().parent.parent / "docs" / "analysis.md"
 
 
 def test_readme_python_api_runs_and_agrees_with_numpy(ingested, tmp_path, monkeypatch, capsys):
@@ -19,7 +19,7 @@ def test_readme_python_api_runs_and_agrees_with_numpy(ingested, tmp_path, monkey
     classes = storage.read_manifest(ingested)["classes"]
     W, b = fit_softmax(X, y, len(classes), 1e-3, steps=60)
     model_dir = write_model(str(tmp_path / "model"), W, b, classes)
-    section = README.read_text().split("## Python API", 1)[1].split("\n## ", 1)[0]
+    section = ANALYSIS.read_text().split("## Python API", 1)[1].split("\n## ", 1)[0]
     (block,) = re.findall(r"```python\n(.*?)```", section, re.S)
     scope: dict = {}
     monkeypatch.chdir(tmp_path)

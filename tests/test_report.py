@@ -167,20 +167,20 @@ def test_results_without_manifest_is_one_clear_error(tmp_path):
 
 
 def readme_blocks(section: str, lang: str) -> list[str]:
-    text = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    text = open(os.path.join(os.path.dirname(__file__), "..", "docs", "analysis.md")).read()
     part = text.split(f"## {section}", 1)[1].split("\n## ", 1)[0]
     return re.findall(rf"```{lang}\n(.*?)```", part, re.S)
 
 
 def test_readme_analyst_queries_run_as_written(run_dirs, tmp_path, monkeypatch):
-    """The README's pandas, pyarrow and DuckDB snippets, on a real output (paths swapped)."""
+    """docs/analysis.md's pandas, pyarrow and DuckDB snippets, on a real output (paths swapped)."""
     results = run_dirs["results"]
     monkeypatch.chdir(tmp_path)
     blocks = readme_blocks("Analysing the results", "python")
     assert len(blocks) == 2
     scope: dict = {}
     for block in blocks:
-        exec(block.replace("out/fooling", results), scope)  # noqa: S102 - the README's own code
+        exec(block.replace("out/fooling", results), scope)  # noqa: S102 - the docs' own code
     per_target, hardest = scope["per_target"], scope["hardest"]
     pairs = pq.read_table(os.path.join(results, schema.SUMMARY_DIR, schema.SUMMARY_TARGETS))
     truth = {r["target"]: r["success_rate"] for r in pairs.to_pylist()
