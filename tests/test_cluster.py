@@ -26,7 +26,7 @@ def cluster(s3_server):
 ALARMING = re.compile(r"\b(WARNING|ERROR|Error|Traceback|Deprecat)|^\[[^]]* E \d+|\x1b\[")
 # ... except the raylet's note that many worker processes started at once, which these 2-CPU
 # nodes give when a training starts its controller, worker and data actors together (the
-# threshold is 4 x the node's CPUs; the README's "What a run prints" says so)
+# threshold is 4 x the node's CPUs)
 STARTUP_NOTE = re.compile(r"^\(raylet\) WARNING: \d+ PYTHON worker processes have been started")
 
 

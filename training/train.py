@@ -42,8 +42,8 @@ RESUMABLE = {"output", "num_workers", "use_gpu", "cpus_per_worker", "threads", "
              "max_failures", "overwrite"}
 # Ray Data 2.60's Parquet reader lists the files of every read (each split, each epoch) through a
 # pool of footer-reading actors, 32 by default: 32 worker processes started per listing. One actor
-# reads 128 footers at a time, enough for ImageNet's few hundred files; on 2 CPUs a 2-epoch
-# training took 68.8 s with 32 and 54.1 s with one (README).
+# reads 128 footers at a time, enough for ImageNet's few hundred files, while starting 32
+# processes per listing costs a small node seconds of every epoch.
 FOOTER_READERS = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1"
 # What the job writes under --output besides manifest.json (what --overwrite may remove).
 OWNS = (schema.WEIGHTS_FILE, schema.METRICS_FILE, schema.TEMPLATES_FILE, schema.CHECKPOINTS_DIR)
