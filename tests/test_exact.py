@@ -1,8 +1,8 @@
 """The exact attack (attacks/methods/exact.py) against an independent LP solver (scipy's HiGHS,
 benchmarks/lp.py), an independent numpy re-scoring, the two-class closed form and Sign. The
-tests marked ``both`` run the dual search both ways: fused per pair
-(attacks/methods/search_numba.py, what a CPU runs) and as batched torch steps (what a GPU runs),
-here on the CPU."""
+tests that take ``both`` run each search backend (attacks/methods/search.py): fused per pair
+(numba, what a CPU runs) and as batched torch steps (what a GPU runs), here on the CPU; the
+``agree`` tests compare the two on the same pairs."""
 
 from __future__ import annotations
 
@@ -12,21 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from attacks.methods import exact, search_torch
+from attacks.methods import exact
 from attacks.methods.base import Fooled, pairs
 from attacks.methods.exact import NEWTON_STEPS, Exact
 from attacks.methods.iterative import Iterative
 from attacks.methods.linear import LinearModel
-from attacks.methods.search_torch import (
-    DENSE_C,
-    KMAX,
-    RIDGE,
-    Problem,
-    _solve,
-    newton,
-    onehot,
-    search_weights,
-)
+from attacks.methods.problem import DENSE_C, KMAX, RIDGE, Problem, _solve, onehot
+from attacks.methods.search import BACKENDS, backend_for
 from attacks.methods.sign import LEVELS, Sign
 from benchmarks.attack_models import photo_model
 from benchmarks.lp import lp_minimum, value
@@ -36,10 +28,11 @@ from tests.test_fooling import numpy_verdict
 LP_RTOL = 1e-6  # the certificate may exceed the LP optimum by float error only
 
 
-def attack(W, b, X, targets, confidence=None, cls=Exact):
+def attack(W, b, X, targets, confidence=None, cls=Exact, backend=None):
     model = LinearModel(W, b)
     Xt = torch.from_numpy(X)
-    f = cls(model, confidence)(Xt, model.scores(Xt), torch.as_tensor(targets))
+    a = cls(model, confidence, backend) if cls is Exact else cls(model, confidence)
+    f = a(Xt, model.scores(Xt), torch.as_tensor(targets))
     n, t = (v.numpy() for v in pairs(len(X), torch.as_tensor(targets)))
     return f, n, t, numpy_verdict(W, b, X[n], f.images.numpy(), t)
 
@@ -53,11 +46,9 @@ def one_thread():
     torch.set_num_threads(saved)
 
 
-@pytest.fixture(params=["fused", "torch"])
-def both(request, monkeypatch):
-    """The dual search fused per pair (attacks/methods/search_numba.py) or in torch's batched
-    steps."""
-    monkeypatch.setattr(search_torch, "FUSED", request.param == "fused")
+@pytest.fixture(params=BACKENDS)
+def both(request):
+    """The name of a search backend: numba (fused per pair) or torch (batched steps)."""
     return request.param
 
 
@@ -71,10 +62,16 @@ def toy():
 
 
 @pytest.fixture(scope="module")
-def photos():
-    """A 10-class softmax fitted on crops of scikit-learn's two photographs, 64x64x3: real
-    images, where several rivals bind at once (the hard case for the dual search)."""
-    W, b, X = photo_model()
+def photo_fit():
+    """A 10-class softmax fitted on crops of scikit-learn's two photographs, 64x64x3, and its
+    400 held-out crops: real images, where several rivals bind at once (the hard case for the
+    dual search)."""
+    return photo_model()
+
+
+@pytest.fixture(scope="module")
+def photos(photo_fit):
+    W, b, X = photo_fit
     return W, b, X[:6]
 
 
@@ -89,7 +86,7 @@ def check_against_lp(W, b, X, f, n, t, rows, margin=0.0):
 
 def test_toy_against_the_lp(toy, both):
     W, b, X, targets = toy
-    f, n, t, want = attack(W, b, X, targets)
+    f, n, t, want = attack(W, b, X, targets, backend=both)
     assert (want["fooled_pred"] == t).all()  # every pair: the model never fails to be fooled
     moved = np.flatnonzero((X[n] @ W.T.astype(np.float64) + b).argmax(1) != t)
     assert len(moved) > 30
@@ -192,14 +189,16 @@ def test_newton_reaches_the_lp_value(photos, both):
     which is the LP's best worst-case margin."""
     W, b, X = photos
     model = LinearModel(W, b)
+    search = backend_for("cpu", both)
     for i, t in ((0, 4), (1, 8), (2, 1)):
         x = torch.from_numpy(X[i:i + 1])
-        prob = Problem(model, x, model.scores(x), torch.tensor([t]), 0.0)
-        lam, r, _ = search_weights(prob, onehot(torch.zeros(1, dtype=torch.long), prob.K), 8)
+        prob = Problem(model, x, model.scores(x), torch.tensor([t]), 0.0, search)
+        lam, r, _ = search.search_weights(prob, onehot(torch.zeros(1, dtype=torch.long), prob.K),
+                                          8)
         lp = lp_minimum(W, b, X[i], t)
         assert 0.5 * lp <= r.item() <= lp + 1e-3, (i, t, lp, r.item())
         eps = torch.floor(r) + 1
-        lam, h, *_ = newton(prob, lam, eps, NEWTON_STEPS)
+        lam, h, *_ = search.newton(prob, lam, eps, NEWTON_STEPS)
         z, _ = value(W, b, X[i], t, float(eps))
         scale = np.abs(W[t] - W).sum(1).max()  # the margins' change per level
         assert z - 1e-4 * scale <= h.item() <= z + 2e-3 * scale, (i, t, z, h.item())
@@ -235,7 +234,7 @@ def test_two_classes_closed_form():
 def test_a_thousand_classes(both):
     """1,000 random classes on 8x8x3 images, where 5 to 15 rivals bind at the optimum (more than
     the first search weighs)."""
-    check_many_classes(1000, seed=3, targets=[0, 333, 999])
+    check_many_classes(1000, seed=3, targets=[0, 333, 999], backend=both)
 
 
 def test_a_hundred_classes_where_rivals_join_the_products_with_w(both):
@@ -243,19 +242,16 @@ def test_a_hundred_classes_where_rivals_join_the_products_with_w(both):
     made only when Newton's method needs them: they must follow the rivals that join (a model of
     18 to 128 classes once failed there on its second stage)."""
     assert 2 * KMAX + 1 < 100 <= DENSE_C  # the dense path, with rivals to add
-    check_many_classes(100, seed=5, targets=[0, 17, 50, 99])
+    check_many_classes(100, seed=5, targets=[0, 17, 50, 99], backend=both)
 
 
-def check_many_classes(C: int, seed: int, targets: list[int]) -> None:
+def check_many_classes(C: int, seed: int, targets: list[int], backend: str) -> None:
     """A random C-class model on three 8x8x3 images: every pair fooled, never above Sign, the
     certificate within half a level below the LP's optimum (never above it). With 192 pixels the
     LP's few fractional pixels weigh much more than on 64x64x3 images: the stored step may sit a
     few levels above."""
-    rng = np.random.default_rng(seed)
-    W = rng.normal(0, 1e-3, (C, 192)).astype(np.float32)
-    b = rng.normal(0, 0.05, C).astype(np.float32)
-    X = rng.integers(0, 256, (3, 192), dtype=np.uint8)
-    f, n, t, want = attack(W, b, X, np.array(targets))
+    W, b, X = random_model(C, 192, 3, seed)
+    f, n, t, want = attack(W, b, X, np.array(targets), backend=backend)
     _, _, _, sign = attack(W, b, X, np.array(targets), cls=Sign)
     assert (want["fooled_pred"] == t).all()
     assert (want["linf"] <= np.where(sign["fooled_pred"] == t, sign["linf"], 255)).all()
@@ -263,6 +259,62 @@ def check_many_classes(C: int, seed: int, targets: list[int]) -> None:
         eps = lp_minimum(W, b, X[n[i]], int(t[i]))
         assert eps - 0.5 <= f.bound[i].item() <= eps * (1 + LP_RTOL) + 1e-9, (i, eps)
         assert want["linf"][i] <= 1.3 * eps + 1, (i, eps)
+
+
+def random_model(C: int, D: int, N: int, seed: int):
+    """W (C, D) and b (C,) float32 at random, and N random images of D pixels."""
+    rng = np.random.default_rng(seed)
+    W = rng.normal(0, 1e-3, (C, D)).astype(np.float32)
+    b = rng.normal(0, 0.05, C).astype(np.float32)
+    return W, b, rng.integers(0, 256, (N, D), dtype=np.uint8)
+
+
+def each_backend(W, b, X, targets) -> tuple[dict, np.ndarray]:
+    """Per backend, the stored images' L-inf (numpy's measure) and the certificates, every pair
+    fooled as numpy scores it; and the pairs that move (not won by the original)."""
+    out = {}
+    for name in BACKENDS:
+        f, n, t, want = attack(W, b, X, targets, backend=name)
+        assert (want["fooled_pred"] == t).all(), name
+        out[name] = (want["linf"].astype(np.int64), f.bound.numpy().astype(np.float64))
+    moved = (X[n].astype(np.float64) @ W.T.astype(np.float64) + b).argmax(1) != t
+    return out, moved
+
+
+def check_agree(W, b, X, targets, least_proved: float) -> None:
+    """The two backends on the same pairs: each stored strength within one level of the
+    other's, and the proved pairs of those that move (linf - bound_linf < 1) the same up to 1%
+    of them; each backend proves at least ``least_proved`` of them."""
+    out, moved = each_backend(W, b, X, targets)
+    (l_nb, c_nb), (l_pt, c_pt) = out["numba"], out["torch"]
+    assert np.abs(l_nb - l_pt).max() <= 1, np.abs(l_nb - l_pt).max()
+    proved_nb, proved_pt = (l_nb - c_nb < 1)[moved], (l_pt - c_pt < 1)[moved]
+    assert np.mean(proved_nb != proved_pt) <= 0.01, (proved_nb.sum(), proved_pt.sum())
+    assert min(proved_nb.mean(), proved_pt.mean()) >= least_proved, proved_nb.mean()
+
+
+def test_backends_agree_at_a_thousand_classes():
+    """1,000 random classes on 16x16x3 images, 8 images x 32 targets."""
+    W, b, X = random_model(1000, 768, 8, seed=3)
+    check_agree(W, b, X, np.linspace(0, 999, 32).round().astype(int), least_proved=0.9)
+
+
+def test_backends_agree_on_photos(photo_fit):
+    """The photo crops' model, 40 held-out crops x 10 targets."""
+    W, b, X = photo_fit
+    check_agree(W, b, X[:40], np.arange(10), least_proved=0.97)
+
+
+def test_backends_agree_where_both_prove_on_tiny_images():
+    """1,000 classes on 8x8x3 images, where a third of the pairs stay unproved: there the two
+    backends' float32 sums, in other orders, lead the searches to other steps, a few levels
+    apart. Where both prove a pair, each step is the true minimum: the same."""
+    W, b, X = random_model(1000, 192, 8, seed=3)
+    out, moved = each_backend(W, b, X, np.linspace(0, 999, 16).round().astype(int))
+    (l_nb, c_nb), (l_pt, c_pt) = out["numba"], out["torch"]
+    both = (l_nb - c_nb < 1) & (l_pt - c_pt < 1) & moved
+    assert both.sum() >= 0.5 * moved.sum(), (both.sum(), moved.sum())
+    assert (l_nb[both] == l_pt[both]).all()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")

@@ -85,6 +85,6 @@ def test_the_kkt_step_keeps_the_simplex():
     free = np.array([True, True, False, True, False, True])
     d = search_numba._kkt_step(H, grad, free, 1e-3)
     want = search_torch._kkt_step(torch.from_numpy(H)[None], torch.from_numpy(grad)[None],
-                          torch.from_numpy(free)[None])[0].numpy()
+                                  torch.from_numpy(free)[None], 1e-3)[0].numpy()
     assert np.allclose(d, want, atol=1e-10)
     assert abs(d[free].sum()) < 1e-12 and (d[~free] == 0).all()

@@ -23,7 +23,7 @@ per pair: (1) SMO on r(lambda) over the KMAX nearest rivals by the Hoelder ratio
 ||a_k||_1`` (move weight from the most satisfied rival to the most violated one of the corner at
 the root, regula falsi on the segment) gives the first certificate and e, and its corner at e is
 scored; then in stages for the pairs it does not win, (2) Newton's method on h(., e)
-(search_torch.py: a line search on h over its kinks, a smoothed Hessian from the pixels nearest
+(a line search on h over its kinks, a smoothed Hessian from the pixels nearest
 a kink), which reaches the LP's duals. Where even they leave h < 0, no image within e beats
 these rivals: their root, beyond e, is the better certificate and e moves up. Elsewhere (3)
 their corner at e is scored, and where one of these rivals beats it, the same corner with the
@@ -32,8 +32,8 @@ outside them wins, that seldom helps: 3 of 333 such pairs at 1,000 classes). If 
 minimum over all images, proved by the certificate (where the best root is not above e - 1,
 Newton's weights at e - 1 give one that is). If not, the classes that beat it join the rivals
 and the next stage starts from Newton's weights. No LP solver: products with W's rows,
-histograms and (K, K) solves (batched over pairs in torch on a GPU, fused per pair on a CPU:
-search_torch.py, search_numba.py).
+histograms and (K, K) solves, run by the search backend that ``backend_for`` picks once per
+device (search.py: batched over pairs in torch on a GPU, fused per pair in numba on a CPU).
 
 Only numpy and torch here: no Ray, no storage.
 """
@@ -44,7 +44,9 @@ import torch
 
 from attacks.methods.base import Fooled, expand, first_success, pairs, pairs_that_fit
 from attacks.methods.iterative import Iterative
-from attacks.methods.search_torch import Problem, newton, onehot, search_weights
+from attacks.methods.linear import LinearModel
+from attacks.methods.problem import Problem, onehot
+from attacks.methods.search import backend_for
 from attacks.methods.sign import Sign
 
 STAGES = 6  # Newton's method at e, then a step that is scored (after the root search's step)
@@ -90,6 +92,9 @@ class Exact(Sign):
     (an LP still; for two classes it is p_t >= P, with more classes p_t may stay below P: at least
     ``1 / (1 + (C - 1)(1 - P) / P)``).
 
+    ``backend``: the dual search's backend by name (search.py ``BACKENDS``); None picks it from
+    the model's device, numba on a CPU and torch elsewhere.
+
     Shape:
         - X: (N, D) uint8, S: (N, C) float32 scores of X, targets: (T,) int64.
         - output: ``Fooled`` with images (N*T, D) uint8, image-major, and ``bound`` (N*T,).
@@ -101,6 +106,11 @@ class Exact(Sign):
 
     name = "exact"
     softmax_confidence = False  # --confidence in the margin form (for Sign's search)
+
+    def __init__(self, model: LinearModel, confidence: float | None = None,
+                 backend: str | None = None):
+        super().__init__(model, confidence)
+        self.backend = backend_for(model.device, backend)
 
     def __call__(self, X, S, targets):
         n, t = pairs(len(X), targets)
@@ -137,8 +147,9 @@ class Exact(Sign):
         f = Fooled(x.clone(), s.clone(), torch.zeros(len(t), device=t.device),
                    torch.zeros(len(t), device=t.device))
         idx = (~self.passes(s, t)).nonzero()[:, 0]  # pairs already won keep the original
-        prob = Problem(self.model, x[idx], s[idx], t[idx], self.margin)
-        lam, r, _ = search_weights(prob, onehot(torch.zeros_like(idx), prob.K), ROOT_CALLS)
+        prob = Problem(self.model, x[idx], s[idx], t[idx], self.margin, self.backend)
+        lam, r, _ = self.backend.search_weights(prob, onehot(torch.zeros_like(idx), prob.K),
+                                               ROOT_CALLS)
         cert = {"lam": lam.clone(), "r": r.clone()}  # the weights with the largest root so far
         e = (torch.floor(r) + 1).clamp(1, self.kmax)
         g = prob.g(lam)
@@ -178,14 +189,14 @@ class Exact(Sign):
             g, r = self.newton(prob, None, lam, e, cert)
         return f
 
-    @staticmethod
-    def newton(prob, rows, lam, e, cert: dict, until_feasible: bool = True):
+    def newton(self, prob, rows, lam, e, cert: dict, until_feasible: bool = True):
         """Newton's weights at e (P,) from lam (P, K), in place, for the pairs ``rows`` (None:
         all); cert (the weights with the largest root so far, and that root) takes them where
         their root is larger. Returns their g and root r (float32, to steer) for those pairs."""
         sub = prob if rows is None else prob.subset(rows)
         at = slice(None) if rows is None else rows
-        new, _, moved, g, r = newton(sub, lam[at], e[at], NEWTON_STEPS, until_feasible)
+        new, _, moved, g, r = self.backend.newton(sub, lam[at], e[at], NEWTON_STEPS,
+                                                 until_feasible)
         e[at] = moved.to(e.dtype)  # e moves up where no image within it beats these rivals
         lam[at] = new.to(lam.dtype)
         better = r > cert["r"][at]
@@ -235,11 +246,9 @@ class Exact(Sign):
 
 
 def compile_cpu() -> None:
-    """Compiles the fused CPU search (search_numba.py, numba, cached on disk next to its
+    """Compiles the CPU's search backend (search_numba.py, numba, cached on disk next to its
     source) on a tiny random problem: otherwise the first exact attack of a fresh install takes
     about 25 s longer (2 CPUs). ``make install`` runs it (``python -m attacks.methods.exact``)."""
-    from attacks.methods.linear import LinearModel
-
     rng = torch.Generator().manual_seed(0)
     W = torch.randn(20, 48, generator=rng) * 1e-3
     X = torch.randint(0, 256, (2, 48), generator=rng, dtype=torch.uint8)

@@ -1,21 +1,32 @@
-"""The LP dual's searches (search_torch.py ``newton``, ``search_weights``), fused per pair for CPUs.
+"""The dual search fused per pair in compiled loops (numba): the backend a CPU runs
+(docs/exact.md; the interface in search.py).
 
-The same iteration as the batched torch version, one pair at a time in compiled loops (numba):
+The same iteration as the batched torch steps (search_torch.py), one pair at a time:
 a Newton step reads the rows of W for the target and the rivals three times (g and the corner's
 margins; the step's g with the line search's kinks), a row at a time, instead of a dozen passes
 over (P, D) and (P, K, D) tensors; the rows' differences ``W[t] - W[k]`` are never stored, so
-nothing is gathered or copied as rivals join and pairs stop. The root search (``search``) is
-fused the same way. Products are summed in float32 as the torch version's are (they steer the
-search; the certificate is recomputed in float64 elsewhere), the margins in float64.
+nothing is gathered or copied as rivals join and pairs stop. The root search (``smo``) is
+fused the same way. Products are summed in float32 as the torch steps' are (they steer the
+search; the certificate is recomputed in float64 by Problem), the margins in float64.
+``NumbaBackend`` hands Problem's CPU tensors to the kernels as numpy arrays (views where they
+are contiguous) and the search's constants as one named tuple.
 
-Only numpy and numba here: no torch, no Ray, no storage.
+Only numpy, numba and torch here: no Ray, no storage.
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
+
 import numba
 import numpy as np
+import torch
 
+from attacks.methods.problem import Constants, Problem
+
+# Constants as numba takes them: a named tuple of the same fields, in the same order
+Numbers = collections.namedtuple("Numbers", [f.name for f in dataclasses.fields(Constants)])
 SELECT_SHIFT = 19  # the kernel's pixels are counted in bins of 1/16 octave of |g_j| (4,096)
 _FLAGS = {"reassoc", "contract"}  # vectorized sums; NaN and inf keep their meaning (the kinks)
 
@@ -359,11 +370,11 @@ def _line_step(slope0, hist, grid):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def newton(W, rows, q, lam0, eps, x, steps, until_feasible, grid, bin_shift, first_bin,
-           kernel, tau_floor, damp, feasible, octaves):
+def newton(W, rows, q, lam0, eps, x, steps, until_feasible, grid, c):
     """Newton's method on h(., eps) for every pair (search_torch.py ``newton``, the same steps):
     W (C, D) float32, rows (P, 1 + K) int64 (each pair's target, then its rivals), q (P, K) and
-    lam0 (P, K) float64, eps (P,) float64, x (P, D) uint8.
+    lam0 (P, K) float64, eps (P,) float64, x (P, D) uint8, grid: ``Constants.grid()``, c:
+    ``Numbers``.
     Returns the weights (P, K), h there (P,), eps (P,) (moved up where h < 0), and the weights'
     g (P, D) float32 and root (P,)."""
     (P, K), D = lam0.shape, W.shape[1]
@@ -373,7 +384,7 @@ def newton(W, rows, q, lam0, eps, x, steps, until_feasible, grid, bin_shift, fir
     out_g = np.empty((P, D), np.float32)
     out_r = np.empty(P)
     n = grid.shape[0]
-    nk = min(kernel * K, D)
+    nk = min(c.kernel * K, D)
     n4 = min(4 * nk, D)
     g = np.empty(D, np.float32)
     gd = np.empty(D, np.float32)
@@ -390,20 +401,20 @@ def newton(W, rows, q, lam0, eps, x, steps, until_feasible, grid, bin_shift, fir
         lam, e, rp, xp, qp = lam0[p].copy(), np.float32(eps[p]), rows[p], x[p], q[p]
         for i in range(steps + 1):
             h = _at(W, rp, lam, xp, e, g, corner, M, qp)
-            if i == steps or (until_feasible and M.min() > feasible):
+            if i == steps or (until_feasible and M.min() > c.feasible):
                 break
             if until_feasible and h < 0:  # no image within e: up to the root's next integer
                 r = _rooms(g, xp, (lam * qp).sum(), rooms)[0]
                 e = np.float32(min(max(np.floor(r) + 1, e + 1.0), 255.0))
                 out_e[p] = e
                 h = _at(W, rp, lam, xp, e, g, corner, M, qp)
-            c, tau = _nearest(g, n4, nk, idx, absg, counts, tau_floor)
-            H = _hessian(W, rp, xp, g, e, idx[:c], tau, cols, w)
-            d, reach = _direction(H, M, lam, h, damp)
+            m, tau = _nearest(g, n4, nk, idx, absg, counts, c.tau_floor)
+            H = _hessian(W, rp, xp, g, e, idx[:m], tau, cols, w)
+            d, reach = _direction(H, M, lam, h, c.damp)
             hist[:] = 0.0
             slope0 = (d * qp).sum() + _pass_line(W, rp, d, g, xp, e, corner, gd, kink, hist,
-                                                 bin_shift, first_bin)
-            a = min(_line_step(slope0, hist, grid), reach, 2.0 ** octaves)
+                                                 c.bin_shift, c.first_bin)
+            a = min(_line_step(slope0, hist, grid), reach, 2.0 ** c.line_octaves)
             for k in range(K):
                 lam[k] = max(lam[k] + a * d[k], 0.0)
             lam /= max(lam.sum(), 1e-300)
@@ -417,7 +428,7 @@ def newton(W, rows, q, lam0, eps, x, steps, until_feasible, grid, bin_shift, fir
 @numba.njit(cache=True, fastmath=_FLAGS, error_model="numpy")
 def _evaluate(W, rows, lam, q, x, g, step, M, rooms):
     """At the root r of h(lam, .) (inf: t cannot win): the corner's rival margins M (float64,
-    float32 products) and h's slope in eps (search_torch.py ``Problem.evaluate``)."""
+    float32 products) and h's slope in eps (search_torch.py ``evaluate``)."""
     _combine(W, rows, lam, g)
     r, slope = _rooms(g, x, (lam * q).sum(), rooms)
     e = np.float32(min(r, 255.0))
@@ -429,14 +440,15 @@ def _evaluate(W, rows, lam, q, x, g, step, M, rooms):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def search(W, rows, q, lam0, x, calls, line_steps, converged):
+def smo(W, rows, q, lam0, x, calls, c):
     """SMO with regula falsi on the root r(lam) for every pair (search_torch.py
     ``search_weights``): weight moves from o (the most satisfied rival with weight) to v (the
-    most violated) along a segment, whose best point found in ``line_steps`` evaluations becomes
-    the next base; a pair stops once settled (no margin short by more than ``converged`` times
-    h's slope) or after ``calls`` evaluations. W (C, D) float32, rows (P, 1 + K) int64 (each
-    pair's target, then its rivals), q and lam0 (P, K) float64, x (P, D) uint8. Returns the
-    weights (P, K), their root r (P,) and h's slope there (P,)."""
+    most violated) along a segment, whose best point found in ``c.line_steps`` evaluations
+    becomes the next base; a pair stops once settled (no margin short by more than
+    ``c.converged`` times h's slope) or after ``calls`` evaluations. W (C, D) float32, rows
+    (P, 1 + K) int64 (each pair's target, then its rivals), q and lam0 (P, K) float64, x (P, D)
+    uint8, c: ``Numbers``. Returns the weights (P, K), their root r (P,) and h's slope there
+    (P,)."""
     (P, K), D = lam0.shape, W.shape[1]
     out, out_r, out_s = lam0.copy(), np.empty(P), np.empty(P)
     g, step = np.empty(D, np.float32), np.empty(D, np.float32)
@@ -448,7 +460,7 @@ def search(W, rows, q, lam0, x, calls, line_steps, converged):
         pt_lam, pt_r, pt_M, pt_s = lam.copy(), r, M.copy(), slope  # the segment's best point
         v, o, lo, phi_lo, hi, phi_hi, gamma, side, steps = _new_line(lam, M)
         for _ in range(calls - 1):
-            if not np.isfinite(r) or max(-M.min(), 0.0) <= converged * max(slope, 1e-30):
+            if not np.isfinite(r) or max(-M.min(), 0.0) <= c.converged * max(slope, 1e-30):
                 break
             query = lam.copy()
             query[v] += gamma
@@ -471,7 +483,7 @@ def search(W, rows, q, lam0, x, calls, line_steps, converged):
             nxt = lo - phi_lo * (hi - lo) / max(phi_hi - phi_lo, 1e-300)
             gamma = (lo + hi) / 2 if np.isnan(phi_hi) or np.isnan(nxt) else nxt
             steps += 1
-            if steps >= line_steps or at_end:
+            if steps >= c.line_steps or at_end:
                 lam, r, M, slope = pt_lam.copy(), pt_r, pt_M.copy(), pt_s
                 v, o, lo, phi_lo, hi, phi_hi, gamma, side, steps = _new_line(lam, M)
         out[p], out_r[p], out_s[p] = lam, r, slope
@@ -488,3 +500,45 @@ def _new_line(lam, M):
             o, best = k, M[k]
     top = lam[o]
     return v, o, 0.0, M[v] - M[o], top, np.nan, top, 0, 0
+
+
+class NumbaBackend:
+    """The search fused per pair (search.py ``Backend``): CPU tensors only."""
+
+    name = "numba"
+
+    def __init__(self, c: Constants | None = None):
+        self.c = c or Constants()
+        self._numbers, self._grid = Numbers(*dataclasses.astuple(self.c)), self.c.grid()
+
+    def g(self, prob: Problem, lam: torch.Tensor) -> torch.Tensor:
+        """(P, D) float32: lam (P, K) times W[t] - W[k], from W's rows (none stored)."""
+        return torch.from_numpy(combine(*_rows_of(prob), _np(lam)))
+
+    def root(self, prob: Problem, g: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
+        """(P,) the root in eps of lq + sum_j |g_j| min(eps, R_j), in g's precision."""
+        return torch.from_numpy(roots(g.contiguous().numpy(), _np(prob.x, None),
+                                      lq.contiguous().numpy()))
+
+    def search_weights(self, prob: Problem, lam: torch.Tensor, calls: int):
+        out = smo(*_rows_of(prob), _np(prob.q), _np(lam), _np(prob.x, None), calls,
+                  self._numbers)
+        return tuple(torch.from_numpy(v) for v in out)
+
+    def newton(self, prob: Problem, lam: torch.Tensor, eps: torch.Tensor, steps: int,
+               until_feasible: bool = False):
+        out = newton(*_rows_of(prob), _np(prob.q), _np(lam), _np(eps), _np(prob.x, None), steps,
+                     until_feasible, self._grid, self._numbers)
+        return tuple(torch.from_numpy(v) for v in out)
+
+
+def _rows_of(prob: Problem):
+    """W and each pair's rows of it, (P, 1 + K): the target, then the rivals."""
+    return (_np(prob.model.W, torch.float32),
+            _np(torch.cat([prob.t[:, None], prob.rivals], 1), torch.int64))
+
+
+def _np(v: torch.Tensor, dtype=torch.float64):
+    """A CPU tensor as a contiguous numpy array of dtype (None: its own), a view where it is
+    one already."""
+    return (v if dtype is None else v.to(dtype)).contiguous().numpy()
