@@ -1,39 +1,18 @@
-"""The exact minimal L-inf fooling distance of a linear classifier, certified by LP duality.
+"""The exact minimal L-inf fooling distance of a linear classifier, certified by LP duality
+(derived in docs/exact.md).
 
-For one image x (D,) in 0..255 and a target t, with margins ``q_k = s_t - s_k - margin`` and
-``a_k = W[t] - W[k]`` (k != t), the smallest eps at which some image of the box
-``B(eps) = {x' : |x' - x| <= eps, 0 <= x' <= 255}`` makes t win is a linear program. Its dual, for
-weights lambda >= 0 on the rivals (``g = sum_k lambda_k a_k``, the room ``R_j`` of pixel j towards
-``sign(g_j)``: ``255 - x_j`` or ``x_j``):
+For a pair (x (D,) uint8 in 0..255, target t), with ``q_k = s_t - s_k - margin`` (score units)
+and ``a_k = W[t] - W[k]``, the LP's dual function for weights lambda on the rivals,
 
-    h(lambda, eps) = sum_k lambda_k q_k + sum_j |g_j| min(eps, R_j)
-                   = max over x' in B(eps) of sum_k lambda_k (q_k + a_k . (x' - x)),
+    h(lambda, eps) = sum_k lambda_k q_k + sum_j |g_j| min(eps, R_j),   g = sum_k lambda_k a_k
 
-reached at the corner ``clip(x + eps sign(g), 0, 255)`` (the sign step of sign.py along
-sign(g)). ``h`` is nondecreasing and piecewise linear in eps with breakpoints at the integers
-(rooms are integers): its root ``r(lambda)`` comes from one 256-bin histogram of |g| over R. For
-every lambda, no image closer than ``r(lambda)`` beats all rivals (it would make h >= 0), and by
-LP duality ``max over lambda of r(lambda)`` is the true minimum.
-
-The stored image needs the other side: at the integer ``e = floor(r) + 1`` some image of B(e)
-beats every rival exactly when ``min over lambda of h(lambda, e) > 0``, and then the LP's
-solution is the corner along ``sign(g)`` for the minimizing lambda except at the few pixels
-where ``g_j = 0`` (at most one fewer than the rivals with weight), which sit inside the box. So
-per pair: (1) SMO on r(lambda) over the KMAX nearest rivals by the Hoelder ratio ``q_k /
-||a_k||_1`` (move weight from the most satisfied rival to the most violated one of the corner at
-the root, regula falsi on the segment) gives the first certificate and e, and its corner at e is
-scored; then in stages for the pairs it does not win, (2) Newton's method on h(., e)
-(a line search on h over its kinks, a smoothed Hessian from the pixels nearest
-a kink), which reaches the LP's duals. Where even they leave h < 0, no image within e beats
-these rivals: their root, beyond e, is the better certificate and e moves up. Elsewhere (3)
-their corner at e is scored, and where one of these rivals beats it, the same corner with the
-pixels at a tie set to equalize the rivals with weight (a K x K linear system; where a class
-outside them wins, that seldom helps: 3 of 333 such pairs at 1,000 classes). If t wins, e is the
-minimum over all images, proved by the certificate (where the best root is not above e - 1,
-Newton's weights at e - 1 give one that is). If not, the classes that beat it join the rivals
-and the next stage starts from Newton's weights. No LP solver: products with W's rows,
-histograms and (K, K) solves, run by the search backend that ``backend_for`` picks once per
-device (search.py: batched over pairs in torch on a GPU, fused per pair in numba on a CPU).
+(R_j: pixel j's room towards sign(g_j)), has a root r(lambda) in eps (pixel levels) that no image
+closer than it beats, whatever lambda: the certificate. Per chunk of pairs: SMO on r over the
+nearest rivals gives the first certificate and the integer e = floor(r) + 1; then in stages,
+Newton's method on h(., e) over the rivals that beat each step, and the corner
+``clip(x + e sign(g), 0, 255)`` (its tie pixels set inside the box where a rival beats it) is
+scored. Where t wins, e is stored, proved minimal where ``linf < bound + 1``. The searches run on
+the backend that ``search.backend_for`` picks once per device (numba on a CPU, torch elsewhere).
 
 Only numpy and torch here: no Ray, no storage.
 """

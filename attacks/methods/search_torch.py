@@ -94,12 +94,12 @@ def newton(prob: Problem, lam: torch.Tensor, eps: torch.Tensor, steps: int,
 
     h(., eps) is convex and piecewise linear: its gradient is the corner's margins M, and its
     curvature comes from the pixels whose sign of g flips, each adding ``|a_j . d| (up_j + dn_j)``
-    to the slope along d. The Hessian is that density, smoothed over the ``c.kernel * K`` pixels
-    with the smallest |g_j| (``sum_j c_j a_j a_j^T``, ``c_j`` a kernel of width the largest of
-    those |g_j|), damped; the step solves the KKT system on the simplex over the rivals free to
-    move (with weight, or whose margin is below h and would take weight; one without weight
-    that the step would push below zero is held). Along the step, h's minimum comes from its
-    kinks (``line_min``), so h does not rise.
+    to the slope along d. The Hessian is that density smoothed by a kernel of width tau, the
+    ``c.kernel * K``-th smallest |g_j|, over the 4x as many pixels nearest a kink
+    (``sum_j w_j a_j a_j^T``, docs/exact.md section 7), damped; the step solves the KKT system
+    on the simplex over the rivals free to move (with weight, or whose margin is below h and
+    would take weight; one without weight that the step would push below zero is held). Along
+    the step, h's minimum comes from its kinks (``line_min``), so h does not rise.
 
     ``until_feasible`` (the search for a step to store at the integer eps): a pair stops once its
     corner beats every rival (all of M > c.feasible), which is all that its step needs; and where
