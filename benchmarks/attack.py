@@ -3,6 +3,7 @@
     python -m benchmarks.attack [--classes 1000] [--images 16] [--targets 256] [--cpus 2]
     python -m benchmarks.attack --data out/imagenet64 --model out/model      # a trained model
     python -m benchmarks.attack --exact [--classes 10] [--photos]     # exact vs sign, iterative, LP
+    python -m benchmarks.attack --exact --photos --backends numba,torch  # exact's two searches
 
 On the same model and the same (image, target) pairs, in one run:
 - ours, per core: attacks.Sign / Template / Iterative in this process on one thread: every pair
@@ -25,7 +26,9 @@ the LP optimum and its stored step within one level above it, the distribution o
 ``linf - bound_linf``, and the extrapolation to 50,000 x 1,000 pairs. ``--photos``: the 10-class
 model fitted on photograph crops (benchmarks/attack_models.py) instead of the sample. With
 ``--device cuda`` the three run on the GPU, timed by the wall clock (synchronized), in batches of
-``--batch`` pairs, and the extrapolation is to GPU-hours.
+``--batch`` pairs, and the extrapolation is to GPU-hours. ``--backends numba,torch`` runs exact
+once per search backend (attacks/methods/search.py), in turns with the others, and compares
+them on the same pairs: the stored strengths, and the pairs each proves minimal.
 
 Without --data/--model it generates the project's sample data (pipelines/sample.py) with
 --classes classes and uses the class-mean linear classifier (the heavily regularized limit of a
@@ -35,6 +38,7 @@ softmax: W[k] ~ mean of class k minus the mean image), fitted in closed form.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import tempfile
 import time
@@ -48,6 +52,7 @@ from attacks.methods.base import pairs
 from attacks.methods.exact import Exact
 from attacks.methods.iterative import Iterative
 from attacks.methods.linear import LinearModel, measure
+from attacks.methods.search import BACKENDS, backend_for
 from attacks.methods.sign import Sign
 from attacks.methods.template import Template
 from common import dataset, heap, schema, storage
@@ -218,6 +223,9 @@ def main() -> None:
                    help="pairs solved by the LP (--exact; 0: none)")
     p.add_argument("--repeats", type=int, default=3,
                    help="timed runs of each method (--exact), alternating; the median is shown")
+    p.add_argument("--backends", default=None,
+                   help=f"exact's search backends, comma-separated ({', '.join(BACKENDS)}; "
+                        "--exact; default: the device's)")
     p.add_argument("--batch", type=int, default=fool.CPU_BATCH,
                    help="pairs per attack call (--exact), as the job's --batch-size")
     p.add_argument("--fresh-memory", action="store_true",
@@ -228,6 +236,12 @@ def main() -> None:
         p.error(f"--repeats must be positive, got {args.repeats}")
     if args.device != "cpu" and not torch.cuda.is_available():
         p.error(f"--device {args.device}: no CUDA GPU on this machine")
+    args.backends = args.backends.split(",") if args.backends else [None]
+    for name in args.backends:
+        try:
+            backend_for(args.device, name)
+        except ValueError as e:
+            p.error(f"--backends: {e}")
     torch.set_num_threads(1)
     if not args.fresh_memory:
         heap.reuse_freed_memory()  # as the job's workers do
@@ -332,15 +346,19 @@ def exact_report(args, W: np.ndarray, b: np.ndarray, X_all: np.ndarray) -> None:
           f"{os.getloadavg()[0]:.1f}")
     cpu = time.process_time
     clock = synced if gpu else cpu
+    searches = [name or backend_for(args.device).name for name in args.backends]
+    keys = ["exact"] + [f"exact {name}" for name in searches[1:]]  # the first: "exact"
+    methods = {"sign": Sign, **{k: functools.partial(Exact, backend=name)
+                                for k, name in zip(keys, searches)}, "iterative": Iterative}
     # kernels compiled, the allocator's pool (GPU) or the heap (CPU) grown before anything is
     # timed: the first call of a method in a process ran up to 2x slower
-    for m in (Sign, Exact, Iterative):
+    for m in methods.values():
         ours(model, m, X[:max(1, args.batch // len(targets))], targets, args.batch)
-    runs = {"sign": [], "exact": [], "iterative": []}
+    runs = {k: [] for k in methods}
     for _ in range(args.repeats):  # alternating, so that a slow spell of the machine hits all
-        for m in (Sign, Exact, Iterative):
-            runs[m.name].append(ours(model, m, X if m is not Iterative else X[:it_images],
-                                     targets, args.batch, clock))
+        for k, m in methods.items():
+            runs[k].append(ours(model, m, X if k != "iterative" else X[:it_images], targets,
+                                args.batch, clock))
     res = {k: {**v[-1], "rate": float(np.median([r["rate"] for r in v]))}
            for k, v in runs.items()}
     n, t = pairs(len(X), targets)
@@ -351,7 +369,11 @@ def exact_report(args, W: np.ndarray, b: np.ndarray, X_all: np.ndarray) -> None:
     sign_ok = res["sign"]["ok"].numpy()
     above = (res["exact"]["linf"].numpy() > res["sign"]["linf"].numpy()) & sign_ok
     for name in ("exact", "sign", "iterative"):
-        print(report(f"ours {name} (per {unit})", res[name]), flush=True)
+        label = f"exact, {searches[0]} search" if name == "exact" and len(keys) > 1 else name
+        print(report(f"ours {label} (per {unit})", res[name]), flush=True)
+    for key, name in zip(keys[1:], searches[1:]):
+        print(report(f"ours exact, {name} search (per {unit})", res[key]))
+        compare_searches(res["exact"], res[key], moved, searches[0], name)
     print(f"exact / sign = {res['exact']['rate'] / res['sign']['rate']:.2f}x pairs/s (goal >= "
           f"0.33), exact / iterative = {res['exact']['rate'] / res['iterative']['rate']:.2f}x "
           "(goal > 1)")
@@ -382,6 +404,20 @@ def exact_report(args, W: np.ndarray, b: np.ndarray, X_all: np.ndarray) -> None:
           f"(must be <= 0), stored linf - LP: median {np.median(linf - lp):.2f}, "
           f"max {np.max(linf - lp):.2f}, within one level {np.mean(linf - lp <= 1):.0%}")
     print(f"50,000 x 1,000 LP solver: {FULL_PAIRS / lp_rate / 3600:8.0f} core-hours")
+
+
+def compare_searches(a: dict, b: dict, moved: np.ndarray, name_a: str, name_b: str) -> None:
+    """exact with two search backends on the same pairs: the stored strengths, the pairs each
+    proves minimal (linf - bound_linf < 1) of those that move, and the rates."""
+    d = (a["strength"] - b["strength"]).numpy()
+    proved_a, proved_b = ((r["linf"].double() - r["bound"].double() < 1).numpy()[moved]
+                          for r in (a, b))
+    print(f"exact {name_a} vs {name_b} on the same {len(d)} pairs: strengths differ on "
+          f"{np.sum(d != 0)} (max {np.abs(d).max():.0f} levels; {name_a} lower on "
+          f"{np.sum(d < 0)}, higher on {np.sum(d > 0)}); proved minimal of the {moved.sum()} "
+          f"that move: {name_a} {proved_a.sum()}, {name_b} {proved_b.sum()}, not the same pairs "
+          f"on {np.sum(proved_a != proved_b)}; {name_a} / {name_b} = "
+          f"{a['rate'] / b['rate']:.2f}x pairs/s")
 
 
 if __name__ == "__main__":
