@@ -29,13 +29,13 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 import torch
 
-from attacks import parts, tables
+from attacks import tables
 from attacks.methods.linear import LinearModel
 from attacks.methods.noise import noise_ids, noise_images
-from common import cli, dataset, lifecycle, schema, storage
+from attacks.pairs import Pairs, open_attack
+from common import cli, dataset, lifecycle, schema
 from common.errors import ConfigError
 from common.model import Model, read_model
 
@@ -79,13 +79,12 @@ class Tally:
         return float(min(1.0, 10 ** (LOG_MIN + (i + 0.5) * LOG_STEP)))
 
 
-def _check(cfg: Settings) -> tuple[dict, list[Model]]:
-    """The attack's manifest (images kept) and the models, which must share its classes."""
+def _check(cfg: Settings) -> tuple[dict, Pairs, list[Model]]:
+    """The attack's manifest (images kept), its pairs (their files checked) and the models,
+    which must share its classes."""
     if cfg.batch_rows < 1 or not cfg.models or len(set(cfg.models)) != len(cfg.models):
         raise ConfigError("--batch-rows must be positive and --models list distinct models")
-    m = storage.read_manifest(cfg.results, "attack output")
-    if m.get(schema.M_KIND) != "attack":
-        raise ConfigError(f"{cfg.results} is not an attack output (kind {m.get(schema.M_KIND)!r})")
+    m = open_attack(cfg.results)
     if m[schema.M_CONFIG].get("keep_images") != "all":
         raise ConfigError(f"{cfg.results} kept no images (--keep-images none): nothing to score")
     D = int(np.prod(m[schema.M_IMAGE_SHAPE]))
@@ -93,7 +92,7 @@ def _check(cfg: Settings) -> tuple[dict, list[Model]]:
     for model in models:
         if model.classes != m[schema.M_CLASSES]:
             raise ConfigError(f"{model.uri}'s classes differ from those of {cfg.results}")
-    return m, models
+    return m, Pairs.open(cfg.results, m), models
 
 
 def _originals(m: dict, batch_rows: int):
@@ -103,7 +102,7 @@ def _originals(m: dict, batch_rows: int):
     data = m[schema.M_SOURCE]["data"]
     if counts["val_images"]:
         im = dataset.open_ingest(data, splits=("val",))
-        for t in parts.read_images(dataset.split_files(data, im, "val"),
+        for t in dataset.read_rows(dataset.split_files(data, im, "val"),
                                    dataset.split_counts(im, "val"), 0, counts["val_images"],
                                    batch_rows, D):
             yield t.column(schema.IMAGE_ID).to_pylist(), dataset.pixels(t.column(schema.IMAGE), D)
@@ -123,22 +122,14 @@ def predictions(m: dict, linear: list[LinearModel], batch_rows: int) -> tuple[pa
     return pa.array(ids, pa.string()), [np.concatenate(p) for p in preds]
 
 
-def _batches(results: str, batch_rows: int):
-    """The pairs' images, targets, ids, methods and origins, ``batch_rows`` at a time."""
-    fs, path = storage.filesystem(storage.join(results, schema.PAIRS_DIR))
-    pairs = ds.dataset(path, filesystem=fs, format="parquet",
-                       partitioning=ds.partitioning(schema.PAIRS_PARTITION_SCHEMA, flavor="hive"))
-    columns = [schema.IMAGE_ID, schema.ORIGIN, schema.METHOD, schema.TARGET, schema.IMAGE]
-    yield from pairs.to_batches(columns=columns, batch_size=batch_rows, batch_readahead=1,
-                                fragment_readahead=1)
-
-
-def score(results: str, m: dict, models: list[Model], batch_rows: int) -> dict:
+def score(pairs: Pairs, m: dict, models: list[Model], batch_rows: int) -> dict:
     """{(model index, method, origin): Tally} over every stored pair."""
     linear = [LinearModel(model.W, model.b) for model in models]
     ids, before = predictions(m, linear, batch_rows)
     D, tallies = models[0].D, {}
-    for batch in _batches(results, batch_rows):
+    columns = [schema.IMAGE_ID, schema.ORIGIN, schema.METHOD, schema.TARGET, schema.IMAGE]
+    results = pairs.results
+    for batch in pairs.batches(columns, batch_rows):
         X = torch.from_numpy(dataset.pixels(batch.column(schema.IMAGE), D,
                                             batch.column(schema.IMAGE_ID), results))
         row = pc.index_in(batch.column(schema.IMAGE_ID), value_set=ids)
@@ -185,10 +176,10 @@ def output(cfg: Settings, m: dict, models: list[Model]) -> lifecycle.Output:
 def run(cfg: Settings) -> dict:
     """Score the attack's stored images with every model; returns the manifest written."""
     t0 = time.perf_counter()
-    m, models = _check(cfg)
+    m, pairs, models = _check(cfg)
     out = output(cfg, m, models)
     out.prepare(cfg.overwrite, resumable=False)
-    table = rows(m, models, score(cfg.results, m, models, cfg.batch_rows))
+    table = rows(m, models, score(pairs, m, models, cfg.batch_rows))
     files = tables.write_transfer(cfg.output, table)
     manifest = out.finish({
         schema.M_KIND: "transfer", schema.M_SOURCE: out.identity["inputs"],

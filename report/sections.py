@@ -9,6 +9,7 @@ A new part of the page is one more function in SECTIONS; one with nothing to sho
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -16,14 +17,15 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pandas as pd
 
-from attacks import examples, figures
+from attacks import figures
+from attacks.pairs import Pairs
 from common import schema, storage
 from common.errors import ConfigError
 from common.model import Model, read_model
 from common.sweep import read_sweep
 from common.templates import render as render_templates
 from common.templates import short_name, to_images
-from report import charts, models, page, story
+from report import charts, examples, models, page, story
 
 SAMPLE_MARK = "sample.json"  # pipelines.sample writes it beside the images it makes
 TEMPLATES_SHOWN = 48  # templates drawn inline; all of them are in figures/templates.png
@@ -47,6 +49,11 @@ class Facts:
     frontier: str | None = None  # an attacks.frontier output
     transfer: tuple[str, ...] = ()  # attacks.transfer outputs
     files: dict[str, bytes] = field(default_factory=dict)  # figures/<name> -> PNG
+
+    @functools.cached_property
+    def pairs(self) -> Pairs:
+        """The pairs, as the manifest lists them (checked by summary.read_summary)."""
+        return Pairs(self.results, self.manifest[schema.M_FILES])
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -154,7 +161,7 @@ def galleries(f: Facts) -> list[page.Section]:
         return [page.Section("Fooling images", "<p>This attack was run with --keep-images none: "
                              "only its own contact sheets show images.</p>" + links, "images")]
     targets = f.manifest[schema.M_IDENTITY]["settings"]["targets"]
-    picks = examples.extremes(f.results, f.method, targets, GALLERY)
+    picks = examples.extremes(f.pairs, f.method, targets, GALLERY)
     out = _compare(f, _distinct_targets(picks["confident"], COMPARED))
     for key, title, text in (
             ("smallest", "The smallest changes", "the pairs fooled with the least L-inf change"),
@@ -164,7 +171,7 @@ def galleries(f: Facts) -> list[page.Section]:
                                 f"(from up to {examples.SCAN_TARGETS} targets).</p>"
                                 + _pairs(f, picks[key]), key))
     if f.manifest[schema.M_COUNTS].get("noise_images"):
-        noise = examples.extremes(f.results, f.method, targets, 4, "noise")["confident"]
+        noise = examples.extremes(f.pairs, f.method, targets, 4, "noise")["confident"]
         out.append(page.Section("Starting from random noise", "<p>The same attack from images "
                                 "of uniform noise, pushed until the model is confident.</p>"
                                 + _pairs(f, noise), "noise"))
@@ -175,7 +182,7 @@ def galleries(f: Facts) -> list[page.Section]:
 
 
 def _pairs(f: Facts, picks: list[tuple]) -> str:
-    exs = examples.describe(examples.stored_rows(f.results, picks), f.manifest, f.model)
+    exs = examples.examples_of(examples.stored_rows(f.pairs, picks), f.manifest, f.model)
     return page.pairs(exs, f.names, f.shape)
 
 
@@ -184,8 +191,8 @@ def _compare(f: Facts, chosen: list[tuple]) -> list[page.Section]:
     run_methods = f.manifest[schema.M_COUNTS]["methods"]
     if not chosen or len(run_methods) < 2:
         return []
-    rows = examples.stored_rows(f.results, [(i, t, m) for i, t, _ in chosen for m in run_methods])
-    exs = examples.describe(rows, f.manifest, f.model)
+    rows = examples.stored_rows(f.pairs, [(i, t, m) for i, t, _ in chosen for m in run_methods])
+    exs = examples.examples_of(rows, f.manifest, f.model)
     grouped = [exs[k:k + len(run_methods)] for k in range(0, len(exs), len(run_methods))]
     return [page.Section("Every method on the same pairs",
                          page.compare(grouped, f.names, f.shape), "compare")]

@@ -80,3 +80,21 @@ def attacked_sweep(ingested, tmp_path_factory) -> dict:
     from tests.sweeps import attack_sweep
 
     return attack_sweep(ingested, str(tmp_path_factory.mktemp("attacked-sweep")))
+
+
+@pytest.fixture(scope="session")
+def model_dir(ingested, tmp_path_factory) -> str:
+    """A model fitted with numpy on the ingested sample (tests/attacked.py; read-only)."""
+    from tests.attacked import fit_model
+
+    return fit_model(ingested, str(tmp_path_factory.mktemp("model")))
+
+
+@pytest.fixture(scope="session")
+def attacked(ingested, model_dir, tmp_path_factory):
+    """(settings, manifest) of the attack job run once on that model with every method, for
+    every test that only reads an attack output (tests/attacked.py; read-only for tests)."""
+    from tests.attacked import attack
+
+    return attack(ingested, model_dir, str(tmp_path_factory.mktemp("fooling")))
+

@@ -22,39 +22,16 @@ from PIL import Image
 from attacks import fool, parts, summary
 from attacks.methods.noise import noise_images
 from benchmarks import exit_loop
-from benchmarks.attack_models import fit_softmax, load_split, write_model
+from benchmarks.attack_models import load_split, write_model
 from common import dataset, schema, storage
 from common.errors import ConfigError
 from common.model import read_model
+from tests.attacked import NOISE, settings
 from tests.trees import every_file, tree_digest
 
 pytestmark = pytest.mark.slow
 
-NOISE, TARGETS_PER_PART = 2, 2
-# six images per chunk: the 16 validation images make three chunks of files
-FILE_MB = 6 * (64 * 64 * 3 + fool.ROW_OVERHEAD) / 2**20
 KEYS = [schema.ORIGIN, schema.IMAGE_ID, schema.METHOD, schema.TARGET]
-
-
-@pytest.fixture(scope="module")
-def model_dir(ingested, tmp_path_factory) -> str:
-    X, y, _ = load_split(ingested, "train")
-    classes = dataset.open_ingest(ingested)[schema.M_CLASSES]
-    W, b = fit_softmax(X, y, len(classes), l2=1e-3)
-    return write_model(str(tmp_path_factory.mktemp("model")), W, b, classes)
-
-
-def settings(ingested, model_dir, output, **kw) -> fool.Settings:
-    base = dict(data=ingested, model=model_dir, output=output, noise_images=NOISE, batch_size=16,
-                targets_per_part=TARGETS_PER_PART, file_size_mb=FILE_MB)
-    return fool.Settings(**{**base, **kw})
-
-
-@pytest.fixture(scope="module")
-def local_run(ingested, model_dir, tmp_path_factory):
-    cfg = settings(ingested, model_dir, str(tmp_path_factory.mktemp("fooling")),
-                   methods=schema.METHODS)  # every method, the defaults and exact
-    return cfg, fool.run(cfg)
 
 
 def read_pairs(output: str, columns=None) -> pd.DataFrame:
@@ -65,8 +42,8 @@ def read_pairs(output: str, columns=None) -> pd.DataFrame:
     return table.to_pandas().sort_values(KEYS).reset_index(drop=True)
 
 
-def test_layout_counts_and_readers(local_run):
-    cfg, manifest = local_run
+def test_layout_counts_and_readers(attacked):
+    cfg, manifest = attacked
     n_val = dataset.open_ingest(cfg.data)[schema.M_COUNTS]["val"]["written"]
     C = len(manifest[schema.M_CLASSES])
     want = (n_val + NOISE) * C * len(schema.METHODS)
@@ -90,9 +67,9 @@ def test_layout_counts_and_readers(local_run):
         assert os.path.getsize(os.path.join(cfg.output, f["path"])) == f["bytes"]
 
 
-def test_duckdb_reads_the_partitions(local_run):
+def test_duckdb_reads_the_partitions(attacked):
     duckdb = pytest.importorskip("duckdb")
-    cfg, _ = local_run
+    cfg, _ = attacked
     glob = os.path.join(cfg.output, "pairs", "**", "*.parquet")
     rows = duckdb.sql(f"""
         SELECT method, count(*) AS pairs, avg(success::INT) AS rate, median(linf) AS linf
@@ -104,9 +81,9 @@ def test_duckdb_reads_the_partitions(local_run):
 
 
 def test_partition_types_agree_across_readers_and_a_lone_file_says_what_it_holds(
-        local_run, tmp_path):
+        attacked, tmp_path):
     duckdb = pytest.importorskip("duckdb")
-    cfg, _ = local_run
+    cfg, _ = attacked
     pairs_dir = os.path.join(cfg.output, schema.PAIRS_DIR)
     typed = pd.read_parquet(pairs_dir, partitioning=schema.pairs_partitioning(),
                             columns=[schema.METHOD, schema.TARGET])
@@ -139,9 +116,9 @@ def originals(cfg, rows: pd.DataFrame) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def oracle(local_run):
+def oracle(attacked):
     """Every stored image re-scored from the weights file with float64 numpy."""
-    cfg, _ = local_run
+    cfg, _ = attacked
     df = read_pairs(cfg.output)
     with np.load(os.path.join(cfg.model, schema.WEIGHTS_FILE)) as z:
         W, b = z["W"].astype(np.float64), z["b"].astype(np.float64)
@@ -220,8 +197,8 @@ def test_sign_eps_minus_one_does_not_succeed(oracle):
     assert rows.sum() > 50 and not passes.any()
 
 
-def test_summary_tables(local_run):
-    cfg, manifest = local_run
+def test_summary_tables(attacked):
+    cfg, manifest = attacked
     df = read_pairs(cfg.output, columns=KEYS + [schema.PRED, schema.SUCCESS, schema.LINF])
     read = {k: pd.read_parquet(os.path.join(cfg.output, schema.SUMMARY_DIR, v)) for k, v in (
         ("targets", schema.SUMMARY_TARGETS), ("methods", schema.SUMMARY_METHODS),
@@ -242,8 +219,8 @@ def test_summary_tables(local_run):
             (all_pairs.success & (all_pairs.linf <= b)).mean())
 
 
-def test_summary_printout(local_run, capsys):
-    cfg, _ = local_run
+def test_summary_printout(attacked, capsys):
+    cfg, _ = attacked
     summary.main(["--output", cfg.output])
     out = capsys.readouterr().out
     for origin in schema.ORIGINS:
@@ -252,12 +229,12 @@ def test_summary_printout(local_run, capsys):
     assert out.count(".png") == len(schema.ORIGINS) * len(schema.METHODS)
 
 
-def test_each_workers_lines_reach_rays_log_files(local_run):
+def test_each_workers_lines_reach_rays_log_files(attacked):
     """Where a cluster's user looks for a worker's progress (the driver prints only its own
     lines): its batch size and each part's rows and seconds, in Ray's log files."""
     import ray
 
-    cfg, _ = local_run
+    cfg, _ = attacked
     logs = os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs")
     text = "".join(open(p, errors="replace").read() for p in every_file(logs)
                    if p.endswith((".out", ".err")))
@@ -266,8 +243,8 @@ def test_each_workers_lines_reach_rays_log_files(local_run):
     assert [k for k in keys if f"part {k}: " not in text] == []
 
 
-def test_contact_sheets(local_run):
-    cfg, manifest = local_run
+def test_contact_sheets(attacked):
+    cfg, manifest = attacked
     pngs = [f["path"] for f in manifest[schema.M_FILES] if f["path"].endswith(".png")]
     assert sorted(pngs) == sorted(f"figures/{o}-{m}.png" for o in schema.ORIGINS
                                   for m in schema.METHODS)
@@ -276,10 +253,10 @@ def test_contact_sheets(local_run):
             assert im.width == 600 and im.height > 600
 
 
-def test_resume_after_a_killed_part(local_run, tmp_path):
+def test_resume_after_a_killed_part(attacked, tmp_path):
     """A part killed half-way (its files half written, no marker) and the manifest missing: the
     rerun redoes that part alone and ends with exactly the same rows."""
-    cfg, manifest = local_run
+    cfg, manifest = attacked
     out = str(tmp_path / "resumed")
     shutil.copytree(cfg.output, out)
     os.remove(os.path.join(out, storage.MANIFEST))
@@ -302,8 +279,8 @@ def test_resume_after_a_killed_part(local_run, tmp_path):
     pd.testing.assert_frame_equal(a, b)
 
 
-def test_a_lost_worker_costs_a_rerun_of_its_parts_and_nothing_else(local_run, tmp_path, caplog):
-    cfg, _ = local_run
+def test_a_lost_worker_costs_a_rerun_of_its_parts_and_nothing_else(attacked, tmp_path, caplog):
+    cfg, _ = attacked
     out, sentinel = str(tmp_path / "lost"), str(tmp_path / "killed")
     again = fool.run(dataclasses.replace(cfg, output=out, methods=("sign",), targets=("0", "1")),
                      kill_worker_once=sentinel)
@@ -317,8 +294,8 @@ def test_a_lost_worker_costs_a_rerun_of_its_parts_and_nothing_else(local_run, tm
     pd.testing.assert_frame_equal(got, want)
 
 
-def test_reruns_refuse_to_mix(local_run, tmp_path):
-    cfg, _ = local_run
+def test_reruns_refuse_to_mix(attacked, tmp_path):
+    cfg, _ = attacked
     with pytest.raises(ConfigError, match="already holds a finished attack output"):
         fool.run(cfg)
     out = str(tmp_path / "unfinished")
@@ -328,8 +305,8 @@ def test_reruns_refuse_to_mix(local_run, tmp_path):
         fool.run(dataclasses.replace(cfg, output=out, methods=("sign",)))
 
 
-def test_s3_output_agrees_with_local(local_run, bucket):
-    cfg, manifest = local_run
+def test_s3_output_agrees_with_local(attacked, bucket):
+    cfg, manifest = attacked
     out = f"{bucket}/fooling"
     remote = fool.run(dataclasses.replace(cfg, output=out))
     assert remote[schema.M_COUNTS] == manifest[schema.M_COUNTS]
@@ -347,9 +324,9 @@ def test_s3_output_agrees_with_local(local_run, bucket):
         pd.testing.assert_frame_equal(local, pq.read_table(pa.BufferReader(raw)).to_pandas())
 
 
-def test_keep_images_none(local_run, tmp_path):
+def test_keep_images_none(attacked, tmp_path):
     """Without images: the same measurements, null image bytes, and still the contact sheets."""
-    cfg, _ = local_run
+    cfg, _ = attacked
     small = dataclasses.replace(cfg, output=str(tmp_path / "lean"), methods=("sign",),
                                 targets=("0", cfg_wnid(cfg, 2)), limit_images=5, noise_images=0,
                                 keep_images="none")
@@ -406,8 +383,8 @@ def test_cli_reports_one_sentence(tmp_path):
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="no GPU")
-def test_gpu_actors_agree(local_run, tmp_path):
-    cfg, _ = local_run
+def test_gpu_actors_agree(attacked, tmp_path):
+    cfg, _ = attacked
     gpu = dataclasses.replace(cfg, output=str(tmp_path / "gpu"), use_gpu=True, batch_size=None)
     fool.run(gpu)
     a, b = read_pairs(cfg.output), read_pairs(gpu.output)
@@ -468,10 +445,46 @@ def test_an_image_of_the_wrong_length_is_named_with_its_file(ingested, model_dir
                           targets=("0",), noise_images=0))
 
 
-def test_summary_command_exits_0_every_time(local_run):
+@pytest.mark.parametrize("damage", ["delete", "truncate", "extra"])
+def test_every_reader_refuses_a_damaged_pairs_file_in_one_line(attacked, tmp_path, capsys,
+                                                                damage):
+    """A finished output with one pairs file deleted, cut short or one file added: the summary,
+    the report, the transfer and report.show each exit 2 with one line naming the file."""
+    from attacks import transfer
+    from report import build, show
+
+    cfg, manifest = attacked
+    out = str(tmp_path / "fooling")
+    shutil.copytree(cfg.output, out)
+    rel = "pairs/method=sign/target=3/val-00001.parquet"
+    path = os.path.join(out, rel)
+    if damage == "delete":
+        os.remove(path)
+    elif damage == "truncate":
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) - 100)
+    else:
+        rel = "pairs/method=sign/target=3/val-00009.parquet"
+        shutil.copy(path, os.path.join(out, rel))
+    commands = [
+        (summary.main, ["--output", out]),
+        (build.main, ["--results", out, "--output", str(tmp_path / "report")]),
+        (transfer.main, ["--results", out, "--models", cfg.model,
+                         "--output", str(tmp_path / "transfer")]),
+        (show.main, ["--results", out, "--image-id", "noise-00000", "--target", "3",
+                     "--method", "sign", "--output", str(tmp_path / "x.png")])]
+    for main, argv in commands:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and rel in err and "\n" not in err, (main.__module__, err)
+    assert [n for n in ("report", "transfer", "x.png") if (tmp_path / n).exists()] == []
+
+
+def test_summary_command_exits_0_every_time(attacked):
     """A short loop of the command that aborted at exit one run in four to twenty (reading
     Parquet from io.BytesIO; benchmarks/exit_loop.py runs the long loop)."""
-    cfg, _ = local_run
+    cfg, _ = attacked
     env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
     assert exit_loop.loop("attacks.summary", ["attacks.summary", "--output", cfg.output], 10, 2,
                           env)

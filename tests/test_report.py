@@ -21,7 +21,7 @@ from benchmarks.attack_models import fit_softmax, load_split, write_model
 from common import schema, storage
 from common.errors import ConfigError
 from common.model import write_weights
-from common.sweep import write_sweep
+from common.sweep import SweepRow, write_sweep
 from report import build as report
 
 pytestmark = pytest.mark.slow
@@ -30,8 +30,8 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.fixture(scope="module")
-def run_dirs(ingested, tmp_path_factory):
-    """A model, a two-setting sweep in training.sweep's layout, and an attack run."""
+def run_dirs(ingested, attacked, tmp_path_factory):
+    """A two-setting sweep in training.sweep's layout, and the shared attack run."""
     root = tmp_path_factory.mktemp("report")
     sweep = root / "sweep"
     X, y, _ = load_split(ingested, "train")
@@ -40,17 +40,15 @@ def run_dirs(ingested, tmp_path_factory):
     for reg in (1e-4, 1.0):
         W, b = fit_softmax(X, y, len(classes), reg, steps=60)
         model = write_model(str(sweep / f"reg={reg:g}"), W, b, classes)
-        rows.append({"reg": reg, "robust_eps": 0.0,
-                     "val_top1": float(np.mean((X @ W.T + b).argmax(1) == y)), "val_top5": 1.0,
-                     "val_loss": 1.0, "train_loss": 1.0, "train_top1": 1.0,
-                     "w_norm": 1.0, "w_pixels_norm": float(np.linalg.norm(W)), "epochs": 1,
-                     "median_sign_eps": 10.0 * (1 + reg), "model": model})
+        rows.append(SweepRow(reg=reg, robust_eps=0.0,
+                             val_top1=float(np.mean((X @ W.T + b).argmax(1) == y)), val_top5=1.0,
+                             val_loss=1.0, train_loss=1.0, train_top1=1.0, w_norm=1.0,
+                             w_pixels_norm=float(np.linalg.norm(W)), epochs=1,
+                             median_sign_eps=10.0 * (1 + reg), model=model))
     write_sweep(str(sweep), rows)
     storage.write_manifest(str(sweep), {schema.M_KIND: "sweep"})
-    results = str(root / "fooling")
-    fool.run(fool.Settings(data=ingested, model=rows[0]["model"], output=results,
-                           noise_images=2))
-    return {"model": rows[0]["model"], "sweep": str(sweep), "results": results, "root": root}
+    cfg, _ = attacked
+    return {"model": cfg.model, "sweep": str(sweep), "results": cfg.output, "root": root}
 
 
 @pytest.fixture(scope="module")
