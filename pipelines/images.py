@@ -2,6 +2,8 @@
 
 Pillow, simplejpeg and numpy, no Ray. ``to_pixels`` returns (size, size, 3) uint8 in row-major HWC
 order, or raises ``BadImage`` with a one-line reason that the job stores in its quarantine table.
+Pillow opens only the raster formats in ``PILLOW_FORMATS``: an EPS or a PDF, whatever its name, is
+"not an image", and no external program ever runs.
 
     >>> pixels, (w, h) = to_pixels(open("n01440764_10026.JPEG", "rb").read(), size=64)
     >>> pixels.shape, pixels.dtype
@@ -47,6 +49,9 @@ MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold; ImageNet's
 DRAFT_MARGIN = 1.5
 DRAFT_FILTER = Image.Resampling.HAMMING  # after scaled decoding; see the module docstring
 FAST_COLORSPACES = ("YCbCr", "Gray")  # what simplejpeg decodes as Pillow would; CMYK/YCCK: Pillow
+# The only formats Pillow may open: the rasters image datasets hold (JPEG's opener takes MPO too).
+# Anything else, EPS above all (Pillow hands it to Ghostscript, an external program), is refused.
+PILLOW_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 WHITE = (255, 255, 255)
 
 
@@ -63,11 +68,11 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=PILLOW_FORMATS)
     except Image.DecompressionBombError as e:
         raise BadImage(f"decompression bomb: {e}") from None
     except UnidentifiedImageError:
-        raise BadImage("not an image: unrecognized file format") from None
+        raise BadImage("not an image: unrecognized or disallowed file format") from None
     except Exception as e:  # noqa: BLE001 - any parser failure is a property of the file
         raise BadImage(f"unreadable image header: {type(e).__name__}: {e}") from None
     w, h = img.size

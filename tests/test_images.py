@@ -5,6 +5,8 @@ from __future__ import annotations
 import glob
 import io
 import math
+import os
+import subprocess
 
 import numpy as np
 import pytest
@@ -229,3 +231,75 @@ def test_truncated_jpeg_is_refused():
 def test_unknown_resize_mode_is_an_error():
     with pytest.raises(ValueError, match="resize"):
         images.to_pixels(png(Image.new("RGB", (8, 8))), 4, resize="stretch")
+
+
+# A minimal EPS that Pillow's EPS plugin reads (Ghostscript renders it), and a minimal PDF.
+EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n%%EndComments\n"
+       b"0 0 moveto 10 10 lineto stroke\nshowpage\n%%EOF\n")
+PDF = (b"%PDF-1.4\n1 0 obj <</Type /Catalog /Pages 2 0 R>> endobj\n"
+       b"2 0 obj <</Type /Pages /Kids [3 0 R] /Count 1>> endobj\n"
+       b"3 0 obj <</Type /Page /Parent 2 0 R /MediaBox [0 0 10 10]>> endobj\n"
+       b"trailer <</Root 1 0 R>>\n%%EOF\n")
+
+
+@pytest.fixture
+def no_subprocess(monkeypatch) -> list:
+    """Any program started (Ghostscript, as Pillow's EPS plugin would) is recorded and fails."""
+    from PIL import EpsImagePlugin
+
+    started = []
+
+    def refuse(*args, **kwargs):
+        started.append(args)
+        raise AssertionError(f"an external program was started: {args}")
+
+    monkeypatch.setattr(subprocess, "Popen", refuse)
+    monkeypatch.setattr(os, "system", refuse)
+    monkeypatch.setattr(EpsImagePlugin, "gs_binary", "gs")  # as if Ghostscript were installed
+    return started
+
+
+def test_the_eps_is_real_and_pillow_alone_would_run_ghostscript(no_subprocess):
+    """The tripwire works: Pillow unrestricted opens EPS and starts Ghostscript to decode it."""
+    img = Image.open(io.BytesIO(EPS))
+    assert (img.format, img.size) == ("EPS", (10, 10))
+    with pytest.raises(AssertionError, match="external program"):
+        img.load()
+    assert no_subprocess
+
+
+@pytest.mark.parametrize("data", [EPS, PDF], ids=["eps", "pdf"])
+def test_vector_and_document_files_named_jpeg_are_not_images(tmp_path, no_subprocess, data):
+    path = tmp_path / "x.JPEG"
+    path.write_bytes(data)
+    for draft in (True, False):
+        with pytest.raises(images.BadImage, match="^not an image"):
+            images.to_pixels(path.read_bytes(), 64, draft=draft)
+    assert no_subprocess == []
+
+
+def saved(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["WEBP", "BMP", "GIF", "TIFF", "MPO"])
+def test_every_allowed_raster_format_decodes(fmt, no_subprocess):
+    img = Image.fromarray(random_rgb(64, 64, seed=5))
+    kw = {"lossless": True} if fmt == "WEBP" else {}
+    if fmt == "MPO":  # a JPEG with a second frame, as some cameras write
+        kw = {"save_all": True, "append_images": [img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)]}
+    data = saved(img, fmt, **kw)
+    assert Image.open(io.BytesIO(data)).format == fmt
+    out, orig = images.to_pixels(data, 64, draft=False)
+    assert orig == (64, 64)
+    np.testing.assert_array_equal(out, np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+    assert no_subprocess == []
+
+
+def test_other_raster_formats_are_not_opened():
+    """Formats outside the list are refused too, however harmless: the list is an allowlist."""
+    data = saved(Image.new("RGB", (8, 8)), "PPM")
+    with pytest.raises(images.BadImage, match="^not an image"):
+        images.to_pixels(data, 4)
