@@ -76,6 +76,27 @@ def test_cluster_yaml_is_safe_and_scales():
         assert "IamInstanceProfile" in node["node_config"]
 
 
+def test_every_node_starts_ray_with_token_auth_and_the_file_holds_no_token():
+    """Head and workers start with RAY_AUTH_MODE=token and a token file that file_mounts copies
+    from the operator's machine (outside the checkout); no token is written in cluster.yaml."""
+    config = load_yaml("cluster.yaml")[0]
+    text = (ROOT / "cluster.yaml").read_text()
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [c for c in config[key] if "ray start" in c]
+        assert starts, key
+        for command in starts:
+            env = dict(re.findall(r"\b(RAY_AUTH_\w+)=(\S+?);?(?=\s)",
+                                  command[: command.index("ray start")]))
+            assert env.get("RAY_AUTH_MODE") == "token", command
+            assert "RAY_AUTH_TOKEN" not in env, command  # the token itself: never in the file
+            local = config["file_mounts"][env["RAY_AUTH_TOKEN_PATH"]]
+            assert local.startswith("~/"), local  # the operator's file, not the synced checkout
+    assert not re.search(r"RAY_AUTH_TOKEN\s*[=:]", text)
+    assert not re.search(r"[0-9a-fA-F]{32,}|[A-Za-z0-9+/]{40,}", text)  # hex or base64 secrets
+    operations = (ROOT / "docs" / "operations.md").read_text()
+    assert "ray get-auth-token --generate" in operations and "RAY_AUTH_MODE=token" in operations
+
+
 def test_cloudformation_template_passes_cfn_lint():
     lint = shutil.which("cfn-lint", path=os.path.dirname(sys.executable)) or shutil.which(
         "cfn-lint")
