@@ -44,7 +44,7 @@ demo: $(STAMP) ## every job and the report on the built-in sample, into demo-out
 	$(PY) -m attacks.fool --data $(DEMO)/imagenet64 --model $(DEMO)/model \
 		--output $(DEMO)/fooling --noise-images 4 --overwrite
 	$(PY) -m attacks.summary --output $(DEMO)/fooling
-	$(PY) -m report.build --results $(DEMO)/fooling --output $(DEMO)/report --overwrite
+	$(PY) -m report --results $(DEMO)/fooling --output $(DEMO)/report --overwrite
 
 bench-ingest: $(STAMP) ## ingest benchmark: the job against Ray's stock reader
 	$(PY) -m benchmarks.ingest --images 10000 --repeat 2
