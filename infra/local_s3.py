@@ -18,6 +18,13 @@ ports and Ray all fit side by side. WebDAV, Iceberg and Lance are turned off, an
 An identity file makes the gateway check signatures; without one pyarrow's multipart uploads are
 refused. The pid, ports and credentials go to DIR/server.json (mode 0600), so that `env` and `stop`
 work from another process. The data stays in DIR across restarts.
+
+Only the S3 port answers other processes, and only signed requests. Every other port (master,
+volume, filer and admin, HTTP and gRPC; their APIs list and write without any signature) speaks
+mutual TLS alone: each start makes a self-signed certificate (DIR/tls.crt, its key 0600, with
+`openssl`), the only one weed trusts, and DIR/security.toml makes every weed server but the S3
+gateway demand it and every weed client present it. weed runs with umask 077, so the unix sockets
+it opens in /tmp for its own parts take connections from this user only.
 """
 
 from __future__ import annotations
@@ -51,6 +58,13 @@ REGION = "us-east-1"
 DEFAULT_DIR = ".local-s3"
 STATE_FILE = "server.json"  # pid, endpoint, ports, credentials (0600)
 IDENTITY_FILE = "s3_identity.json"  # the gateway's -s3.config (0600)
+SECURITY_FILE = "security.toml"  # weed reads it from its working directory, DIR (0600)
+TLS_CERT, TLS_KEY = "tls.crt", "tls.key"  # weed's own certificate, made afresh on each start
+# security.toml's sections that get that certificate: the gRPC servers of weed mini's parts (all
+# of them, the S3 gateway's too), its maintenance worker and its other clients ...
+GRPC_SECTIONS = ("master", "volume", "filer", "s3", "admin", "worker", "client")
+# ... and its HTTP servers but the S3 gateway's, which then speak HTTPS and demand it of clients
+HTTPS_SECTIONS = ("master", "volume", "filer", "admin")
 LOG_FILE = "weed.log"  # weed's stdout and stderr, rewritten on each start
 STOP_GRACE_S = 15.0  # SIGTERM, then SIGKILL; weed mini needs a few seconds to flush and exit
 # Ports chosen for every start besides s3.port; the keys are weed's flag names.
@@ -138,14 +152,18 @@ def start(data_dir: str, port: int | None = None, timeout: float = 60) -> Server
         "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
         "actions": ["Admin", "Read", "Write", "List", "Tagging"],
     }]})
+    _write_security(data)
     cmd = [weed, "mini", f"-dir={data}", f"-ip={HOST}", f"-ip.bind={HOST}",
            f"-s3.config={identity}", *FIXED_FLAGS, *(f"-{k}={v}" for k, v in ports.items())]
     log.info("starting %s", shlex.join(cmd))
     started = time.monotonic()
     with open(data / LOG_FILE, "wb") as weed_log:
         # A new session: `stop` can signal the whole group, and the server outlives the CLI.
+        # umask 077: the unix sockets weed opens beside its ports (in /tmp, plain HTTP and gRPC
+        # for its own parts) and its data files are this user's only.
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=weed_log,
-                                stderr=subprocess.STDOUT, cwd=data, start_new_session=True)
+                                stderr=subprocess.STDOUT, cwd=data, start_new_session=True,
+                                umask=0o077)
     server = Server(proc.pid, f"http://{HOST}:{ports['s3.port']}", access_key, secret_key,
                     REGION, str(data), ports, proc)
     _write_private(data / STATE_FILE, _state(server))
@@ -157,6 +175,34 @@ def start(data_dir: str, port: int | None = None, timeout: float = 60) -> Server
     log.info("local S3 ready at %s (pid %d) after %.1f s",
              server.endpoint, server.pid, time.monotonic() - started)
     return server
+
+
+def _write_security(data: Path) -> None:
+    """A fresh self-signed certificate, weed's only CA, and security.toml that makes every weed
+    server but the S3 gateway demand it (mutual TLS) and every weed client present it."""
+    cert, key = data / TLS_CERT, data / TLS_KEY
+    key.unlink(missing_ok=True)  # openssl keeps an existing file's mode; a new one gets 0600
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        raise FileNotFoundError("openssl not found: it makes the local S3 server's certificate")
+    proc = subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-days", "3650", "-subj", "/CN=local-s3", "-keyout", str(key), "-out", str(cert),
+         # the address weed's HTTPS clients dial, which they check against the certificate
+         "-addext", f"subjectAltName=IP:{HOST},DNS:localhost",
+         "-addext", "basicConstraints=critical,CA:TRUE",
+         "-addext", "keyUsage=critical,digitalSignature,keyCertSign",
+         "-addext", "extendedKeyUsage=serverAuth,clientAuth"],
+        capture_output=True, text=True, check=False, umask=0o077)
+    if proc.returncode != 0:
+        raise RuntimeError(f"openssl could not make a certificate: {proc.stderr.strip()}")
+    pem = {"cert": json.dumps(str(cert)), "key": json.dumps(str(key))}  # TOML basic strings
+    pair = f'cert = {pem["cert"]}\nkey = {pem["key"]}\n'
+    sections = [f'[grpc]\nca = {pem["cert"]}\n']
+    sections += [f"[grpc.{name}]\n{pair}" for name in GRPC_SECTIONS]
+    sections += [f'[https.{name}]\n{pair}ca = {pem["cert"]}\n' for name in HTTPS_SECTIONS]
+    sections.append(f'[https.client]\nenabled = true\n{pair}ca = {pem["cert"]}\n')
+    _write_private(data / SECURITY_FILE, "\n".join(sections))
 
 
 def load(data_dir: str) -> Server:
@@ -308,13 +354,13 @@ def _state(server: Server) -> dict:
             if not f.name.startswith("_")}
 
 
-def _write_private(path: Path, obj: dict) -> None:
-    """Write JSON readable by the owner only, atomically."""
+def _write_private(path: Path, content: dict | str) -> None:
+    """Write JSON (a dict) or text readable by the owner only, atomically."""
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     os.fchmod(fd, 0o600)  # in case tmp already existed with wider permissions
     with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
+        f.write(content if isinstance(content, str) else json.dumps(content, indent=2))
     os.replace(tmp, path)
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import http.client
 import os
 import shlex
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -12,11 +14,13 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import grpc
 import pyarrow.fs as pafs
 import pytest
 from botocore.exceptions import ClientError
 
 from infra import local_s3
+from infra.local_cluster import _descendants, _listening, _socket_inodes
 
 SCRIPT = Path(local_s3.__file__)
 BUCKET = "local-s3-test"
@@ -98,6 +102,86 @@ def test_unsigned_and_wrong_secret_are_refused(server):
     with pytest.raises(ClientError) as signed_wrong:
         local_s3.client(wrong).get_object(Bucket=BUCKET, Key="secret.txt")
     assert signed_wrong.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+
+
+def listening_ports(srv: local_s3.Server, wait_s: float = 20) -> set[tuple[str, int]]:
+    """(address, port) of every TCP socket weed's processes listen on, once all it was given
+    are up (the admin server starts last)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        sockets = _listening()
+        found = {sockets[inode] for pid in _descendants([srv.pid])
+                 for inode in _socket_inodes(pid) if inode in sockets}
+        if {port for _, port in found} >= set(srv.ports.values()) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
+
+
+# What a process without weed's key tries on each port: the filer's and master's HTTP APIs
+ANONYMOUS = [("GET", "/?pretty=y"), ("GET", "/buckets/"), ("GET", "/dir/status"),
+             ("PUT", f"/buckets/{BUCKET}/anonymous.txt"), ("POST", "/dir/assign")]
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
+def plain_http_status(port: int, method: str, path: str) -> int | None:
+    """The HTTP status of an anonymous request, None when the port gives no HTTP answer."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request(method, path, body=b"x" if method in ("PUT", "POST") else None)
+        return conn.getresponse().status
+    except (OSError, http.client.HTTPException):
+        return None
+    finally:
+        conn.close()
+
+
+def tls_answer(port: int, cafile: str, cert: tuple[str, str] | None) -> bytes:
+    """The first bytes a TLS server answers to an HTTP/2 preface or an HTTP/1.1 GET, trusting
+    weed's certificate and presenting `cert` (or none); b"" when it refuses."""
+    ctx = ssl.create_default_context(cafile=cafile)
+    ctx.check_hostname = False
+    ctx.set_alpn_protocols(["h2", "http/1.1"])
+    if cert is not None:
+        ctx.load_cert_chain(*cert)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
+                ctx.wrap_socket(raw) as tls:
+            h2 = tls.selected_alpn_protocol() == "h2"
+            tls.sendall(H2_PREFACE if h2 else b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            return tls.recv(64)
+    except (ssl.SSLError, OSError):
+        return b""
+
+
+def test_every_port_but_s3_answers_only_weeds_own_certificate(server):
+    """Master, volume, filer and admin, over HTTP and gRPC: no anonymous listing or write.
+    Each port speaks only mutual TLS with weed's certificate: without it a request gets no
+    answer, with it the same request does (so the refusal is the missing certificate)."""
+    local_s3.create_bucket(server, BUCKET)
+    found = listening_ports(server)
+    assert {host for host, _ in found} == {"127.0.0.1"}
+    assert {port for _, port in found} == set(server.ports.values())  # no port it wasn't given
+    names = {port: name for name, port in server.ports.items()}
+    data = Path(server.data_dir)
+    cafile = str(data / local_s3.TLS_CERT)
+    own = (cafile, str(data / local_s3.TLS_KEY))
+    s3_port = server.ports["s3.port"]
+    for _, port in sorted(found):
+        if port == s3_port:
+            continue
+        for method, path in ANONYMOUS:  # 400: "Client sent an HTTP request to an HTTPS server"
+            status = plain_http_status(port, method, path)
+            assert status in (None, 400), (names[port], method, path, status)
+        with pytest.raises(grpc.RpcError) as anonymous_rpc:
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                channel.unary_unary("/filer_pb.SeaweedFiler/ListEntries")(b"", timeout=5)
+        assert anonymous_rpc.value.code() == grpc.StatusCode.UNAVAILABLE, names[port]
+        assert tls_answer(port, cafile, cert=None) == b"", names[port]
+        assert tls_answer(port, cafile, cert=own) != b"", names[port]
+    for method, path in ANONYMOUS:  # the S3 port refuses whatever is unsigned
+        assert plain_http_status(s3_port, method, path) in (403, 405), (method, path)
+    listed = local_s3.client(server).list_objects_v2(Bucket=BUCKET).get("Contents", [])
+    assert "anonymous.txt" not in {o["Key"] for o in listed}
 
 
 def test_state_file_is_private_and_loadable(server):
