@@ -9,11 +9,18 @@
 The rules, each enforced here and nowhere else:
 - An output equal to, inside, or containing any input of the job is refused before anything is
   written (``--overwrite`` included).
+- One run at a time writes an output: before its identity record, a run claims the output
+  (``_lease.json``, common/lease.py: created only if absent, renewed while the run lives, released
+  by ``finish`` or at exit). A run that finds another live run's claim is refused with one line
+  naming that run's host, pid and start; a claim left by a killed run lapses after
+  ``FOOLING_LEASE_S`` seconds (60) and is then taken over. A run whose claim was taken from it
+  writes no manifest.
 - An output is this job's own only when it carries the job's identity record (``_identity.json``:
   job kind, the identity of its inputs, the settings that define the result), written before any
-  data. ``--overwrite`` removes only what the record says the job writes (``owns``), never other
-  files; anything a job would write that is found without a record (stale ``pairs/``, checkpoints,
-  another job's manifest) is refused with one line naming what was found.
+  data. ``--overwrite`` removes only the names that both the record lists in ``owns`` and the job
+  itself writes (the record is not trusted for others: they stay, named in one log line), never
+  other files; anything a job would write that is found without a record (stale ``pairs/``,
+  checkpoints, another job's manifest) is refused with one line naming what was found.
 - A rerun resumes only when the record is the same; with other settings or inputs it is refused.
 - The manifest is written last, after its numbers are checked to be finite; it carries the identity
   and every path in it is an absolute URI.
@@ -29,12 +36,14 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from common import schema, storage
+from common import lease, schema, storage
 from common.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 IDENTITY_FILE = "_identity.json"
+LEASE_FILE = lease.LEASE_FILE
+OWN_NAMES = (storage.MANIFEST, IDENTITY_FILE, LEASE_FILE)  # the lifecycle's, never a job's
 
 
 def absolute(uri: str) -> str:
@@ -101,9 +110,10 @@ def _flat(record: Mapping, prefix: str = "") -> dict:
 class Output:
     """One job's output folder and the rules for it.
 
-    ``owns``: the top-level names the job writes there (files or folders) besides the manifest and
-    its identity record: what ``--overwrite`` may remove. ``inputs``: name -> URI of everything
-    the job reads (refused as outputs). ``identity``: input identities and defining settings.
+    ``owns``: the top-level names the job writes there (files or folders) besides the manifest,
+    its identity record and its claim (OWN_NAMES): what ``--overwrite`` may remove. ``inputs``:
+    name -> URI of everything the job reads (refused as outputs). ``identity``: input identities
+    and defining settings. ``claim``: this run's claim on the output (taken by ``prepare``).
     """
 
     uri: str
@@ -111,6 +121,12 @@ class Output:
     owns: tuple[str, ...]
     inputs: Mapping[str, str | None] = field(default_factory=dict)
     identity: Mapping = field(default_factory=dict)
+    claim: lease.Lease = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        if set(self.owns) & set(OWN_NAMES):
+            raise ValueError(f"owns={self.owns} names the lifecycle's own files {OWN_NAMES}")
+        object.__setattr__(self, "claim", lease.Lease(self.uri))  # frozen: set once, here
 
     def record(self) -> dict:
         """The identity record, as JSON reads it back (lists, not tuples)."""
@@ -136,6 +152,7 @@ class Output:
         unfinished run with the same identity would be resumed (only for jobs that can:
         ``resumable``; for the others it is cleared and started again)."""
         refuse_overlap(self.uri, self.inputs)
+        self.claim.refuse_other()  # what is found there is another live run's, not to judge
         found = self._found()
         ours = self._read(IDENTITY_FILE) if IDENTITY_FILE in found else None
         manifest = self._read(storage.MANIFEST) if storage.MANIFEST in found else None
@@ -162,42 +179,59 @@ class Output:
 
     def prepare(self, overwrite: bool, resumable: bool = True,
                 ready: Callable[[], None] | None = None) -> bool:
-        """``check`` and a probe that the output is writable, then ``ready`` (the job's checks
-        that need Ray: a refusal there writes no file), then clear the output for a new run and
-        record its identity, before any data is written. Returns True when resuming (nothing is
-        cleared then)."""
-        resuming = self.check(overwrite, resumable)
+        """``check`` and a probe that the output is writable, then claim the output (refused
+        while another run holds it), then ``ready`` (the job's checks that need Ray: a refusal
+        there releases the claim and leaves no file), then ``check`` again under the claim, clear
+        the output for a new run and record its identity, before any data is written. Returns
+        True when resuming (nothing is cleared then). The claim is held until ``finish``."""
+        self.check(overwrite, resumable)
         storage.check_writable(self.uri)
-        if ready is not None:
-            ready()
-        if resuming:
-            log.info("%s holds an unfinished %s run with the same settings: resuming it",
-                     self.uri, self.kind)
-            return True
-        previous = self._read(IDENTITY_FILE)
-        if previous is not None:
-            self._clear(previous.get("owns", []))
-        storage.write_json_atomic(storage.join(self.uri, IDENTITY_FILE), self.record())
+        self.claim.acquire()
+        try:
+            if ready is not None:
+                ready()
+            resuming = self.check(overwrite, resumable)  # what a run before the claim left
+            if resuming:
+                log.info("%s holds an unfinished %s run with the same settings: resuming it",
+                         self.uri, self.kind)
+                return True
+            previous = self._read(IDENTITY_FILE)
+            if previous is not None:
+                self._clear(previous.get("owns", []))
+            storage.write_json_atomic(storage.join(self.uri, IDENTITY_FILE), self.record())
+        except BaseException:
+            self.claim.release()
+            raise
         return False
 
     def _clear(self, written: list[str]) -> None:
-        """Remove what the earlier run's record says it writes, the manifest first (no reader
-        trusts a half-replaced output); nothing else under the output is touched."""
+        """Remove what the earlier run's record says it writes and this job writes too, the
+        manifest first (no reader trusts a half-replaced output); nothing else under the output
+        is touched, whatever the record lists."""
+        if not isinstance(written, list):
+            written = [written]
         unsafe = [n for n in written if not isinstance(n, str) or n in ("", ".", "..") or "/" in n]
         if unsafe:
             raise ConfigError(f"{self.uri}/{IDENTITY_FILE} lists {unsafe} as written: not names "
                               "inside the output; remove the output by hand")
+        foreign = sorted(set(written) - set(self.owns))
+        if foreign:
+            log.warning("%s/%s also lists %s as written: not names a %s job writes, so they "
+                        "stay", self.uri, IDENTITY_FILE, ", ".join(foreign), self.kind)
         storage.delete_file(storage.join(self.uri, storage.MANIFEST))
-        for name in written:
+        for name in sorted(set(written) & set(self.owns)):
             uri = storage.join(self.uri, name)
             storage.delete_dir(uri)
             storage.delete_file(uri)
         storage.delete_file(storage.join(self.uri, IDENTITY_FILE))
 
     def finish(self, manifest: dict) -> dict:
-        """Write ``manifest.json`` last, after checking every number in it is finite."""
+        """Write ``manifest.json`` last, after checking every number in it is finite and that
+        the claim on the output is still this run's; then release the claim."""
         manifest = {**manifest, schema.M_IDENTITY: self.record()}
         check_finite(manifest)
+        self.claim.check()
         storage.write_manifest(self.uri, manifest)
+        self.claim.release()
         return manifest
 

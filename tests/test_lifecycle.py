@@ -77,7 +77,7 @@ def test_another_jobs_output_is_refused_even_with_overwrite(tmp_path):
     assert tree_digest(tmp_path) == before
 
 
-def test_overwrite_removes_only_what_the_record_lists(tmp_path):
+def test_overwrite_removes_only_what_the_record_lists_and_the_job_writes(tmp_path, caplog):
     first = output(tmp_path, owns=("weights.npz", "checkpoints", "old.png"))
     first.prepare(False)
     for name in ("weights.npz", "old.png", "notes.txt"):
@@ -85,10 +85,13 @@ def test_overwrite_removes_only_what_the_record_lists(tmp_path):
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "x").write_text("x")
     first.finish({"kind": "train", "n": 1})
+    assert not (tmp_path / lifecycle.LEASE_FILE).exists()  # released by finish
     with pytest.raises(ConfigError, match="already holds a finished train output.*--overwrite"):
         output(tmp_path).prepare(False)
-    output(tmp_path, {"reg": 5.0}).prepare(True)
-    assert sorted(os.listdir(tmp_path)) == [lifecycle.IDENTITY_FILE, "notes.txt"]
+    output(tmp_path, {"reg": 5.0}).prepare(True)  # a job that no longer writes old.png
+    assert sorted(os.listdir(tmp_path)) == [lifecycle.IDENTITY_FILE, lifecycle.LEASE_FILE,
+                                            "notes.txt", "old.png"]
+    assert "lists old.png as written: not names a train job writes, so they stay" in caplog.text
 
 
 def test_a_record_naming_paths_outside_is_refused(tmp_path):
@@ -118,3 +121,65 @@ def test_absolute_uris(tmp_path):
     os.chdir(tmp_path)
     assert lifecycle.absolute("x/y") == os.path.join(os.path.realpath(tmp_path), "x", "y")
     assert lifecycle.absolute("s3://b/p/") == "s3://b/p"
+
+
+def test_overwrite_never_removes_a_name_the_job_does_not_write(tmp_path, caplog):
+    """A record is not trusted for names the job itself does not write: --overwrite removes only
+    the intersection of its ``owns`` with the job's, and says what it left."""
+    out = output(tmp_path)
+    out.prepare(False)
+    (tmp_path / "weights.npz").write_text("w")
+    (tmp_path / "notes.txt").write_text("the user's own")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "x").write_text("x")
+    out.finish({"kind": "train"})
+    identity = tmp_path / lifecycle.IDENTITY_FILE
+    record = json.loads(identity.read_text())
+    identity.write_text(json.dumps({**record, "owns": record["owns"] + ["notes.txt", "mine"]}))
+    with caplog.at_level("INFO", logger="common.lifecycle"):
+        output(tmp_path, {"reg": 5.0}).prepare(True)
+    assert (tmp_path / "notes.txt").read_text() == "the user's own"
+    assert (tmp_path / "mine" / "x").read_text() == "x"
+    assert not (tmp_path / "weights.npz").exists()
+    assert "mine, notes.txt" in caplog.text
+
+
+def test_a_run_refused_by_its_ready_check_leaves_no_claim_and_no_file(tmp_path):
+    def no_gpu():
+        raise ConfigError("--use-gpu was given but the Ray cluster has no GPU")
+
+    with pytest.raises(ConfigError, match="no GPU"):
+        output(tmp_path / "m").prepare(False, ready=no_gpu)
+    assert os.listdir(tmp_path / "m") == []
+    assert output(tmp_path / "m").prepare(False) is False  # nothing held it
+
+
+def test_the_claim_is_held_from_prepare_to_finish(tmp_path):
+    out = output(tmp_path)
+    out.prepare(False)
+    claim = json.loads((tmp_path / lifecycle.LEASE_FILE).read_text())
+    assert set(claim) == {"host", "pid", "started", "token", "expires"}
+    assert claim["pid"] == os.getpid() and claim["token"] == out.claim.token
+    out.finish({"kind": "train"})
+    assert not (tmp_path / lifecycle.LEASE_FILE).exists()
+
+
+def test_a_second_run_in_the_same_process_takes_its_claim_back(tmp_path):
+    """A run that failed after prepare (a test calling the job again, a notebook) leaves the
+    process holding the claim: the next run there takes it back; the first can no longer
+    finish."""
+    first = output(tmp_path)
+    first.prepare(False)
+    second = output(tmp_path)
+    assert second.prepare(False) is True
+    with pytest.raises(ConfigError, match="not writing the manifest .* this run's claim on it "
+                                          f"lapsed and pid {os.getpid()} on "):
+        first.finish({"kind": "train"})
+    second.finish({"kind": "train"})
+    assert not (tmp_path / lifecycle.LEASE_FILE).exists()
+
+
+def test_a_job_never_names_the_lifecycles_own_files(tmp_path):
+    for name in lifecycle.OWN_NAMES:
+        with pytest.raises(ValueError, match="the lifecycle's own files"):
+            output(tmp_path, owns=("weights.npz", name))
