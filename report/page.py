@@ -1,7 +1,8 @@
 """The report's HTML pieces: numbers for people, tables that fit, images, pairs, the page.
 
-    >>> number(3000), percent(0.0312), number(0.006911)      # '3,000', '3.1%', '0.00691'
+    >>> number(3000), percent(0.0312), number(0.006911)      # '3,000', '3.12%', '0.00691'
     >>> table(rows, [("method", "method"), ("success_rate", "fooled", percent)])
+    >>> levels.same([24, 35.5])                              # ['24.0', '35.5']: one precision
     >>> render([Section("Results", "<p>...</p>")], "Fooling a linear classifier")
 
 Everything is escaped here; images are embedded as data: URIs, so the page opens offline.
@@ -19,6 +20,8 @@ from attacks import figures
 from common.templates import short_name
 
 esc = html.escape
+CHART_MIN = 0.6  # a chart is drawn no smaller than this share of its pixels: 10 pt stays ~9 px
+PAGE_MARGIN = 40  # pixels of the screen's width around the page's content (STYLE's padding)
 SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
 
 
@@ -49,46 +52,107 @@ def number(v) -> str:
     return f"{float(mantissa):g}×10{str(int(exponent)).translate(SUPERSCRIPT)}"
 
 
-def percent(v) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "–"
-    return f"{100 * v:.3g}%" if v < 0.9995 or v == 1 else f"{100 * v:.2f}%"
+@dataclass(frozen=True)
+class Measure:
+    """Numbers of one kind (pixel levels, percentages, ratios). One value alone prints with three
+    significant digits; the values of one table column or one sentence print with the same
+    decimals, the most any of them needs (26.0 beside 26.2, never 26).
+
+        >>> percent(0.998), levels.same([24, 35.5])      # '99.8%', ['24.0', '35.5']
+    """
+
+    scale: float = 1
+    suffix: str = ""
+    top: float | None = None  # a bound no smaller value may print as (99.97% is not 100%)
+
+    def __call__(self, v) -> str:
+        return self.same([v])[0]
+
+    def same(self, values) -> list[str]:
+        """The values as text, every finite one with the same decimals ('–' for none or NaN)."""
+        xs = [None if _missing(v) else self.scale * float(v) for v in values]
+        d = max((self._decimals(x) for x in xs if x is not None), default=0)
+        return ["–" if x is None else f"{x:,.{d}f}{self.suffix}" for x in xs]
+
+    def _decimals(self, x: float) -> int:
+        """The fewest decimals that show ``x`` to three significant digits (at most MAX_DECIMALS),
+        and keep a value below ``top`` below it."""
+        if x == 0 or not math.isfinite(x):
+            return 0
+        d = min(MAX_DECIMALS, max(0, 2 - math.floor(math.log10(abs(x)))))
+        while d > 0 and round(x, d - 1) == round(x, d):
+            d -= 1
+        while self.top is not None and x < self.top <= round(x, d) and d < MAX_DECIMALS:
+            d += 1
+        return d
 
 
-def levels(v) -> str:
-    """A distance in pixel levels (of 255)."""
-    return number(v)
+MAX_DECIMALS = 3
+levels = Measure()  # a distance in pixel levels (of 255)
+percent = Measure(100, "%", top=100)
+ratio = Measure()
+
+
+def _missing(v) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
 
 
 Column = tuple  # (key, header) or (key, header, format)
 
 
 def table(rows: list[dict], columns: list[Column]) -> str:
-    """An HTML table of the rows, one column per (key, header[, format]); numbers right-aligned."""
+    """An HTML table of the rows, one column per (key, header[, format]); numbers right-aligned,
+    a Measure's column with the same decimals throughout. It scrolls sideways in its own box
+    where the screen is narrower than it."""
     first = rows[0] if rows else {}
     head = "".join(f'<th class="{"l" if isinstance(first.get(c[0]), str) else "n"}">'
                    f"{esc(c[1])}</th>" for c in columns)
+    texts = [_column([r.get(c[0]) for r in rows], c[2] if len(c) > 2 else number)
+             for c in columns]
     body = []
-    for r in rows:
-        cells = []
-        for c in columns:
-            fmt: Callable = c[2] if len(c) > 2 else number
-            v = r.get(c[0])
-            text = v if isinstance(v, str) else fmt(v)
-            cells.append(f'<td class="{"l" if isinstance(v, str) else "n"}">{esc(text)}</td>')
+    for i, r in enumerate(rows):
+        cells = [f'<td class="{"l" if isinstance(r.get(c[0]), str) else "n"}">'
+                 f"{esc(texts[j][i])}</td>" for j, c in enumerate(columns)]
         body.append(f"<tr>{''.join(cells)}</tr>")
-    return f'<table class="t"><tr>{head}</tr>{"".join(body)}</table>'
+    return scroll(f'<table class="t"><tr>{head}</tr>{"".join(body)}</table>')
+
+
+def _column(values: list, fmt: Callable) -> list[str]:
+    """A column's cells as text: strings as they are, numbers by ``fmt`` (a Measure: together)."""
+    numbers = [v for v in values if not isinstance(v, str)]
+    shown = iter(fmt.same(numbers) if isinstance(fmt, Measure) else [fmt(v) for v in numbers])
+    return [v if isinstance(v, str) else next(shown) for v in values]
+
+
+def scroll(html_: str) -> str:
+    """A box that scrolls sideways when its content is wider than the screen (tables, grids)."""
+    return f'<div class="scroll">{html_}</div>'
 
 
 def data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode()
 
 
-def img(name: str, png: bytes, caption: str, link: str | None = None) -> str:
-    """A figure with its caption; ``link`` (a file beside the page) opens the full-size file."""
-    tag = f'<img alt="{esc(name)}" src="{data_uri(png)}">'
+def png_width(png: bytes) -> int:
+    """A PNG's width in pixels, from its header (IHDR)."""
+    return int.from_bytes(png[16:20], "big")
+
+
+def img(name: str, png: bytes, caption: str, link: str | None = None,
+        narrow: bytes | None = None) -> str:
+    """A figure with its caption; ``link`` (a file beside the page) opens the full-size file.
+    A chart shrinks with the screen down to CHART_MIN of its own size, where its labels stay
+    legible; on a narrower screen ``narrow`` (the same chart drawn for a phone) takes its place
+    when given, else it scrolls sideways in its box. The caption wraps to the screen."""
+    small = png_width(narrow or png)
+    tag = (f'<img alt="{esc(name)}" style="min-width:{round(CHART_MIN * small)}px" '
+           f'src="{data_uri(png)}">')
+    if narrow:
+        screen = round(CHART_MIN * png_width(png)) + PAGE_MARGIN
+        tag = (f'<picture><source media="(max-width:{screen}px)" srcset="{data_uri(narrow)}">'
+               f"{tag}</picture>")
     more = f' <a href="{esc(link)}">Full size</a>.' if link else ""
-    return f"<figure>{tag}<figcaption>{esc(caption)}{more}</figcaption></figure>"
+    return f"<figure>{scroll(tag)}<figcaption>{esc(caption)}{more}</figcaption></figure>"
 
 
 def panel(pixels, shape, label: str) -> str:
@@ -113,7 +177,7 @@ def compare(rows: list[list[dict]], names: list[str], shape) -> str:
             cells += [panel(figures.amplify(ex["original"], ex["stored"]), shape, change),
                       panel(ex["stored"], shape, fooled)]
         body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-    return f'<table class="cmp"><tr>{head}</tr>{"".join(body)}</table>'
+    return scroll(f'<table class="cmp"><tr>{head}</tr>{"".join(body)}</table>')
 
 
 def pair(ex: dict, names: list[str], shape, note: str = "") -> str:
@@ -137,19 +201,22 @@ def details(summary: str, body: str) -> str:
 
 STYLE = """
 body{font-family:system-ui,sans-serif;max-width:1180px;margin:1.5em auto;padding:0 1em;color:#222;
- line-height:1.45}
+ line-height:1.45;overflow-wrap:break-word}
 h1{margin-bottom:.2em}h2{margin-top:1.8em;border-bottom:1px solid #ddd;padding-bottom:.2em}
 .lead{font-size:1.15em}.headline{font-size:1.35em;background:#f3f6fb;border-left:4px solid #36c;
  padding:.6em 1em;margin:1em 0}
 img{max-width:100%}figure{margin:1em 0}figcaption{color:#555;font-size:90%}
+.scroll{overflow-x:auto;max-width:100%}.ends{display:flex;gap:0 2em;flex-wrap:wrap}
+.ends>div{min-width:0;max-width:100%}table:not([class]){display:block;overflow-x:auto}
 table.t{border-collapse:collapse;font-size:90%;margin:.8em 0}
 table.t td,table.t th{border-bottom:1px solid #ddd;padding:3px 10px}
 table.t th{background:#fafafa}th.n{text-align:right}th.l{text-align:left}
 td.n{text-align:right;font-variant-numeric:tabular-nums}td.l{text-align:left}
-.pairs{display:flex;flex-wrap:wrap;gap:18px 26px}.pair{width:360px}
-.panels{display:flex;gap:6px}.panels div{width:116px;text-align:center;font-size:12px}
+.pairs{display:flex;flex-wrap:wrap;gap:18px 26px}.pair{width:360px;max-width:100%}
+.panels{display:flex;gap:6px}.panels div{flex:0 1 116px;min-width:0;text-align:center;
+ font-size:12px}
 .panels span{display:block;line-height:1.2;margin-top:2px}
-img.px{width:116px;height:116px;image-rendering:pixelated;display:block}
+img.px{width:116px;height:auto;aspect-ratio:1;image-rendering:pixelated;display:block}
 table.cmp{border-collapse:collapse}table.cmp td{vertical-align:top;padding:0 3px 10px 3px}
 table.cmp th{font-size:13px;text-align:center;border-bottom:1px solid #ddd}
 table.cmp td div{width:112px;text-align:center;font-size:12px}
