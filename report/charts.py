@@ -18,6 +18,7 @@ COLORS = {"template": "tab:blue", "sign": "tab:orange", "iterative": "tab:green"
           "exact": "tab:red"}
 AXIS_NAMES = {"linf_q50": "median L-inf", "linf_mean": "mean L-inf"}
 LABELS = {"exact": "exact (the true minimum)"}  # legend names where the method's name is not enough
+PHONE_WIDTH = 4.2  # inches: a narrow figure's width, ~460 pixels, shown on a phone at ~3/4 size
 
 
 def in_order(methods) -> list[str]:
@@ -26,14 +27,26 @@ def in_order(methods) -> list[str]:
                                                if m in METHODS else 0, m))
 
 
-def budget_curves(budget: pd.DataFrame) -> bytes:
+def panels(rows: int, cols: int, size: tuple[float, float], narrow: bool = False
+           ) -> tuple[Figure, list[list]]:
+    """A figure of ``rows`` x ``cols`` panels of ``size`` inches and its axes as [row][col];
+    ``narrow`` (for a phone's screen): the same panels in one column, column after column."""
+    w, h = size
+    if not narrow:
+        fig = Figure(figsize=(w * cols, h * rows))
+        return fig, fig.subplots(rows, cols, squeeze=False)
+    fig = Figure(figsize=(PHONE_WIDTH, h * rows * cols), layout="constrained")
+    flat = fig.subplots(rows * cols, 1, squeeze=False)[:, 0]
+    return fig, [[flat[c * rows + r] for c in range(cols)] for r in range(rows)]
+
+
+def budget_curves(budget: pd.DataFrame, narrow: bool = False) -> bytes:
     """Fraction of pairs fooled within each L-inf budget, per method and origin; the dashed line
     is the tightest certified bound of the methods (exact's LP-dual certificate where it ran): no
     attack can fool a larger fraction within that budget. The exact curve is the true minimum,
-    within one level."""
+    within one level. ``narrow``: the panels stacked, for a phone."""
     origins = sorted(budget["origin"].unique(), key=lambda o: o != "val")
-    fig = Figure(figsize=(6.2 * len(origins), 4))
-    axes = fig.subplots(1, len(origins), squeeze=False)
+    fig, axes = panels(1, len(origins), (6.2, 4), narrow)
     for ax, origin in zip(axes[0], origins):
         rows = budget[budget["origin"] == origin]
         for method in in_order(rows["method"]):
@@ -54,12 +67,12 @@ def budget_curves(budget: pd.DataFrame) -> bytes:
     return to_png(fig)
 
 
-def strength_histograms(hist: pd.DataFrame) -> bytes:
-    """The distribution of the strength each method needed (fooled pairs), one panel a method."""
+def strength_histograms(hist: pd.DataFrame, narrow: bool = False) -> bytes:
+    """The distribution of the strength each method needed (fooled pairs), one panel a method;
+    ``narrow``: the panels stacked, for a phone."""
     hist = hist[hist["origin"] == "val"] if (hist["origin"] == "val").any() else hist
     methods = in_order(hist["method"])
-    fig = Figure(figsize=(4.2 * len(methods), 3.2))
-    axes = fig.subplots(1, len(methods), squeeze=False)
+    fig, axes = panels(1, len(methods), (4.2, 3.2), narrow)
     for ax, method in zip(axes[0], methods):
         rows = hist[hist["method"] == method]
         # one bin per pixel level (the template's strengths lie on a finer grid): one patch, not
@@ -74,25 +87,33 @@ def strength_histograms(hist: pd.DataFrame) -> bytes:
     return to_png(fig)
 
 
+def ends(rows: pd.DataFrame, value: str, top: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The easiest and the hardest rows by ``value`` (smallest first, largest first): ``top``
+    each, never the same row in both; with fewer than 2 * ``top`` rows, the two halves."""
+    rows = rows.sort_values(value, kind="stable")
+    n = len(rows)
+    return rows.head(min(top, n - n // 2)), rows.tail(min(top, n // 2))[::-1]
+
+
 def ranked_bars(frame: pd.DataFrame, key: str, value: str, names: list[str], title: str,
-                top: int) -> bytes:
-    """The ``top`` easiest and hardest classes by the L-inf needed (``value``), per method."""
+                top: int, narrow: bool = False) -> bytes:
+    """The ``top`` easiest and hardest classes by the L-inf needed (``value``), per method
+    (``ends``); ``narrow``: the panels stacked, each method's two together, for a phone."""
     methods = in_order(frame["method"])
-    fig = Figure(figsize=(4.4 * len(methods), 6.4))
-    axes = fig.subplots(2, len(methods), squeeze=False)
+    fig, axes = panels(2, len(methods), (4.4, 3.2), narrow)
     for col, method in enumerate(methods):
-        rows = frame[frame["method"] == method].sort_values(value)
-        for row, (part, label) in enumerate(((rows.head(top), "easiest"),
-                                             (rows.tail(top)[::-1], "hardest"))):
+        for row, (part, label) in enumerate(zip(ends(frame[frame["method"] == method], value,
+                                                     top), ("easiest", "hardest"))):
             ax = axes[row][col]
             ax.barh([short(names[i]) for i in part[key]], part[value],
                     color=COLORS.get(method, "gray"))
             ax.invert_yaxis()
             ax.set_title(f"{method}: {label}", fontsize=10)
             ax.set_xlabel(AXIS_NAMES.get(value, value) + " needed (pixel levels)")
-            ax.tick_params(axis="y", labelsize=8)
+            ax.tick_params(axis="y", labelsize=9 if narrow else 8)
     fig.suptitle(title)
-    fig.tight_layout()
+    if not narrow:
+        fig.tight_layout()
     return to_png(fig)
 
 
