@@ -1,7 +1,7 @@
 """The report's words: what the page shows, its headline number, each method in one sentence.
 
     >>> method = headline_method(["template", "sign", "exact"])        # "exact"
-    >>> headline(budget, method, pairs=15_000)                        # one HTML paragraph
+    >>> headline(budget, method, pairs=15_000)       # one HTML paragraph, pairs that had to move
 
 Pure functions of the summary tables (pandas) and the manifests; no I/O.
 """
@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pandas as pd
 
 from common import schema
-from report.page import esc, number, percent
+from report.page import esc, levels, number, percent
+
+# The pairs that the tables and the headline measure (attacks/summary.py's "moved"), in words
+HAD_TO_MOVE = "the model did not already predict the target"
 
 METHOD_TEXT = {
     "template": "adds a multiple of the target class's template W[t] to the image, the blog's "
@@ -33,7 +37,9 @@ HOW_TO_READ = (
     "is a stronger attack. The dashed line is the <b>certified bound</b>: for each pair, "
     "max over rival classes k of (s<sub>k</sub> − s<sub>t</sub>) / ‖W[t] − W[k]‖<sub>1</sub> is "
     "a distance no change can beat, so no attack whatsoever can fool more pairs within a budget "
-    "than the dashed line allows. Where exact ran, its curve is the true minimum.</p>")
+    "than the dashed line allows. Where exact ran, its curve is the true minimum. On validation "
+    "images the curves start above zero: the pairs whose target the model already predicted are "
+    "fooled with no change (the headline and the tables leave them out).</p>")
 
 
 def headline_method(methods) -> str:
@@ -49,24 +55,54 @@ def method_name(method: str) -> str:
     return "exact, the true minimum" if method == "exact" else f"the {method} method"
 
 
-def budget_reaching(budget: pd.DataFrame, method: str, fraction: float,
-                    origin: str = "val") -> int | None:
-    """The smallest L-inf budget within which ``fraction`` of the pairs are fooled (None: never)."""
+def moved_within(budget: pd.DataFrame, method: str, pairs: int, origin: str = "val"
+                 ) -> tuple[np.ndarray, np.ndarray, int]:
+    """The budgets (0..255), how many pairs that had to move are fooled within each, and how many
+    had to move, of the ``pairs`` in the budget table's rows of ``method`` and ``origin``.
+
+    A pair had to move when the model did not already predict the target for the original image
+    (pred != target). Those that did not are fooled unchanged, at L-inf 0, and only they: a
+    stored image that differs from the original is at least one level away. So the pairs
+    fooled within budget 0 are the ones left out.
+    """
     rows = budget[(budget[schema.ORIGIN] == origin) & (budget[schema.METHOD] == method)]
-    hit = rows[rows[schema.S_FOOLED_FRACTION] >= fraction][schema.S_BUDGET]
-    return int(hit.min()) if len(hit) else None
+    rows = rows.sort_values(schema.S_BUDGET)
+    within = np.rint(rows[schema.S_FOOLED_FRACTION].to_numpy() * pairs).astype(np.int64)
+    already = int(within[0]) if len(within) else 0
+    return rows[schema.S_BUDGET].to_numpy(), within - already, pairs - already
+
+
+def moved_quantile(budget: pd.DataFrame, method: str, q: float, pairs: int,
+                   origin: str = "val") -> float | None:
+    """The ``q`` quantile of the L-inf change that the pairs which had to move needed, by numpy's
+    linear rule as the summary's quantile columns, those never fooled counting as beyond every
+    budget (None: the quantile falls on one of them)."""
+    b, moved, n = moved_within(budget, method, pairs, origin)
+    if n <= 0:
+        return None
+    pos = q * (n - 1)
+    lo, hi = np.searchsorted(moved, [math.floor(pos), math.ceil(pos)], "right")
+    if hi >= len(moved):
+        return None
+    return float(b[lo] + (b[hi] - b[lo]) * (pos - math.floor(pos)))
 
 
 def headline(budget: pd.DataFrame, method: str, pairs: int) -> str:
-    """The page's one number: the L-inf change that fools the median validation pair."""
-    half, most = (budget_reaching(budget, method, f) for f in (0.5, 0.9))
+    """The page's one number: the L-inf change that fools the median validation pair that had to
+    move, over the same pairs as the page's tables."""
+    n = moved_within(budget, method, pairs)[2]
+    half, most = (moved_quantile(budget, method, q, pairs) for q in (0.5, 0.9))
+    rest = f"; the other {number(pairs - n)} need no change" if n < pairs else ""
+    who = f"the {number(n)} (validation image, target) pairs that had to move"
+    why = f"({HAD_TO_MOVE}{rest})"
     if half is None:
-        return (f'<p class="headline">Fewer than half of the {number(pairs)} (validation image, '
-                f"target class) pairs were fooled by {esc(method_name(method))}.</p>")
-    more = (f" Nine in ten pairs need at most {most}." if most is not None else "")
+        return (f'<p class="headline">Fewer than half of {who} {why} were fooled by '
+                f"{esc(method_name(method))}.</p>")
+    half_text, most_text = levels.same([half, most if most is not None else half])
+    more = f" Nine in ten need at most {most_text}." if most is not None else ""
     return (f'<p class="headline">The median validation image becomes any class you choose with '
-            f"a change of <b>{half} levels out of 255</b> per pixel, or less. "
-            f"<span style=\"font-size:70%\">Median over {number(pairs)} (image, target) pairs; "
+            f"a change of <b>{half_text} levels out of 255</b> per pixel, or less. "
+            f'<span style="font-size:70%">Median over {who}, as in the tables below {why}; '
             f"{esc(method_name(method))}.{more}</span></p>")
 
 

@@ -1,12 +1,14 @@
-"""The report's words (report/story.py): the headline against budget tables built by hand."""
+"""The report's words (report/story.py): the headline against budget tables built by hand, and
+the easiest and hardest lists (report/charts.py's ends)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from common import schema
-from report import story
+from report import charts, story
 
 
 def budget_table(linf: dict[str, list[float]]) -> pd.DataFrame:
@@ -20,19 +22,51 @@ def budget_table(linf: dict[str, list[float]]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def test_the_headline_is_the_median_pair_of_exact_when_it_ran():
-    budget = budget_table({"sign": [3, 9, 12, 40, np.inf], "exact": [2, 5, 7, 30, np.inf]})
+def test_the_headline_is_the_median_pair_that_had_to_move_of_exact_when_it_ran():
+    """Two pairs per method need no change (the model already predicts the target): the
+    headline's numbers and its words are over the other five, as the tables are."""
+    budget = budget_table({"sign": [0, 0, 3, 9, 12, 40, np.inf],
+                           "exact": [0, 0, 2, 5, 7, 30, np.inf]})
     assert story.headline_method(["template", "sign", "exact"]) == "exact"
     assert story.headline_method(["template", "sign"]) == "sign"
-    assert story.budget_reaching(budget, "exact", 0.5) == 7  # 3 of 5 pairs within 7
-    assert story.budget_reaching(budget, "sign", 0.9) is None  # one pair is never fooled
-    text = story.headline(budget, "exact", pairs=5)
+    assert story.moved_within(budget, "exact", 7)[2] == 5
+    assert story.moved_quantile(budget, "exact", 0.5, 7) == 7  # 3 of the 5 within 7
+    assert story.moved_quantile(budget, "sign", 0.9, 7) is None  # one pair is never fooled
+    text = story.headline(budget, "exact", pairs=7)
     assert "7 levels out of 255" in text and "exact, the true minimum" in text
+    assert "5 (validation image, target) pairs that had to move" in text
+    assert "did not already predict the target; the other 2 need no change" in text
+
+
+def test_the_headline_quantiles_are_the_tables_quantiles():
+    """The oracle: numpy's quantile of the L-inf of the pairs that had to move, as the summary's
+    quantile columns are; the headline prints its two numbers with one precision."""
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 7, 50, 501):
+        linf = np.concatenate([np.zeros(rng.integers(0, 9)), rng.integers(1, 80, n)])
+        budget = budget_table({"exact": linf})
+        for q in (0.1, 0.5, 0.9):
+            assert story.moved_quantile(budget, "exact", q, len(linf)) == pytest.approx(
+                np.quantile(linf[linf > 0], q))
+    text = story.headline(budget_table({"exact": [0, 2, 5, 8, 9]}), "exact", pairs=5)
+    assert "6.5 levels out of 255" in text and "at most 8.7." in text  # 8.7, not 8.70 or 9
 
 
 def test_fewer_than_half_fooled_is_said_so():
     text = story.headline(budget_table({"sign": [1, np.inf, np.inf]}), "sign", pairs=3)
     assert "Fewer than half" in text and "levels out of 255" not in text
+
+
+def test_the_easiest_and_hardest_lists_never_share_a_class():
+    """With fewer than twice ``top`` classes the lists are the two halves (the middle class of an
+    odd count among the easiest), else the ``top`` at each end."""
+    for n, top, sizes in ((10, 8, (5, 5)), (11, 8, (6, 5)), (40, 8, (8, 8)), (1, 8, (1, 0))):
+        rows = pd.DataFrame({"target": range(n), "v": np.arange(n)[::-1] % 7})
+        easiest, hardest = charts.ends(rows, "v", top)
+        assert (len(easiest), len(hardest)) == sizes
+        assert not set(easiest.target) & set(hardest.target)
+        assert list(easiest.v) == sorted(easiest.v) and list(hardest.v) == sorted(hardest.v)[::-1]
+        assert len(hardest) == 0 or hardest.v.min() >= easiest.v.max()
 
 
 def test_the_sample_is_named_plainly():
