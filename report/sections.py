@@ -68,9 +68,10 @@ class Facts:
         return (self.manifest.get(schema.M_IDENTITY, {}).get("settings", {})
                 .get("keep_images", "all") != "none")
 
-    def figure(self, name: str, png: bytes, caption: str) -> str:
+    def figure(self, name: str, png: bytes, caption: str, narrow: bytes | None = None) -> str:
+        """The chart on the page (``narrow``: drawn for a phone too) and as figures/<name>."""
         self.files[name] = png
-        return page.img(name, png, caption)
+        return page.img(name, png, caption, narrow=narrow)
 
     def name(self, k: int) -> str:
         return short_name(self.names[k])
@@ -131,17 +132,16 @@ def methods(f: Facts) -> list[page.Section]:
             (Q50, "median L-inf", page.levels), (Q90, "90% L-inf", page.levels),
             (schema.S_L2_MEAN, "mean L2", page.levels)]
     body = (story.methods_text(f.manifest[schema.M_COUNTS]["methods"]) + page.table(rows, cols)
-            + "<p>L-inf and L2 over the fooled pairs that had to move (the model did not already "
-              "say the target).</p>")
+            + f"<p>L-inf and L2 over the fooled pairs that had to move ({story.HAD_TO_MOVE}).</p>")
     return [page.Section("The methods", body, "methods")]
 
 
 def budget(f: Facts) -> list[page.Section]:
-    png = charts.budget_curves(f.frames["budget"])
+    png, narrow = (charts.budget_curves(f.frames["budget"], n) for n in (False, True))
     return [page.Section("Success against the L-inf budget", f.figure(
         "budget.png", png, "Fraction of all (image, target) pairs fooled within each L-inf "
-        "budget; dashed: the certified bound, which no attack can beat.") + story.HOW_TO_READ,
-        "budget")]
+        "budget; dashed: the certified bound, which no attack can beat.", narrow)
+        + story.HOW_TO_READ, "budget")]
 
 
 HOW_TO_SEE = ("<p>Each pair: the original with the model's class and probability, the change "
@@ -209,10 +209,11 @@ def _distinct_targets(picks: list[tuple], count: int) -> list[tuple]:
 
 
 def strength(f: Facts) -> list[page.Section]:
+    png, narrow = (charts.strength_histograms(f.frames["strength"], n) for n in (False, True))
     return [page.Section("How much it takes", f.figure(
-        "strength.png", charts.strength_histograms(f.frames["strength"]),
-        "How many fooled pairs needed each strength (the method's step size, in pixel levels)."),
-        "strength")]
+        "strength.png", png,
+        "How many fooled pairs needed each strength (the method's step size, in pixel levels).",
+        narrow), "strength")]
 
 
 def classes(f: Facts) -> list[page.Section]:
@@ -223,7 +224,7 @@ def classes(f: Facts) -> list[page.Section]:
              [("class", "target"), (schema.S_SUCCESS_RATE, "fooled", page.percent),
               (Q50, "median L-inf", page.levels), (schema.S_L2_MEAN, "mean L2", page.levels),
               ("bound_linf_median", "median bound", page.levels),
-              ("linf_over_bound_median", "L-inf / bound", page.number)]),
+              ("linf_over_bound_median", "L-inf / bound", page.ratio)]),
             ("sources", schema.LABEL, schema.S_LINF_MEAN, "Source classes that resist",
              [("class", "true class"), (schema.S_PAIRS, "pairs"),
               (schema.S_SUCCESS_RATE, "fooled", page.percent),
@@ -232,17 +233,18 @@ def classes(f: Facts) -> list[page.Section]:
         frame = frame[frame[schema.ORIGIN] == "val"]
         if frame.empty:
             continue
-        png = charts.ranked_bars(frame, key, value, f.names, title, f.top)
-        mine = frame[frame[schema.METHOD] == f.method].sort_values(value)
+        png, narrow = (charts.ranked_bars(frame, key, value, f.names, title, f.top, n)
+                       for n in (False, True))
+        mine = frame[frame[schema.METHOD] == f.method]
         mine = mine.assign(**{"class": [f.name(k) for k in mine[key]]})
         tables = "".join(
             f"<div><b>{label}</b>{page.table(part.to_dict('records'), cols)}</div>"
-            for label, part in (("easiest", mine.head(f.top)),
-                                ("hardest", mine.tail(f.top)[::-1])))
+            for label, part in zip(("easiest", "hardest"), charts.ends(mine, value, f.top))
+            if len(part))
         out.append(page.Section(title, f.figure(f"{frame_name}.png", png, (
             f"By the L-inf needed ({'median' if value == Q50 else 'mean'} over the fooled "
-            "validation pairs), per method.")) + f"<p>{story.method_name(f.method).capitalize()}"
-            f":</p><div style=\"display:flex;gap:2em;flex-wrap:wrap\">{tables}</div>",
+            "validation pairs that had to move), per method."), narrow) + f"<p>"
+            f"{story.method_name(f.method).capitalize()}:</p><div class=\"ends\">{tables}</div>",
             frame_name))
     return out
 

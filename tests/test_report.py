@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import os
 import re
 import shutil
@@ -89,7 +90,14 @@ def test_the_page_tells_the_story_with_class_names(built, run_dirs):
     page = open(os.path.join(out, "index.html")).read()
     text = re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", page.split("<details>")[0])))
     assert "The data is the generated sample, not ImageNet" in text  # the sample's mark is seen
-    assert re.search(r"becomes any class you choose with a change of \d+ levels out of 255", text)
+    # the headline's median is the methods table's, over the same pairs (those that had to move)
+    half = re.search(r"becomes any class you choose with a change of ([\d.]+) levels out of 255 "
+                     r".*? ([\d,]+) \(validation image, target\) pairs that had to move", text)
+    assert half, text[:2000]
+    exact = re.search(r"<tr><td[^>]*>exact</td><td[^>]*>validation</td>(.*?)</tr>",
+                      section(page, "methods")).group(1)
+    _, fooled, median, *_ = re.findall(r">([^<]*)</td>", exact)
+    assert float(fooled.rstrip("%")) < 100 or median == half.group(1)  # all fooled: the same
     for method in ("template", "sign", "exact"):  # the default methods, each in a sentence
         assert re.search(rf"\b{method}\b (adds|repeats|solves)", text)
     assert "certified bound" in text
@@ -97,6 +105,10 @@ def test_the_page_tells_the_story_with_class_names(built, run_dirs):
     names = storage.read_manifest(run_dirs["results"])[schema.M_CLASS_NAMES]
     targets = section(page, "targets")
     assert all(n.split(",")[0] in targets for n in names)  # classes by name, not index
+    for key in ("targets", "sources"):  # the easiest and hardest lists share no class
+        easiest, hardest = (set(re.findall(r'<tr><td class="l">([^<]+)</td>', part))
+                            for part in section(page, key).split("<b>hardest</b>"))
+        assert easiest and hardest and not easiest & hardest, (easiest, hardest)
     assert not re.search(r"\d\.\d+e[+-]\d", text)  # numbers for people: 3,000 not 3e+03
 
 
@@ -128,24 +140,65 @@ def test_gallery_images_are_the_stored_pairs(built, run_dirs):
         assert np.abs(fooling.astype(int) - original).max() == row[schema.LINF]
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (make test installs it)")
-def test_page_opens_in_headless_chromium(built, tmp_path):
-    out, _ = built
-    shot = tmp_path / "shot.png"
+def chromium(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    """Headless Chromium on a local page, quiet, with a profile of its own; stderr holds its log."""
     proc = subprocess.run(
         [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
          "--no-first-run", "--disable-background-networking", "--disable-component-update",
          "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr",
-         "--window-size=1280,2000", f"--screenshot={shot}",
-         f"file://{os.path.join(out, 'index.html')}"],
-        capture_output=True, text=True, timeout=120, check=False)
+         *args], capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    page_errors = [line for line in proc.stderr.splitlines()
-                   if "CONSOLE" in line or "Failed to load resource" in line]
-    assert not page_errors, page_errors
-    pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
-    assert pixels.std() > 10  # not blank: text, tables and figures drawn
-    assert (pixels < 128).mean() > 0.01
+    return proc
+
+
+WIDTHS = (1280, 390)  # a laptop's screen and a phone's, in CSS pixels
+
+# The page in an iframe per width (a headless window is at least 500 px wide, an iframe any
+# width), then what the page's own document measured there: how wide it scrolls, how wide it
+# is, and how many charts show their phone drawing (a <picture>'s source, not its <img>'s src).
+PROBE = """<!doctype html><body>{frames}<pre id="probe"></pre><script>
+addEventListener("load", () => {{
+  const seen = [...document.querySelectorAll("iframe")].map(f => {{
+    const d = f.contentDocument;
+    return {{width: f.clientWidth, scroll: d.documentElement.scrollWidth,
+             client: d.documentElement.clientWidth, phone: [...d.querySelectorAll("picture img")]
+               .filter(i => i.currentSrc !== i.src).length}};
+  }});
+  document.getElementById("probe").textContent = JSON.stringify(seen);
+}});
+</script></body>"""
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (make test installs it)")
+def test_page_opens_in_headless_chromium(built, tmp_path):
+    """Drawn at a laptop's and a phone's width, without errors; at either the page's document
+    does not scroll sideways (wide tables and grids scroll in their own boxes), and on the
+    phone the charts are their narrow drawings."""
+    out, _ = built
+    for width in WIDTHS:
+        shot = tmp_path / f"shot-{width}.png"
+        proc = chromium(tmp_path, f"--window-size={width},3000", f"--screenshot={shot}",
+                        f"file://{os.path.join(out, 'index.html')}")
+        page_errors = [line for line in proc.stderr.splitlines()
+                       if "CONSOLE" in line or "Failed to load resource" in line]
+        assert not page_errors, page_errors
+        pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
+        assert pixels.shape[1] == width
+        assert pixels.std() > 10  # not blank: text, tables and figures drawn
+        assert (pixels < 128).mean() > 0.01
+    shutil.copy(os.path.join(out, "index.html"), tmp_path / "index.html")
+    frames = "".join(f'<iframe src="index.html" style="width:{w}px;height:2000px;border:0">'
+                     "</iframe>" for w in WIDTHS)
+    (tmp_path / "probe.html").write_text(PROBE.format(frames=frames))
+    proc = chromium(tmp_path, "--allow-file-access-from-files", "--window-size=1700,2200",
+                    "--dump-dom", f"file://{tmp_path / 'probe.html'}")
+    seen = json.loads(html.unescape(re.search(r'<pre id="probe">(.*?)</pre>', proc.stdout,
+                                              re.S).group(1)))
+    assert [s["width"] for s in seen] == list(WIDTHS)
+    for s in seen:
+        assert s["scroll"] <= s["client"], f"at {s['width']} px the page scrolls sideways: {s}"
+    laptop, phone = seen
+    assert laptop["phone"] == 0 and phone["phone"] >= 3  # budget, strength, targets, sources
 
 
 def test_report_to_s3_matches_local(built, run_dirs, bucket):
