@@ -5,7 +5,7 @@
         --limit-images 200 --use-gpu
 
 For every model of the sweeps (training.sweep outputs on the same data) this runs the attack job
-(attacks.fool; images kept with --keep-images all, for attacks.transfer) on its first
+(attacks.fool; by default exact, the images kept for attacks.transfer) on its first
 --limit-images validation images and every target, into ``<output>/attacks/<sweep
 index>_<trial>/``; an attack already finished there is kept, an unfinished one resumes. Then it
 writes ``frontier.parquet`` and ``frontier.md`` (attacks/tables.py, ``FrontierRow``): per model,
@@ -46,12 +46,12 @@ FIGURE = f"{TABLE}.png"
 class Settings:
     sweeps: tuple[str, ...] = field(metadata={"help": "training.sweep outputs on the same data"})
     output: str = field(metadata={"help": "where to write the attacks and the table"})
-    methods: tuple[str, ...] = field(default=("sign",), metadata={
-        "help": "attacks to run; the median is exact's when given, else sign's"})
+    methods: tuple[str, ...] = field(default=("exact",), metadata={
+        "help": "attacks to run on each model; the median is exact's when given, else sign's"})
     limit_images: int = field(default=100, metadata={
         "help": "validation images attacked per model (x every target)"})
-    keep_images: str = field(default="none", metadata={
-        "help": "store the fooling images: all, to score them with attacks.transfer",
+    keep_images: str = field(default="all", metadata={
+        "help": "store the fooling images (all: what attacks.transfer scores); none saves space",
         "choices": ("all", "none")})
     use_gpu: bool = field(default=False, metadata={"help": "attack on GPUs (attacks.fool)"})
     workers: int | None = field(default=None, metadata={"help": "attack actors per model"})

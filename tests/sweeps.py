@@ -36,7 +36,7 @@ def attack_sweep(ingested: str, root: str) -> dict:
     """The sweep, and the frontier job run on it with the images kept (4 images x 4 targets)."""
     sweep, out = os.path.join(root, "sweep"), os.path.join(root, "frontier")
     rows = fake_sweep(ingested, sweep)
-    settings = {"sweeps": (sweep,), "output": out, "limit_images": 4, "keep_images": "all"}
+    settings = {"sweeps": (sweep,), "output": out, "limit_images": 4, "methods": ("sign",)}
     manifest = frontier.run(frontier.Settings(**settings))
     return {"sweep": sweep, "frontier": out, "models": [r.model for r in rows],
             "manifest": manifest, "settings": settings}

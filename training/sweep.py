@@ -1,6 +1,6 @@
 """The regularization sweep of "Breaking Linear Classifiers on ImageNet", as Ray Tune trials.
 
-    python -m training.sweep --data out/imagenet64 --output out/sweep --reg 1e-4,1e-2,1,100
+    python -m training.sweep --data out/imagenet64 --output out/sweep --reg 1e-4,1e-2,0.1,1,100
     python -m training.sweep --data DATA --output OUT --reg 0.1 --robust-eps 0,2,8,16
 
 Ray Tune runs one training (training/train.py, the same job and flags) per (--reg, --robust-eps)
@@ -38,8 +38,8 @@ SWEEP_IMAGES = 64  # validation images x every target: each model's median sign 
 class Settings:
     data: str = field(metadata={"help": "ingest output to train on: local path or s3://"})
     output: str = field(metadata={"help": "where to write the models and table: local or s3://"})
-    reg: tuple[float, ...] = field(default=(1e-4, 1e-2, 1.0, 100.0), metadata={
-        "help": "L2 strengths to train with, one training each"})
+    reg: tuple[float, ...] = field(default=(1e-4, 1e-2, 0.1, 1.0, 100.0), metadata={
+        "help": "L2 strengths to train with, one training each (0.1: training's default)"})
     robust_eps: tuple[float, ...] = field(default=(0.0,), metadata={
         "help": "robust radii (pixel levels, training.train --robust-eps): one training per "
                 "(reg, radius) pair"})
