@@ -297,7 +297,7 @@ class _LocalFile:
         try:
             with open(self.path, "rb") as f:
                 data = f.read()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # none there; the probe says why not
             return None
         return data, hashlib.sha256(data).hexdigest()
 

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import pytest
 
 from common import cli, lease, lifecycle, storage
@@ -101,8 +102,6 @@ def wait_until_lapsed(out: str) -> None:
 
 def pairs_files(out: str) -> list[str]:
     fs, path = storage.filesystem(storage.join(out, "pairs"))
-    import pyarrow.fs as pafs
-
     return sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(path)))
 
 
@@ -223,23 +222,23 @@ def test_the_lease_length_from_the_environment(monkeypatch):
             lease.duration_s()
 
 
-def test_the_local_s3_server_honours_conditional_writes(s3_server):
+def test_the_local_s3_server_honours_conditional_writes(s3_server, bucket):
     """What the S3 claim relies on: a second If-None-Match put and a stale If-Match put or
     delete fail with 412 Precondition Failed."""
     from botocore.exceptions import ClientError
 
     from infra import local_s3
-    from tests.conftest import TEST_BUCKET
 
+    name = bucket[len("s3://"):]
     s3, key = local_s3.client(s3_server), f"conditional/{time.time_ns()}"
-    etag = s3.put_object(Bucket=TEST_BUCKET, Key=key, Body=b"1", IfNoneMatch="*")["ETag"]
+    etag = s3.put_object(Bucket=name, Key=key, Body=b"1", IfNoneMatch="*")["ETag"]
     for call, kwargs in ((s3.put_object, {"Body": b"2", "IfNoneMatch": "*"}),
                          (s3.put_object, {"Body": b"2", "IfMatch": '"0123"'}),
                          (s3.delete_object, {"IfMatch": '"0123"'})):
         with pytest.raises(ClientError) as e:
-            call(Bucket=TEST_BUCKET, Key=key, **kwargs)
+            call(Bucket=name, Key=key, **kwargs)
         assert e.value.response["ResponseMetadata"]["HTTPStatusCode"] == 412
-    assert s3.get_object(Bucket=TEST_BUCKET, Key=key)["Body"].read() == b"1"
-    s3.put_object(Bucket=TEST_BUCKET, Key=key, Body=b"3", IfMatch=etag)
-    s3.delete_object(Bucket=TEST_BUCKET, Key=key, IfMatch=s3.head_object(
-        Bucket=TEST_BUCKET, Key=key)["ETag"])
+    assert s3.get_object(Bucket=name, Key=key)["Body"].read() == b"1"
+    s3.put_object(Bucket=name, Key=key, Body=b"3", IfMatch=etag)
+    s3.delete_object(Bucket=name, Key=key, IfMatch=s3.head_object(
+        Bucket=name, Key=key)["ETag"])

@@ -183,3 +183,9 @@ def test_a_job_never_names_the_lifecycles_own_files(tmp_path):
     for name in lifecycle.OWN_NAMES:
         with pytest.raises(ValueError, match="the lifecycle's own files"):
             output(tmp_path, owns=("weights.npz", name))
+
+
+def test_an_output_under_a_file_is_refused_as_unwritable(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(ConfigError, match="cannot write"):
+        output(tmp_path / "file" / "m").prepare(False)
