@@ -11,9 +11,12 @@ chain and are never read, printed or logged here.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import json
 import os
+import re
 import uuid
 from urllib.parse import urlparse
 
@@ -21,7 +24,12 @@ import pyarrow.fs as pafs
 
 from common.errors import ConfigError
 
-S3_RETRY_ATTEMPTS = 10  # transient S3 errors are retried with the SDK's exponential backoff
+# Transient S3 errors (throttling, a dropped connection, a 5xx) are retried with the SDK's backoff:
+# random waits of up to 1, 2, 4 and 8 s between 5 attempts (pyarrow's default is 3). An endpoint
+# that does not answer so fails within 5 x 2 s of connecting plus 15 s of waits, not minutes.
+S3_RETRY_ATTEMPTS = 5
+S3_CONNECT_TIMEOUT_S = 2.0  # per attempt (the AWS SDKs' default is 1 s)
+S3_REQUEST_TIMEOUT_S = 3.0  # a transfer that moves no byte for this long is retried (SDK default)
 
 
 def is_s3(uri: str) -> bool:
@@ -39,7 +47,8 @@ def join(uri: str, *parts: str) -> str:
 @functools.lru_cache(maxsize=8)
 def _s3(endpoint: str | None, region: str | None) -> pafs.S3FileSystem:
     retry = pafs.AwsStandardS3RetryStrategy(max_attempts=S3_RETRY_ATTEMPTS)
-    kwargs: dict = {"retry_strategy": retry}
+    kwargs: dict = {"retry_strategy": retry, "connect_timeout": S3_CONNECT_TIMEOUT_S,
+                    "request_timeout": S3_REQUEST_TIMEOUT_S}
     if endpoint:
         parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
         kwargs["endpoint_override"] = parsed.netloc
@@ -73,8 +82,12 @@ def exists(uri: str) -> bool:
 
 def read_bytes(uri: str) -> bytes:
     fs, path = filesystem(uri)
-    with fs.open_input_stream(path) as f:
-        return f.read()
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        _bucket_must_exist(uri)  # a missing bucket is said as such, not as a missing file
+        raise
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -83,15 +96,16 @@ def write_bytes(uri: str, data: bytes) -> None:
     A single S3 PUT is atomic already; a local file is written beside its target and renamed.
     """
     fs, path = filesystem(uri)
-    if isinstance(fs, pafs.LocalFileSystem):
-        fs.create_dir(os.path.dirname(path), recursive=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        with fs.open_output_stream(tmp) as f:
-            f.write(data)
-        fs.move(tmp, path)
-    else:
-        with fs.open_output_stream(path) as f:
-            f.write(data)
+    with naming(uri):
+        if isinstance(fs, pafs.LocalFileSystem):
+            fs.create_dir(os.path.dirname(path), recursive=True)
+            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+            with fs.open_output_stream(tmp) as f:
+                f.write(data)
+            fs.move(tmp, path)
+        else:
+            with fs.open_output_stream(path) as f:
+                f.write(data)
 
 
 def read_json(uri: str) -> dict:
@@ -119,38 +133,186 @@ def _bucket_must_exist(uri: str) -> None:
         return
     fs, path = filesystem(uri)
     bucket = path.split("/", 1)[0]
-    try:
-        info = fs.get_file_info(bucket)
-    except OSError as e:
-        raise ConfigError(f"cannot reach bucket {bucket!r} for {uri}: {e}") from e
-    if info.type == pafs.FileType.NotFound:
+    if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
         raise ConfigError(f"bucket {bucket!r} does not exist (from {uri})")
 
 
 def check_readable(uri: str) -> None:
-    """Fail with one sentence if a URI cannot be read: missing bucket, missing path, no access."""
-    _bucket_must_exist(uri)
-    fs, path = filesystem(uri)
+    """Fail with one sentence if a URI cannot be read: missing bucket, missing path, no access,
+    no endpoint (describe_error says which)."""
     try:
+        _bucket_must_exist(uri)
+        fs, path = filesystem(uri)
         info = fs.get_file_info(path)
     except OSError as e:
-        raise ConfigError(f"cannot read {uri}: {e}") from e
+        raise StorageError(f"cannot read {describe_error(e, uri)}") from e
     if info.type == pafs.FileType.NotFound:
         raise ConfigError(f"{uri} does not exist")
 
 
 def check_writable(uri: str) -> None:
     """Fail with one sentence unless a small file can be written and deleted under the URI."""
-    _bucket_must_exist(uri)
-    fs, path = filesystem(uri)
-    probe = f"{path}/.write-probe-{uuid.uuid4().hex}"
     try:
+        _bucket_must_exist(uri)
+        fs, path = filesystem(uri)
+        probe = f"{path}/.write-probe-{uuid.uuid4().hex}"
         fs.create_dir(path, recursive=True)
         with fs.open_output_stream(probe) as f:
             f.write(b"ok")
         fs.delete_file(probe)
     except OSError as e:
-        raise ConfigError(f"cannot write to {uri}: {e}") from e
+        raise StorageError(f"cannot write to {describe_error(e, uri)}") from e
+
+
+@contextlib.contextmanager
+def naming(uri: str):
+    """Name ``uri`` as the file of an OSError raised inside: pyarrow's write errors name none
+    (``[Errno 28] Error writing bytes to file``). The name survives Ray carrying the error from
+    a worker to the driver, where describe_error shows it."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno is None or e.filename is not None:
+            raise
+        raise _NamedError(e.errno, os.strerror(e.errno), uri) from e
+
+
+class _NamedError(OSError):
+    """An OSError that pickles its number, reason and file as they are: Ray Data appends its
+    retry advice to a failed task's ``args``, from which OSError's own pickling takes the file."""
+
+    def __reduce__(self):
+        return type(self), (self.errno, self.strerror, self.filename)
+
+
+class StorageError(ConfigError):
+    """A storage failure said in one line by describe_error, with the URI it was about."""
+
+
+ACCESS_HINT = ("check AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL and AWS_REGION "
+               "(or AWS_PROFILE)")
+ENDPOINT_HINT = "check AWS_ENDPOINT_URL"
+
+# Each kind of S3 failure: words that give it away in pyarrow's messages (the AWS C++ SDK's error
+# names, curl's) or in botocore's (error codes, exception names), what to say, and the hint. The
+# first kind that matches wins.
+_S3_FAILURES = (
+    (("ACCESS_DENIED", "AccessDenied", "SIGNATURE_DOES_NOT_MATCH", "SignatureDoesNotMatch",
+      "INVALID_ACCESS_KEY_ID", "InvalidAccessKeyId", "EXPIRED_TOKEN", "ExpiredToken",
+      "InvalidToken", "HTTP status 403", "code 403", "NoCredentialsError",
+      "PartialCredentialsError"), "access denied", ACCESS_HINT),
+    (("PermanentRedirect", "HTTP status 301", "code 301", "AuthorizationHeaderMalformed",
+      "IllegalLocationConstraint", "is wrong; expecting"),
+     "the bucket is in another region", "set AWS_REGION to the bucket's region"),
+    (("NoSuchBucket", "NO_SUCH_BUCKET", "not found. To create buckets", "code 404 on HeadBucket"),
+     "the bucket does not exist", ENDPOINT_HINT),
+    (("curlCode: 6,", "Could not resolve host", "NameResolutionError", "Failed to resolve"),
+     "cannot resolve the S3 endpoint's host name", ENDPOINT_HINT),
+    (("curlCode: 7,", "curlCode: 28,", "Could not connect", "Failed to connect",
+      "Connection refused", "Timeout was reached", "EndpointConnectionError",
+      "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError"),
+     "cannot connect to the S3 endpoint", ENDPOINT_HINT),
+)
+# Where a failure happened, in the errors' words: pyarrow names the key and bucket (or the path
+# inside its S3FileSystem: bucket/key), its local filesystem the file, and this project's
+# wrappers ("cannot read <uri>: ...") the URI.
+_WHERE = (r"key '(?P<key>[^']*)' in bucket '(?P<bucket>[^']*)'", r"[Bb]ucket '(?P<bucket>[^']*)'",
+          r"Path does not exist '(?P<path>[^']+)'", r"local file '(?P<file>[^']+)'",
+          r"^cannot (?:read|write to) (?P<file>\S+): ", r"(?P<file>s3://[^\s:'\"]+)")
+_DETAIL = (r"AWS Error (\w+(?: \(HTTP status \d+\))?) during (\w+) operation",
+           r"An error occurred \((\w+)\) when calling the (\w+) operation",
+           r"(curlCode: \d+), ([^;]+)", r"code (\S+) on (\w+)")
+_HOST = (r"Could not resolve host: (\S+)", r"Failed to resolve '([^']+)'",
+         r"Failed to connect to (\S+?)(?: port (\d+))? after", r"host='([^']+)', port=(\d+)",
+         r'endpoint URL: "\w+://([^/"]+)')
+# Local write errors of the whole filesystem: where no file is named, the job's output is where.
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
+
+
+def describe_error(e: BaseException, uri: str | None = None,
+                   output: str | None = None) -> str | None:
+    """One line for a storage failure: where (``uri``, else what the errors name, else for a
+    full disk the job's ``output``), the cause and, for S3, a hint naming the variables to check
+    (never their values). None when ``e`` holds no storage failure.
+
+    ``e`` may be Ray's wrapping of a worker's error: the innermost OSError or botocore error
+    behind it (RayTaskError's ``cause``, ``__cause__``, Ray Train's ``worker_failures``) is the
+    cause described. A ConfigError raised for an S3 failure (``from None`` keeps it as the
+    context) is described by that failure; for any other it is None: its sentence stands.
+    """
+    if isinstance(e, StorageError):
+        return str(e)
+    chain = _storage_failures(e)
+    if not chain:
+        return None
+    found, words = chain[-1], _words(chain[-1])
+    where = uri or next((w for f in [*reversed(chain), e] if (w := _where(f))), None)
+    if not isinstance(found, OSError) or re.search(r"AWS Error|curlCode", words) or (
+            where or "").startswith("s3://"):
+        for signs, cause, hint in _S3_FAILURES:
+            if any(sign in words for sign in signs):
+                return f"{where or 'S3'}: {_s3_cause(cause, words)}; {hint}"
+    if isinstance(e, ConfigError):
+        return None
+    code = getattr(found, "errno", None)
+    if code in _FULL and not where:
+        where = output
+    cause = os.strerror(code) if code else str(found).splitlines()[0]
+    return f"{where}: {cause}" if where and where not in cause else cause
+
+
+def _storage_failures(e: BaseException) -> list[BaseException]:
+    """The OSErrors and botocore errors along ``e``'s causes, outermost first; Ray's wrappers
+    (whose ``str`` is a whole traceback) are passed through to what they carry, and an error
+    raised ``from None`` to the one it replaced."""
+    found, todo, seen = [], [e], set()
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        cause = getattr(e, "cause", None)  # RayTaskError
+        if isinstance(cause, BaseException):
+            todo.append(cause)
+            continue
+        if isinstance(e, OSError) or type(e).__module__.startswith("botocore"):
+            found.append(e)
+        todo += [e.__cause__, *getattr(e, "worker_failures", {}).values()]
+        if e.__suppress_context__:
+            todo.append(e.__context__)
+    return found
+
+
+def _words(e: BaseException) -> str:
+    """An error's message with what botocore keeps beside it: the wrapped error, the code."""
+    words = f"{type(e).__name__} {e} " + " ".join(map(str, getattr(e, "kwargs", {}).values()))
+    code = getattr(e, "response", {}).get("Error", {}).get("Code")
+    if code is not None:  # ClientError
+        words += f" code {code} on {getattr(e, 'operation_name', '?')}"
+    return words
+
+
+def _where(e: BaseException) -> str | None:
+    if getattr(e, "filename", None):
+        return str(e.filename)
+    for pattern in _WHERE:
+        if m := re.search(pattern, str(e)):
+            g = m.groupdict()
+            if "bucket" in g:
+                return f"s3://{g['bucket']}" + (f"/{g['key']}" if g.get("key") else "")
+            if "path" in g:
+                return g["path"] if os.path.isabs(g["path"]) else f"s3://{g['path']}"
+            return g["file"]
+    return None
+
+
+def _s3_cause(cause: str, words: str) -> str:
+    """The kind of failure with the host it could not reach and the SDK's own name for it."""
+    host = next((m for p in _HOST if (m := re.search(p, words))), None)
+    if host and "endpoint" in cause:
+        cause += " " + ":".join(g for g in host.groups() if g)
+    detail = next((m for p in _DETAIL if (m := re.search(p, words))), None)
+    return f"{cause} ({' on '.join(detail.groups()).strip()})" if detail else cause
 
 
 MANIFEST = "manifest.json"
