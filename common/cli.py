@@ -18,15 +18,19 @@ comma-separated values. Each default is shown once, unless the help text already
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import os
+import signal
 import sys
+import threading
 import types
 import typing
 from collections.abc import Callable, Sequence
 
-from common.errors import ConfigError
+from common import storage
+from common.errors import ConfigError, find_config_error
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +165,11 @@ def _quiet_ray() -> None:
     # warns, once per process, that its bars are off: that once is spent here.
     ray.data.DataContext.get_current().enable_progress_bars = False
     log_once("ray_data_progress_manager_disabled")
+    # a failed task's error, logged by Ray Data with its traceback, is raised in the driver too,
+    # where main prints it in one line; Ray Data's log file keeps the traceback
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, PlainRayHandler):
+            handler.addFilter(lambda record: record.levelno < logging.ERROR)
 
 
 def connect_ray(verbose: bool | None = None, dashboard: bool | None = None) -> None:
@@ -181,19 +190,134 @@ def connect_ray(verbose: bool | None = None, dashboard: bool | None = None) -> N
     if not verbose:
         _quiet_ray()
     if not ray.is_initialized():
-        ray.init(logging_level=logging.INFO if verbose else logging.WARNING,
-                 log_to_driver=verbose, include_dashboard=dashboard)
+        global _started_ray
+        with _held_signals():  # a Ctrl-C inside ray.init has ended in a segfault
+            ray.init(logging_level=logging.INFO if verbose else logging.WARNING,
+                     log_to_driver=verbose, include_dashboard=dashboard)
+            _started_ray = True
+            _take_signals()  # back from Ray's C++ handler, which prints a stack on SIGTERM
+
+
+_started_ray = False  # whether this process started (or connected to) Ray: main stops it
+
+
+INTERRUPTED = "interrupted; the same command resumes"
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM in a job. A KeyboardInterrupt, so that Ray's blocking calls, which look
+    for Ctrl-C while they wait, give way to it (they raise a plain KeyboardInterrupt instead:
+    the signal's number is kept in _signals)."""
+
+
+@dataclasses.dataclass
+class _Signals:
+    received: int | None = None  # the first SIGINT or SIGTERM: it decides the exit status
+    holding: bool = False  # while Ray starts or stops, a signal is noted, not raised
+    owned: Callable | None = None  # while main's handlers are in place: the real signal.signal
+
+
+_signals = _Signals()
+_CAUGHT = (signal.SIGINT, signal.SIGTERM)
+
+
+def _on_signal(signum: int, frame) -> None:
+    if _signals.received is None:
+        _signals.received = signum
+    if not _signals.holding:
+        raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def _owning_signals():
+    """SIGINT and SIGTERM raise Interrupted in the main thread while a job runs.
+
+    Ray and its libraries set handlers of their own in the driver: ray.init one for SIGTERM
+    that exits in the middle of whatever runs (a C++ abort, Ray's processes left behind), Ray
+    Train's fit one for SIGINT that aborts the run and returns as if it had ended, Ray Tune's
+    one that ends a sweep early with partial results. So, like Ray's own DeferSigint, this
+    leaves ``signal.signal`` unable to change these two signals in this process while the job
+    runs; other signals and other processes (forked workers) are untouched.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    real, pid = signal.signal, os.getpid()
+    before = {s: signal.getsignal(s) for s in _CAUGHT}
+    _signals.received, _signals.holding = None, False
+
+    def kept(signum, handler):
+        if signum in _CAUGHT and os.getpid() == pid:
+            return signal.getsignal(signum)
+        return real(signum, handler)
+
+    signal.signal, _signals.owned = kept, real
+    _take_signals()
+    try:
+        yield
+    finally:
+        signal.signal, _signals.owned = real, None
+        for s, handler in before.items():
+            real(s, handler)
+
+
+def _take_signals() -> None:
+    """Point SIGINT and SIGTERM at _on_signal, in the kernel too (sigaction): starting Ray puts
+    its C++ failure handler on SIGTERM underneath Python's."""
+    if _signals.owned is not None:
+        for s in _CAUGHT:
+            _signals.owned(s, _on_signal)
+
+
+@contextlib.contextmanager
+def _held_signals():
+    """A SIGINT or SIGTERM that arrives inside the block is raised once the block is done."""
+    held, _signals.holding = _signals.holding, True
+    try:
+        yield
+    finally:
+        _signals.holding = held
+    if _signals.owned and not held and _signals.received is not None:
+        raise Interrupted(_signals.received)
+
+
+def _end(status: int, line: str) -> typing.NoReturn:
+    """Stop the Ray this process started (its processes with it), print ``line``, exit."""
+    _signals.holding = True  # a second Ctrl-C while Ray stops is noted, not raised
+    if _started_ray:
+        import ray
+
+        ray.shutdown()
+    print(line, file=sys.stderr, flush=True)
+    sys.exit(status)
+
+
+def _output(cfg: object) -> str | None:
+    """The job's output, where a full disk is reported when the error names no file."""
+    return getattr(cfg, "output", None) or getattr(cfg, "out", None)
 
 
 def main(cls: type, run: Callable, argv: Sequence[str] | None, description: str | None) -> None:
     """Parse flags and call ``run(settings)``.
 
-    A ``ConfigError`` ends the process with its one sentence on stderr and exit status 2.
+    A ``ConfigError``, or a storage failure (storage.describe_error: S3 refused or unreachable,
+    a full disk), ends the process with one sentence on stderr and exit status 2; SIGINT
+    (Ctrl-C) or SIGTERM with INTERRUPTED and 130 or 143. Either way, the Ray that the job
+    started is shut down first, its processes with it.
     """
     cfg, verbose = _parse(cls, argv, description)
     setup_logging(verbose)
-    try:
-        run(cfg)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    with _owning_signals():
+        try:
+            run(cfg)
+        except KeyboardInterrupt:
+            _end(128 + (_signals.received or signal.SIGINT), INTERRUPTED)
+        except ConfigError as e:  # raised for an S3 failure, it is said as the others are
+            _end(2, f"error: {storage.describe_error(e) or e}")
+        except Exception as e:
+            if _signals.received is not None:  # Ray turned the interrupt into an error of its own
+                _end(128 + _signals.received, INTERRUPTED)
+            line = storage.describe_error(e, output=_output(cfg)) or find_config_error(e)
+            if line is None:
+                raise
+            _end(2, f"error: {line}")

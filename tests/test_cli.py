@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
+import os
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field, fields
 
 import pytest
@@ -95,3 +99,86 @@ def test_reading_commands_do_not_load_torch():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "False False"
+
+
+# --- failures from outside: signals and storage, each in one line (main) -------------------------
+
+
+@dataclass(frozen=True)
+class Nothing:
+    output: str = field(default="out", metadata={"help": "where"})
+
+
+def _main(run) -> int:
+    with pytest.raises(SystemExit) as e:
+        cli.main(Nothing, run, [], None)
+    return e.value.code
+
+
+@pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_ends_a_job_in_one_line(capsys, sig, status):
+    before = signal.getsignal(sig)
+
+    def run(cfg):
+        os.kill(os.getpid(), sig)
+        time.sleep(5)  # the handler raises here, in the main thread
+        raise AssertionError("not interrupted")
+
+    assert _main(run) == status
+    assert capsys.readouterr().err == cli.INTERRUPTED + "\n"
+    assert signal.getsignal(sig) is before  # the handlers main found are back
+
+
+def test_a_signal_while_ray_starts_is_raised_once_it_has_started(capsys):
+    done = []
+
+    def run(cfg):
+        with cli._held_signals():  # what connect_ray holds around ray.init
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)
+            done.append("init")
+        done.append("after")
+
+    assert _main(run) == 130 and done == ["init"]
+    assert capsys.readouterr().err == cli.INTERRUPTED + "\n"
+
+
+def test_libraries_cannot_take_the_signals_while_a_job_runs(capsys):
+    """Ray Train's fit sets a SIGINT handler that 'gracefully' aborts the run and returns;
+    ray.init one for SIGTERM that exits mid-call. While a job runs, main's stay."""
+    seen = []
+
+    def run(cfg):
+        signal.signal(signal.SIGINT, lambda *a: seen.append("library's"))
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+
+    assert _main(run) == 143 and seen == []
+    usr1 = signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # other signals are free
+    signal.signal(signal.SIGUSR1, usr1)
+
+
+@pytest.mark.parametrize("error, line", [
+    (OSError(errno.ENOSPC, "Error writing bytes to file", "/x/train/part-00003.parquet"),
+     "error: /x/train/part-00003.parquet: No space left on device"),
+    (OSError(errno.ENOSPC, "Error writing bytes to file"), "error: out: No space left on device"),
+    (OSError("When getting information for key 'p/manifest.json' in bucket 'b': AWS Error "
+             "ACCESS_DENIED during HeadObject operation: No response body."),
+     "error: s3://b/p/manifest.json: access denied (ACCESS_DENIED on HeadObject); check "
+     "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL and AWS_REGION (or AWS_PROFILE)"),
+])
+def test_a_storage_error_escaping_a_job_is_one_line(capsys, error, line):
+    def run(cfg):
+        raise error
+
+    assert _main(run) == 2
+    assert capsys.readouterr().err == line + "\n"
+
+
+def test_a_bug_still_shows_its_traceback():
+    def run(cfg):
+        raise RuntimeError("a bug")
+
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.main(Nothing, run, [], None)
