@@ -236,13 +236,11 @@ def generate(cfg: Settings) -> dict:
     return info
 
 
-def main(argv=None) -> None:
-    cfg = cli.parse(Settings, argv, __doc__)
-    cli.setup_logging()
+def run(cfg: Settings) -> None:
+    storage.check_writable(cfg.out)  # before drawing anything
     if storage.is_s3(cfg.out):  # draw locally, then upload the tree
         with tempfile.TemporaryDirectory() as tmp:
             info = generate(dataclasses.replace(cfg, out=tmp))
-            storage.check_writable(cfg.out)
             fs, path = storage.filesystem(cfg.out)
             pafs.copy_files(tmp, path, destination_filesystem=fs, use_threads=True)
     else:
@@ -253,6 +251,10 @@ def main(argv=None) -> None:
         info["train_images"], info["val_images"], len(info["classes"]), cfg.out,
         len(info["odd"]), len(info["hostile"]),
     )
+
+
+def main(argv=None) -> None:
+    cli.main(Settings, run, argv, __doc__)
 
 
 if __name__ == "__main__":
