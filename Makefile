@@ -37,13 +37,13 @@ lint: $(STAMP) ## ruff
 
 # The main job end to end on built-in sample data, local Ray, output under demo-out/.
 demo: $(STAMP) ## every job and the report on the built-in sample, into demo-out/
-	$(PY) -m pipelines.sample --out $(DEMO)/sample
+	$(PY) -m pipelines.sample --output $(DEMO)/sample
 	$(PY) -m pipelines.ingest --source $(DEMO)/sample --output $(DEMO)/imagenet64 --overwrite
 	$(PY) -m pipelines.preview --data $(DEMO)/imagenet64 --preview $(DEMO)/preview.png
 	$(PY) -m training.train --data $(DEMO)/imagenet64 --output $(DEMO)/model --overwrite
 	$(PY) -m attacks.fool --data $(DEMO)/imagenet64 --model $(DEMO)/model \
 		--output $(DEMO)/fooling --noise-images 4 --overwrite
-	$(PY) -m attacks.summary --output $(DEMO)/fooling
+	$(PY) -m attacks.summary --results $(DEMO)/fooling
 	$(PY) -m report --results $(DEMO)/fooling --output $(DEMO)/report --overwrite
 
 bench-ingest: $(STAMP) ## ingest benchmark: the job against Ray's stock reader

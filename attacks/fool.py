@@ -21,9 +21,9 @@ Writes, under the output (layout in docs/design.md, "Fooling results"):
 
 The work is split into parts (chunk x method x --targets-per-part targets, attacks/parts.py),
 each a row of a small Ray Data dataset; an actor pool of workers (attacks/worker.py; CPU, or one
-GPU each with --use-gpu) reads its chunk's images, attacks them in batches of --batch-size pairs
-and writes its files itself, then a marker. The pairs never pass through the object store, and a
-rerun after a crash skips the parts with markers.
+GPU each with --use-gpu) reads its chunk's images, attacks them in batches of --pairs-per-batch
+pairs and writes its files itself, then a marker. The pairs never pass through the object store,
+and a rerun after a crash skips the parts with markers.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ class Settings:
     keep_images: str = field(default="all", metadata={"help": "store the fooling images or not",
                                                       "choices": ("all", "none")})
     use_gpu: bool = field(default=False, metadata={"help": "one GPU actor per GPU, torch on cuda"})
-    batch_size: int | None = field(default=None, metadata={
+    pairs_per_batch: int | None = field(default=None, metadata={
         "help": f"(image, target) pairs per matrix batch (default {CPU_BATCH} on a CPU; with "
                 "--use-gpu as many as half the GPU's free memory holds at 48 bytes a pixel, at "
                 f"most {GPU_BATCH_MAX}); a CPU worker's memory is about batch x 12288 x 32 bytes "
@@ -81,8 +81,11 @@ class Settings:
     targets_per_part: int = field(default=8, metadata={"help": "targets per unit of work"})
     file_size_mb: float = field(default=128, metadata={
         "help": "target size of the pair files, MiB"})
-    workers: int | None = field(default=None, metadata={"help": "actors (default: CPUs or GPUs)"})
+    num_workers: int | None = field(default=None, metadata={
+        "help": "attack actors (default: one per CPU, or per GPU with --use-gpu)"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing output"})
+
+    RENAMED = {"batch_size": "pairs_per_batch", "workers": "num_workers"}  # refused in one line
 
 
 def _targets(cfg: Settings, classes: list[str]) -> list[int]:
@@ -111,9 +114,10 @@ def _check_settings(cfg: Settings) -> None:
         raise ConfigError(f"--confidence must be between 0 and 1, got {cfg.confidence}")
     if cfg.limit_images is not None and cfg.limit_images < 1:
         raise ConfigError(f"--limit-images must be positive, got {cfg.limit_images}")
-    if (min(1 if cfg.batch_size is None else cfg.batch_size, cfg.targets_per_part) < 1
+    if (min(1 if cfg.pairs_per_batch is None else cfg.pairs_per_batch, cfg.targets_per_part) < 1
             or cfg.noise_images < 0 or cfg.file_size_mb <= 0):
-        raise ConfigError("--batch-size, --targets-per-part and --file-size-mb must be positive, "
+        raise ConfigError("--pairs-per-batch, --targets-per-part and --file-size-mb must be "
+                          "positive, "
                           "--noise-images not negative")
 
 
@@ -178,7 +182,8 @@ def _run_parts(cfg: Settings, todo: list[dict], job: Job, model: Model, facts: d
     if not todo:
         return
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    workers = cfg.workers or (gpus if cfg.use_gpu else int(ray.cluster_resources().get("CPU", 1)))
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    workers = cfg.num_workers or (gpus if cfg.use_gpu else cpus)
     refs = ray.put((model.W, model.b, facts))
     resources = {"num_gpus": 1} if cfg.use_gpu else {"num_cpus": 1}
     pairs = sum(p.pairs for p in todo)
@@ -241,7 +246,7 @@ def run(cfg: Settings, *, kill_worker_once: str | None = None) -> dict:
               val_counts=tuple(dataset.split_counts(m, "val")),
               n_val=inputs.n_val, image_shape=tuple(m[schema.M_IMAGE_SHAPE]),
               keep_images=cfg.keep_images == "all", confidence=cfg.confidence,
-              noise_seed=cfg.seed, batch_size=cfg.batch_size,
+              noise_seed=cfg.seed, batch_size=cfg.pairs_per_batch,
               device="cuda" if cfg.use_gpu else "cpu", kill_once=kill_worker_once)
     chunks = parts.val_chunks(inputs.n_val, settings["rows_per_chunk"]) + parts.noise_chunk(
         cfg.noise_images)

@@ -54,8 +54,10 @@ class Settings:
         "help": "store the fooling images (all: what attacks.transfer scores); none saves space",
         "choices": ("all", "none")})
     use_gpu: bool = field(default=False, metadata={"help": "attack on GPUs (attacks.fool)"})
-    workers: int | None = field(default=None, metadata={"help": "attack actors per model"})
+    num_workers: int | None = field(default=None, metadata={"help": "attack actors per model"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing frontier"})
+
+    RENAMED = {"workers": "num_workers"}  # the old name, refused in one line
 
 
 def measured_method(methods: tuple[str, ...]) -> str:
@@ -99,7 +101,7 @@ def _attack(cfg: Settings, data: str, model: Model) -> None:
     fool.run(fool.Settings(data=data, model=model.row.model, output=model.attack,
                            methods=cfg.methods, limit_images=cfg.limit_images,
                            keep_images=cfg.keep_images, use_gpu=cfg.use_gpu,
-                           workers=cfg.workers))
+                           num_workers=cfg.num_workers))
 
 
 def point(model: Model, method: str) -> FrontierRow:

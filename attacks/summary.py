@@ -1,6 +1,6 @@
 """Summary tables of the fooling results, read back from the stored pairs (pyarrow and numpy).
 
-    python -m attacks.summary --output out/fooling        # print a finished output's summary
+    python -m attacks.summary --results out/fooling       # print a finished output's summary
 
     >>> tables = summarize(Pairs.open("s3://bucket/fooling"), ["sign"], range(1000))
     >>> tables["targets"].to_pandas()       # one row per (origin, method, target)
@@ -184,7 +184,9 @@ def summarize(pairs: Pairs, methods, targets) -> dict[str, pa.Table]:
 
 @dataclass(frozen=True)
 class Settings:
-    output: str = field(metadata={"help": "a finished attack output: local path or s3://"})
+    results: str = field(metadata={"help": "a finished attack output: local path or s3://"})
+
+    RENAMED = {"output": "results"}  # the old name, refused in one line
 
 
 def read_summary(results: str) -> dict[str, pa.Table]:
@@ -232,11 +234,11 @@ def describe(output: str) -> str:
 
 
 def run(cfg: Settings) -> None:
-    print(describe(cfg.output))
+    print(describe(cfg.results))
 
 
 def main(argv=None) -> None:
-    cli.main(Settings, run, argv, __doc__)
+    cli.main(Settings, run, argv, __doc__, uses_ray=False)
 
 
 if __name__ == "__main__":

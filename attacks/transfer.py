@@ -12,7 +12,7 @@ says, per (source model, scoring model, method, origin):
 - ``median_p_target``: the median softmax probability of the target (from a histogram of
   log10 p in steps of ``LOG_STEP`` decades, so within a factor 10 ** LOG_STEP = 1.023).
 ``same_model`` marks the row whose scoring model is the attack's own (its weights' sha256): its
-target_rate is the attack's success rate. The pairs are read in batches of --batch-rows, one
+target_rate is the attack's success rate. The pairs are read in batches of --pairs-per-batch, one
 Parquet fragment at a time, local or s3://: memory does not grow with the run. Plain Python (no
 Ray): scoring is one matrix product per model and batch.
 
@@ -52,8 +52,10 @@ class Settings:
     results: str = field(metadata={"help": "an attack output with its images kept"})
     models: tuple[str, ...] = field(metadata={"help": "model outputs that score the images"})
     output: str = field(metadata={"help": "where to write the table: local path or s3://"})
-    batch_rows: int = field(default=4096, metadata={"help": "pairs read and scored at a time"})
+    pairs_per_batch: int = field(default=4096, metadata={"help": "pairs read and scored at a time"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing table"})
+
+    RENAMED = {"batch_rows": "pairs_per_batch"}  # the old name, refused in one line
 
 
 @dataclass
@@ -82,8 +84,8 @@ class Tally:
 def _check(cfg: Settings) -> tuple[dict, Pairs, list[Model]]:
     """The attack's manifest (images kept), its pairs (their files checked) and the models,
     which must share its classes."""
-    if cfg.batch_rows < 1 or not cfg.models or len(set(cfg.models)) != len(cfg.models):
-        raise ConfigError("--batch-rows must be positive and --models list distinct models")
+    if cfg.pairs_per_batch < 1 or not cfg.models or len(set(cfg.models)) != len(cfg.models):
+        raise ConfigError("--pairs-per-batch must be positive and --models list distinct models")
     m = open_attack(cfg.results)
     if m[schema.M_CONFIG].get("keep_images") != "all":
         raise ConfigError(f"{cfg.results} kept no images (--keep-images none): nothing to score")
@@ -179,7 +181,7 @@ def run(cfg: Settings) -> dict:
     m, pairs, models = _check(cfg)
     out = output(cfg, m, models)
     out.prepare(cfg.overwrite, resumable=False)
-    table = rows(m, models, score(pairs, m, models, cfg.batch_rows))
+    table = rows(m, models, score(pairs, m, models, cfg.pairs_per_batch))
     files = tables.write_transfer(cfg.output, table)
     manifest = out.finish({
         schema.M_KIND: "transfer", schema.M_SOURCE: out.identity["inputs"],
@@ -191,7 +193,7 @@ def run(cfg: Settings) -> dict:
 
 
 def main(argv=None) -> None:
-    cli.main(Settings, run, argv, __doc__)
+    cli.main(Settings, run, argv, __doc__, uses_ray=False)
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ LIB_BATCH = 256  # pairs per torchattacks call
 def build_inputs(tmp: str, classes: int) -> tuple[str, str]:
     """The sample data ingested, and the class-mean model written as training would."""
     src, data, model = (os.path.join(tmp, d) for d in ("src", "data", "model"))
-    sample.generate(sample.Settings(out=src, classes=classes, train_per_class=2,
+    sample.generate(sample.Settings(output=src, classes=classes, train_per_class=2,
                                     val_per_class=1, oddities=False))
     ingest.run(ingest.Settings(source=src, output=data))
     X, y = load(data, "train")[:2]
@@ -176,7 +176,7 @@ def job_rate(data: str, model: str, out: str, method: str, images: int, targets,
     worker while working (pairs over the parts' summed seconds: reading, attacking, writing)."""
     cfg = fool.Settings(data=data, model=model, output=out, methods=(method,), overwrite=True,
                         limit_images=images, targets=tuple(str(t) for t in targets),
-                        workers=cpus)
+                        num_workers=cpus)
     m = fool.run(cfg)
     busy = sum(mk.seconds for mk in parts.read_markers(out, parts.done_keys(out)))
     n = m[schema.M_COUNTS]["pairs"]
@@ -227,7 +227,7 @@ def main() -> None:
                    help=f"exact's search backends, comma-separated ({', '.join(BACKENDS)}; "
                         "--exact; default: the device's)")
     p.add_argument("--batch", type=int, default=fool.CPU_BATCH,
-                   help="pairs per attack call (--exact), as the job's --batch-size")
+                   help="pairs per attack call (--exact), as the job's --pairs-per-batch")
     p.add_argument("--fresh-memory", action="store_true",
                    help="glibc's default heap (large blocks mapped afresh) instead of the "
                         "workers' reuse of freed memory (common/heap.py)")

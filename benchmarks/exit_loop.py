@@ -51,7 +51,7 @@ def chain(work: str) -> list[tuple[str, list[str]]]:
     """The Ray jobs in order, each writing under ``work``, small enough for a laptop."""
     j = os.path.join
     return [
-        ("pipelines.sample", ["pipelines.sample", "--out", j(work, "sample"), "--classes", "4",
+        ("pipelines.sample", ["pipelines.sample", "--output", j(work, "sample"), "--classes", "4",
                               "--train-per-class", "40", "--val-per-class", "8"]),
         ("pipelines.ingest", ["pipelines.ingest", "--source", j(work, "sample"),
                               "--output", j(work, "imagenet64"), "--overwrite"]),
@@ -66,7 +66,7 @@ def chain(work: str) -> list[tuple[str, list[str]]]:
 
 
 def readers(data: str, fooling: str) -> list[tuple[str, list[str]]]:
-    return [(f"attacks.summary {fooling}", ["attacks.summary", "--output", fooling]),
+    return [(f"attacks.summary {fooling}", ["attacks.summary", "--results", fooling]),
             (f"pipelines.preview {data}", ["pipelines.preview", "--data", data])]
 
 

@@ -13,6 +13,9 @@ Each field becomes ``--field-name``; its help text and choices come from the fie
 Fields without a default are required flags; a bool that defaults to off is a switch
 (``--overwrite``), one that is on or unset by default also has ``--no-flag``; tuples take
 comma-separated values. Each default is shown once, unless the help text already says it.
+A flag that was renamed stays known for one release under its old name, in the class's
+``RENAMED`` (``{"old_name": "new_name"}``): given, it fails in one line naming the new one.
+``--verbose`` (Ray's own lines) is added to the jobs that start Ray.
 """
 
 from __future__ import annotations
@@ -78,7 +81,21 @@ def build_parser(cls: type, description: str | None = None,
         else:
             kwargs["required"] = True
         parser.add_argument(_flag(f.name), **kwargs)
+    for old, new in getattr(cls, "RENAMED", {}).items():
+        parser.add_argument(_flag(old), nargs="?", help=argparse.SUPPRESS, action=_Renamed,
+                            default=argparse.SUPPRESS, new=_flag(new))
     return parser
+
+
+class _Renamed(argparse.Action):
+    """A flag's old name: one line naming the new one."""
+
+    def __init__(self, *args, new: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        raise ConfigError(f"{option_string} is now {self.new}")
 
 
 def _show(value: object) -> str:
@@ -90,20 +107,27 @@ def _show(value: object) -> str:
 
 
 def parse(cls: type, argv: Sequence[str] | None = None, description: str | None = None,
-          prog: str | None = None):
+          prog: str | None = None, uses_ray: bool = True):
     """Parse flags into an instance of the settings dataclass ``cls``."""
-    return _parse(cls, argv, description, prog)[0]
+    return _parse(cls, argv, description, prog, uses_ray)[0]
 
 
 def _parse(cls: type, argv: Sequence[str] | None, description: str | None,
-           prog: str | None = None) -> tuple[object, bool]:
-    """The settings, and whether ``--verbose`` (common to every job, not a setting) was given."""
-    parser = build_parser(cls, description, prog or f"python -m {module_name(cls)}")
-    parser.add_argument("--verbose", action="store_true",
-                        help="also show Ray's own lines: its INFO logs and the workers' output")
+           prog: str | None = None, uses_ray: bool = True) -> tuple[object, bool]:
+    """The settings, and whether ``--verbose`` (not a setting; jobs that start Ray) was given."""
+    parser = build_parser(cls, description, prog or _prog(cls))
+    if uses_ray:
+        parser.add_argument("--verbose", action="store_true",
+                            help="also show Ray's own lines: its INFO logs and the workers' output")
     args = vars(parser.parse_args(argv))
-    verbose = args.pop("verbose")
+    verbose = args.pop("verbose", False)
     return cls(**args), verbose
+
+
+def _prog(cls: type) -> str:
+    """How the user ran the job: its console script (fooling-attack), else python -m module."""
+    script = os.path.basename(sys.argv[0]) if sys.argv else ""
+    return script if script.startswith("fooling-") else f"python -m {module_name(cls)}"
 
 
 def module_name(cls: type) -> str:
@@ -294,10 +318,11 @@ def _end(status: int, line: str) -> typing.NoReturn:
 
 def _output(cfg: object) -> str | None:
     """The job's output, where a full disk is reported when the error names no file."""
-    return getattr(cfg, "output", None) or getattr(cfg, "out", None)
+    return getattr(cfg, "output", None)
 
 
-def main(cls: type, run: Callable, argv: Sequence[str] | None, description: str | None) -> None:
+def main(cls: type, run: Callable, argv: Sequence[str] | None, description: str | None,
+         uses_ray: bool = True) -> None:
     """Parse flags and call ``run(settings)``.
 
     A ``ConfigError``, or a storage failure (storage.describe_error: S3 refused or unreachable,
@@ -305,7 +330,11 @@ def main(cls: type, run: Callable, argv: Sequence[str] | None, description: str 
     (Ctrl-C) or SIGTERM with INTERRUPTED and 130 or 143. Either way, the Ray that the job
     started is shut down first, its processes with it.
     """
-    cfg, verbose = _parse(cls, argv, description)
+    try:
+        cfg, verbose = _parse(cls, argv, description, uses_ray=uses_ray)
+    except ConfigError as e:  # a renamed flag, or settings refused as they are made
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     setup_logging(verbose)
     with _owning_signals():
         try:

@@ -76,7 +76,7 @@ def read_manifests(client, bucket: str, prefix: str) -> dict[str, dict]:
 def upload_sample(root: str, cfg: Settings) -> None:
     from pipelines import sample
 
-    sample.main(["--out", f"{root}/sample", "--classes", str(cfg.classes),
+    sample.main(["--output", f"{root}/sample", "--classes", str(cfg.classes),
                  "--train-per-class", str(cfg.train_per_class),
                  "--val-per-class", str(cfg.val_per_class)])
 

@@ -69,8 +69,10 @@ class Settings:
         metadata={"help": "ingest at most N images per class and split, for quick runs "
                           "(default: all)"})
     file_size_mb: int = field(default=128, metadata={"help": "target Parquet file size, MiB"})
-    batch_size: int = field(default=512, metadata={"help": "files per decode task"})
+    images_per_task: int = field(default=512, metadata={"help": "images each decode task reads"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing output"})
+
+    RENAMED = {"batch_size": "images_per_task"}  # the old name, refused in one line
 
 
 def unreadable_reason(fs, e: OSError) -> str | None:
@@ -207,14 +209,14 @@ def _check(cfg: Settings) -> None:
         raise ConfigError(f"--splits must name some of {','.join(schema.SPLITS)}, got {cfg.splits}")
     if not 1 <= cfg.size <= 1024:
         raise ConfigError(f"--size must be between 1 and 1024 pixels, got {cfg.size}")
-    if cfg.file_size_mb < 1 or cfg.batch_size < 1:
-        raise ConfigError("--file-size-mb and --batch-size must be positive")
+    if cfg.file_size_mb < 1 or cfg.images_per_task < 1:
+        raise ConfigError("--file-size-mb and --images-per-task must be positive")
     if cfg.limit_per_class is not None and cfg.limit_per_class < 1:
         raise ConfigError(f"--limit-per-class must be positive, got {cfg.limit_per_class}")
 
 
 # Settings that do not change the dataset's rows: a rerun with other values is the same ingest.
-NOT_DEFINING = {"output", "overwrite", "batch_size", "file_size_mb"}
+NOT_DEFINING = {"output", "overwrite", "images_per_task", "file_size_mb"}
 
 
 def output(cfg: Settings) -> lifecycle.Output:
@@ -242,8 +244,8 @@ def _ingest_split(cfg: Settings, listing: sources.Listing, split: str) -> list[d
     # 2-core machine: 4.6 and 8.1 s from the split's start to its end, against 10.8 and 10.8 s;
     # on 100 images, one block, the difference was lost in the load's noise).
     blocks = [
-        table.take(pa.array(range(i, min(i + cfg.batch_size, table.num_rows))))
-        for i in range(0, table.num_rows, cfg.batch_size)
+        table.take(pa.array(range(i, min(i + cfg.images_per_task, table.num_rows))))
+        for i in range(0, table.num_rows, cfg.images_per_task)
     ]
     row_bytes = cfg.size * cfg.size * 3
     sink = ImagesDatasink(cfg.output, split, max(1, cfg.file_size_mb * 2**20 // row_bytes),

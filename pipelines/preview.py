@@ -89,7 +89,7 @@ def run(cfg: Settings) -> None:
 
 
 def main(argv=None) -> None:
-    cli.main(Settings, run, argv, __doc__)
+    cli.main(Settings, run, argv, __doc__, uses_ray=False)
 
 
 if __name__ == "__main__":

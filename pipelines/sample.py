@@ -1,6 +1,6 @@
 """Generate a small ImageNet look-alike in the real ILSVRC2012 layout, deterministically.
 
-    python -m pipelines.sample --out data/sample          # or --out s3://bucket/sample
+    python -m pipelines.sample --output data/sample       # or --output s3://bucket/sample
 
 writes
     train/<wnid>/<wnid>_<n>.JPEG          class folders, ImageNet-sized JPEGs (quality ~90)
@@ -59,13 +59,16 @@ PLANTED = {(0, 0): "cmyk", (0, 1): "cmyk", (1, 0): "gray", (1, 1): "gray", (2, 0
 
 @dataclass(frozen=True)
 class Settings:
-    out: str = field(metadata={"help": "folder to write the sample into: local path or s3://"})
+    output: str = field(metadata={"help": "folder to write the sample into: local path or s3://"})
     classes: int = field(default=10, metadata={"help": "number of classes"})
     train_per_class: int = field(default=300, metadata={"help": "training images per class"})
     val_per_class: int = field(default=50, metadata={"help": "validation images per class"})
     seed: int = field(default=0, metadata={"help": "seed: the same seed gives the same bytes"})
     oddities: bool = field(default=True, metadata={"help": "plant odd and hostile files"})
-    workers: int = field(default=os.cpu_count() or 1, metadata={"help": "processes to draw with"})
+    num_workers: int = field(default=os.cpu_count() or 1, metadata={
+        "help": "processes that draw the images"})
+
+    RENAMED = {"out": "output", "workers": "num_workers"}  # the old names, refused in one line
 
 
 def class_list(n: int) -> list[tuple[str, str]]:
@@ -162,13 +165,13 @@ def _make_class(args: tuple) -> list[dict]:
         rng = np.random.default_rng([cfg.seed, 0, k, i])
         img, _ = draw(style, rng)
         kind = _odd_kind(k, i, cfg.oddities)
-        _write(os.path.join(cfg.out, "train", wnid, f"{wnid}_{i}.JPEG"), encode(img, kind, rng))
+        _write(os.path.join(cfg.output, "train", wnid, f"{wnid}_{i}.JPEG"), encode(img, kind, rng))
     records = []
     for i, image_id in enumerate(val_ids):
         rng = np.random.default_rng([cfg.seed, 1, k, i])
         img, box = draw(style, rng)
         kind = "gray" if cfg.oddities and k == 0 and i == 0 else "jpeg"
-        _write(os.path.join(cfg.out, "val", f"{image_id}.JPEG"), encode(img, kind, rng))
+        _write(os.path.join(cfg.output, "val", f"{image_id}.JPEG"), encode(img, kind, rng))
         records.append({"image_id": image_id, "wnid": wnid, "box": box})
     return records
 
@@ -189,12 +192,12 @@ def _plant_hostile(cfg: Settings, classes: list[tuple[str, str]], n_val: int) ->
         f"val/ILSVRC2012_val_{n_val + 3:08d}.JPEG": (jpeg, "unlabelled"),
     }
     for rel, (data, _) in files.items():
-        _write(os.path.join(cfg.out, rel), data)
+        _write(os.path.join(cfg.output, rel), data)
     return [{"path": rel, "why": why} for rel, (_, why) in files.items()]
 
 
 def generate(cfg: Settings) -> dict:
-    """Write the sample into ``cfg.out``; returns the description also saved as sample.json."""
+    """Write the sample into ``cfg.output``; returns the description also saved as sample.json."""
     if cfg.classes < 1 or cfg.train_per_class < 0 or cfg.val_per_class < 0:
         raise ValueError("classes must be >= 1 and image counts >= 0")
     classes = class_list(cfg.classes)
@@ -203,7 +206,7 @@ def generate(cfg: Settings) -> dict:
     ids = [f"ILSVRC2012_val_{j + 1:08d}" for j in order]
     jobs = [(cfg, k, wnid, ids[k * cfg.val_per_class:(k + 1) * cfg.val_per_class])
             for k, (wnid, _) in enumerate(classes)]
-    with ProcessPoolExecutor(max_workers=max(1, cfg.workers)) as pool:
+    with ProcessPoolExecutor(max_workers=max(1, cfg.num_workers)) as pool:
         val = [r for records in pool.map(_make_class, jobs) for r in records]
     hostile = _plant_hostile(cfg, classes, n_val) if cfg.oddities else []
     labelled = val + [
@@ -214,9 +217,9 @@ def generate(cfg: Settings) -> dict:
         f"{r['image_id']},{r['wnid']} {' '.join(map(str, r['box']))} "
         for r in sorted(labelled, key=lambda r: r["image_id"])
     ]
-    _write(os.path.join(cfg.out, "LOC_val_solution.csv"), ("\n".join(lines) + "\n").encode())
+    _write(os.path.join(cfg.output, "LOC_val_solution.csv"), ("\n".join(lines) + "\n").encode())
     mapping = "".join(f"{w} {name}\n" for w, name in classes)
-    _write(os.path.join(cfg.out, "LOC_synset_mapping.txt"), mapping.encode())
+    _write(os.path.join(cfg.output, "LOC_synset_mapping.txt"), mapping.encode())
     odd = [
         {"path": f"train/{classes[k][0]}/{classes[k][0]}_{i}.JPEG", "kind": kind}
         for (k, i), kind in PLANTED.items()
@@ -232,29 +235,29 @@ def generate(cfg: Settings) -> dict:
         "hostile": hostile,
         "seed": cfg.seed,
     }
-    _write(os.path.join(cfg.out, "sample.json"), json.dumps(info, indent=2).encode())
+    _write(os.path.join(cfg.output, "sample.json"), json.dumps(info, indent=2).encode())
     return info
 
 
 def run(cfg: Settings) -> None:
-    storage.check_writable(cfg.out)  # before drawing anything
-    if storage.is_s3(cfg.out):  # draw locally, then upload the tree
+    storage.check_writable(cfg.output)  # before drawing anything
+    if storage.is_s3(cfg.output):  # draw locally, then upload the tree
         with tempfile.TemporaryDirectory() as tmp:
-            info = generate(dataclasses.replace(cfg, out=tmp))
-            fs, path = storage.filesystem(cfg.out)
+            info = generate(dataclasses.replace(cfg, output=tmp))
+            fs, path = storage.filesystem(cfg.output)
             pafs.copy_files(tmp, path, destination_filesystem=fs, use_threads=True)
     else:
         info = generate(cfg)
     log.info(
         "wrote %d training and %d validation images of %d classes to %s "
         "(%d odd formats, %d hostile files)",
-        info["train_images"], info["val_images"], len(info["classes"]), cfg.out,
+        info["train_images"], info["val_images"], len(info["classes"]), cfg.output,
         len(info["odd"]), len(info["hostile"]),
     )
 
 
 def main(argv=None) -> None:
-    cli.main(Settings, run, argv, __doc__)
+    cli.main(Settings, run, argv, __doc__, uses_ray=False)
 
 
 if __name__ == "__main__":

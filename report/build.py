@@ -98,7 +98,7 @@ def main(argv=None) -> None:
         run(cfg)
         print(f"report: {storage.join(cfg.output, INDEX)}")
 
-    cli.main(Settings, run_and_show, argv, __doc__)
+    cli.main(Settings, run_and_show, argv, __doc__, uses_ray=False)
 
 
 if __name__ == "__main__":

@@ -80,7 +80,7 @@ def main(argv=None) -> None:
         run(cfg)
         print(f"picture: {cfg.output}")
 
-    cli.main(Settings, run_and_show, argv, __doc__)
+    cli.main(Settings, run_and_show, argv, __doc__, uses_ray=False)
 
 
 if __name__ == "__main__":

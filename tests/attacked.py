@@ -22,7 +22,7 @@ def fit_model(ingested: str, out: str) -> str:
 
 
 def settings(ingested: str, model: str, output: str, /, **kw) -> fool.Settings:
-    base = dict(data=ingested, model=model, output=output, noise_images=NOISE, batch_size=16,
+    base = dict(data=ingested, model=model, output=output, noise_images=NOISE, pairs_per_batch=16,
                 targets_per_part=TARGETS_PER_PART, file_size_mb=FILE_MB)
     return fool.Settings(**{**base, **kw})
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import errno
 import os
@@ -60,8 +61,8 @@ def test_job_help_runs(module):
                          timeout=120, check=True).stdout
     assert out.startswith(f"usage: python -m {module} ") and "--" in out
     assert "(default: all) (default" not in out
-    if module == "pipelines.ingest":  # the Ray jobs: Ray's own lines only when asked
-        assert "--verbose" in out
+    # --verbose brings back Ray's own lines: only the jobs that start Ray have it
+    assert ("--verbose" in out) == (module == "pipelines.ingest")
 
 
 def test_verbose_is_no_setting(capsys):
@@ -182,3 +183,59 @@ def test_a_bug_still_shows_its_traceback():
 
     with pytest.raises(RuntimeError, match="a bug"):
         cli.main(Nothing, run, [], None)
+
+
+# --- one vocabulary of flags across the jobs ------------------------------------------------------
+
+JOBS = ("pipelines.sample", "pipelines.ingest", "pipelines.preview", "training.train",
+        "training.sweep", "attacks.fool", "attacks.summary", "attacks.frontier",
+        "attacks.transfer", "report.build", "report.show")
+RAY_JOBS = {"pipelines.ingest", "training.train", "training.sweep", "attacks.fool",
+            "attacks.frontier"}
+# Names that said a size without its unit, or the same idea twice: each job's new name.
+RETIRED = {"--out", "--workers", "--batch-rows"}
+
+
+def flags(module: str) -> dict[str, str]:
+    """--flag -> help text of a job, as its parser has them (the retired names hidden)."""
+    import importlib
+
+    mod = importlib.import_module(module)
+    parser = cli.build_parser(mod.Settings)
+    if module in RAY_JOBS:
+        parser.add_argument("--verbose", action="store_true")
+    return {s: a.help for a in parser._actions for s in a.option_strings
+            if a.help != argparse.SUPPRESS}
+
+
+def test_one_vocabulary_of_flags_across_the_jobs():
+    every = {m: flags(m) for m in JOBS}
+    for module, known in every.items():
+        assert not RETIRED & set(known), (module, RETIRED & set(known))
+        # --batch-size is training's global batch of samples only; other sizes say their unit
+        assert ("--batch-size" in known) == (module in ("training.train", "training.sweep"))
+        assert ("--verbose" in known) == (module in RAY_JOBS), module
+        assert "--output" in known or module in ("attacks.summary", "pipelines.preview")
+        for flag in set(known) & {"--results", "--data", "--model"}:
+            assert "--output" not in known or known[flag] != known["--output"], (module, flag)
+    # the attack outputs a job reads are --results everywhere, the dataset --data
+    assert "--results" in every["attacks.summary"] and "--output" not in every["attacks.summary"]
+    assert all("--num-workers" in every[m] for m in ("attacks.fool", "attacks.frontier",
+                                                      "training.train", "pipelines.sample"))
+
+
+@pytest.mark.parametrize("module, old, new", [
+    ("pipelines.sample", "--out", "--output"), ("attacks.summary", "--output", "--results"),
+    ("attacks.fool", "--batch-size", "--pairs-per-batch"), ("attacks.fool", "--workers",
+                                                             "--num-workers"),
+    ("attacks.transfer", "--batch-rows", "--pairs-per-batch"),
+    ("pipelines.ingest", "--batch-size", "--images-per-task"),
+    ("attacks.frontier", "--workers", "--num-workers")])
+def test_a_renamed_flag_says_its_new_name_in_one_line(module, old, new, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(module).main([old, "x"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err == f"error: {old} is now {new}"
+

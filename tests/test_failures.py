@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # --- object storage: refused or out of reach, before any work --------------------------------
 
 JOBS = {  # on URIs under {p}; the sample would take minutes to draw: its check comes first
-    "pipelines.sample": "--out {p}/sample --classes 10 --train-per-class 1000",
+    "pipelines.sample": "--output {p}/sample --classes 10 --train-per-class 1000",
     "training.train": "--data {p}/data --output {p}/model",
     "attacks.fool": "--data {p}/data --model {p}/model --output {p}/fooling",
     "report.show": "--results {p}/fooling --image-id x --target 0 --output {p}/x.png",

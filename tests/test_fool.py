@@ -221,7 +221,7 @@ def test_summary_tables(attacked):
 
 def test_summary_printout(attacked, capsys):
     cfg, _ = attacked
-    summary.main(["--output", cfg.output])
+    summary.main(["--results", cfg.output])
     out = capsys.readouterr().out
     for origin in schema.ORIGINS:
         for method in schema.METHODS:
@@ -351,7 +351,7 @@ def test_bad_input_fails_before_work(ingested, model_dir, tmp_path):
            "unknown method": dict(methods=("sign", "deepfool")),
            "unknown target": dict(targets=("n99999999",)),
            "model without manifest": dict(model=str(tmp_path)),
-           "empty batches": dict(batch_size=0)}
+           "empty batches": dict(pairs_per_batch=0)}
     for why, kw in bad.items():
         with pytest.raises(ConfigError) as e:
             fool.run(settings(ingested, model_dir, out, **kw))
@@ -467,7 +467,7 @@ def test_every_reader_refuses_a_damaged_pairs_file_in_one_line(attacked, tmp_pat
         rel = "pairs/method=sign/target=3/val-00009.parquet"
         shutil.copy(path, os.path.join(out, rel))
     commands = [
-        (summary.main, ["--output", out]),
+        (summary.main, ["--results", out]),
         (build.main, ["--results", out, "--output", str(tmp_path / "report")]),
         (transfer.main, ["--results", out, "--models", cfg.model,
                          "--output", str(tmp_path / "transfer")]),
@@ -486,7 +486,7 @@ def test_summary_command_exits_0_every_time(attacked):
     Parquet from io.BytesIO; benchmarks/exit_loop.py runs the long loop)."""
     cfg, _ = attacked
     env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
-    assert exit_loop.loop("attacks.summary", ["attacks.summary", "--output", cfg.output], 10, 2,
+    assert exit_loop.loop("attacks.summary", ["attacks.summary", "--results", cfg.output], 10, 2,
                           env)
 
 

@@ -322,7 +322,7 @@ def thousand(ray_local, tmp_path_factory) -> str:
     storage.write_manifest(model, {schema.M_KIND: "train", schema.M_CLASSES: classes})
     results = str(root / "fooling")
     fool.run(fool.Settings(data=data, model=model, output=results, methods=("sign",),
-                           targets=("1", "999"), workers=1))
+                           targets=("1", "999"), num_workers=1))
     return results
 
 

@@ -15,12 +15,12 @@ from pipelines import sample
 
 
 def small(out, **kw) -> sample.Settings:
-    return sample.Settings(out=str(out), classes=4, train_per_class=4, val_per_class=2, **kw)
+    return sample.Settings(output=str(out), classes=4, train_per_class=4, val_per_class=2, **kw)
 
 
 def test_same_seed_same_bytes(tmp_path):
-    sample.generate(small(tmp_path / "a", workers=2))
-    sample.generate(small(tmp_path / "b", workers=1))
+    sample.generate(small(tmp_path / "a", num_workers=2))
+    sample.generate(small(tmp_path / "b", num_workers=1))
     cmp = filecmp.dircmp(tmp_path / "a", tmp_path / "b")
     assert not cmp.diff_files and not cmp.left_only and not cmp.right_only
     sample.generate(small(tmp_path / "c", seed=1))
@@ -43,8 +43,8 @@ def test_layout_and_formats(tmp_path):
 
 def test_classes_differ_more_than_images_within_a_class(tmp_path):
     """The premise of the demo: a linear model can separate the classes by their pixels."""
-    sample.generate(sample.Settings(out=str(tmp_path), classes=3, train_per_class=6,
-                                    val_per_class=0, oddities=False, workers=1))
+    sample.generate(sample.Settings(output=str(tmp_path), classes=3, train_per_class=6,
+                                    val_per_class=0, oddities=False, num_workers=1))
 
     def tiny(path):
         return np.asarray(Image.open(path).convert("RGB").resize((16, 16)), float).ravel()
@@ -65,7 +65,7 @@ def test_writes_to_s3(bucket, tmp_path):
     from pipelines.sample import main
 
     uri = f"{bucket}/sample-upload"
-    main(["--out", uri, "--classes", "2", "--train-per-class", "2", "--val-per-class", "1"])
+    main(["--output", uri, "--classes", "2", "--train-per-class", "2", "--val-per-class", "1"])
     fs, path = storage.filesystem(uri)
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
     names = {i.path[len(path) + 1:] for i in infos}

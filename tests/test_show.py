@@ -108,7 +108,7 @@ def test_results_without_images_are_refused(ingested, results, tmp_path):
     model = storage.read_manifest(results)[schema.M_SOURCE]["model"]
     out = str(tmp_path / "none")
     fool.run(fool.Settings(data=ingested, model=model, output=out, methods=("sign",),
-                           targets=("1",), limit_images=1, keep_images="none", workers=1))
+                           targets=("1",), limit_images=1, keep_images="none", num_workers=1))
     with pytest.raises(ConfigError, match="--keep-images none"):
         show.run(show.Settings(results=out, image_id="noise-00000", target="1",
                                output=str(tmp_path / "x.png")))

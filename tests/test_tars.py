@@ -121,7 +121,7 @@ def test_tar_ingest_gives_the_folder_ingests_rows_local_and_s3(layouts, ray_loca
     prefix = f"{bucket}/tars-{uuid.uuid4().hex[:8]}"
     fs, path = storage.filesystem(prefix)
     pafs.copy_files(str(tarred), f"{path}/src", destination_filesystem=fs)
-    ingest.run(ingest.Settings(source=f"{prefix}/src", output=f"{prefix}/out", batch_size=5))
+    ingest.run(ingest.Settings(source=f"{prefix}/src", output=f"{prefix}/out", images_per_task=5))
     same_rows(f"{prefix}/out", str(tmp_path / "folders"))
 
 

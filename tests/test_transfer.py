@@ -35,7 +35,7 @@ def test_transfer_of_two_models(attacked_sweep, ingested, bucket, tmp_path):
     results = attacked_sweep["manifest"]["rows"][0]["attack"]  # made for the first model
     out = f"{bucket}/transfer-{tmp_path.name}"  # written to the S3 server, read locally
     manifest = transfer.run(transfer.Settings(results=results, models=tuple(models), output=out,
-                                              batch_rows=5))  # several batches per fragment
+                                              pairs_per_batch=5))  # several batches per fragment
     table = tables.read_transfer(out)
     assert [asdict(r) for r in table] == manifest["rows"]
     assert len(table) == 2  # 2 models x validation images
