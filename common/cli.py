@@ -157,13 +157,32 @@ def setup_logging(verbose: bool = False) -> None:
     """
     global _verbose
     _verbose = verbose
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
-    )
+    logging.basicConfig(level=logging.INFO, force=True)
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(_Lines(terminal=sys.stderr.isatty()))
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     if spec is not None:
         for handler in logging.getLogger().handlers:
             handler.addFilter(_MainName(spec.name))
+
+
+class _Lines(logging.Formatter):
+    """For a person at a terminal ``16:20:01 training.train: message`` (the level only when it
+    is a warning or worse); in a file, full timestamps and every level."""
+
+    def __init__(self, terminal: bool):
+        if terminal:
+            super().__init__("%(asctime)s %(name)s: %(message)s", "%H:%M:%S")
+        else:
+            super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self.terminal = terminal
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        if self.terminal and record.levelno >= logging.WARNING:
+            stamp, rest = line.split(" ", 1)
+            line = f"{stamp} {record.levelname} {rest}"
+        return line
 
 
 _verbose = False  # set once per process by setup_logging, like the logging configuration itself

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -239,3 +241,13 @@ def test_a_renamed_flag_says_its_new_name_in_one_line(module, old, new, capsys):
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and err == f"error: {old} is now {new}"
 
+
+
+def test_log_lines_are_short_on_a_terminal_and_full_in_a_file():
+    info = logging.LogRecord("training.train", logging.INFO, "x", 1, "epoch %d", (3,), None)
+    warn = logging.LogRecord("training.train", logging.WARNING, "x", 1, "slow", (), None)
+    term, file = cli._Lines(terminal=True), cli._Lines(terminal=False)
+    assert re.fullmatch(r"\d\d:\d\d:\d\d training\.train: epoch 3", term.format(info))
+    assert re.fullmatch(r"\d\d:\d\d:\d\d WARNING training\.train: slow", term.format(warn))
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO training\.train: epoch 3",
+                        file.format(info))
