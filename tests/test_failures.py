@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -67,14 +68,17 @@ def _broken(case: str, server) -> tuple[dict, str]:
 def test_each_job_says_an_s3_failure_in_one_line_naming_the_uri(s3_server, case):
     env, bucket = _broken(case, s3_server)
     prefix = f"s3://{bucket}/failures-{uuid.uuid4().hex[:6]}"
-    t0 = time.monotonic()
-    procs = {job: subprocess.Popen([sys.executable, "-m", job, *args.format(p=prefix).split()],
-                                   env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True)
-             for job, args in JOBS.items()}
-    for job, proc in procs.items():
-        out, err = proc.communicate(timeout=120)
-        took = time.monotonic() - t0
+
+    def run(job: str) -> tuple[subprocess.CompletedProcess, float]:
+        t0 = time.monotonic()
+        cmd = [sys.executable, "-m", job, *JOBS[job].format(p=prefix).split()]
+        r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        return r, time.monotonic() - t0
+
+    with ThreadPoolExecutor(2) as pool:  # two at a time: the machine may have two cores
+        done = dict(zip(JOBS, pool.map(run, JOBS)))
+    for job, (proc, took) in done.items():
+        out, err = proc.stdout, proc.stderr
         assert proc.returncode == 2, (job, err)
         lines = err.splitlines()
         assert len(lines) == 1 and not out, (job, err)  # before Ray, before any work
