@@ -144,8 +144,10 @@ class Output:
             return storage.read_json(uri)
         except FileNotFoundError:
             return None
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"cannot read {uri}: {e}") from None
+        except ConfigError:
+            raise  # not JSON, or not an object: one line naming the file already
+        except OSError as e:
+            raise ConfigError(f"cannot read {uri}: {str(e).splitlines()[0]}") from None
 
     def check(self, overwrite: bool, resumable: bool = True) -> bool:
         """Refuse an output this run must not write to; reads only. Returns True when an

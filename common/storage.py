@@ -109,7 +109,26 @@ def write_bytes(uri: str, data: bytes) -> None:
 
 
 def read_json(uri: str) -> dict:
-    return json.loads(read_bytes(uri))
+    """A JSON object file; one that is not JSON (NaN and Infinity included: no writer here
+    publishes them) or not an object is one ConfigError naming it. A missing file raises
+    FileNotFoundError, for the caller to say what its absence means."""
+
+    def no_constant(name: str):
+        raise ValueError(f"{name} is not a JSON number")
+
+    raw = read_bytes(uri)
+    try:
+        obj = json.loads(raw, parse_constant=no_constant)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{uri}: not JSON ({e.msg} at line {e.lineno} column {e.colno})"
+                          ) from None
+    except (ValueError, RecursionError) as e:  # not UTF-8, NaN, nested beyond Python's stack
+        raise ConfigError(f"{uri}: not JSON ({str(e).splitlines()[0]})") from None
+    if not isinstance(obj, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+            type(obj), "a number")
+        raise ConfigError(f"{uri}: {kind}, not a JSON object")
+    return obj
 
 
 def write_json_atomic(uri: str, obj: dict) -> None:
