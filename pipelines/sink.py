@@ -55,11 +55,14 @@ class ImagesDatasink(Datasink):
             fs, path = storage.filesystem(storage.join(self.output, rel))
             fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
             # no dictionary and no min/max statistics for the image bytes: neither can help a
-            # reader, and they cost the writer 40% of its time (snappy stays: 1% smaller files)
+            # reader, and they cost the writer 40% of its time (snappy stays: 1% smaller files).
+            # A CRC-32 per page, which every reader checks (common/dataset.py): under 1% of the
+            # decode's time (benchmarks/verify.py)
             small = [n for n in good.column_names if n != schema.IMAGE]
             with storage.naming(storage.join(self.output, rel)):  # a full disk names the file
                 pq.write_table(good, path, filesystem=fs, row_group_size=decoded.ROW_GROUP_ROWS,
-                               use_dictionary=small, write_statistics=small)
+                               use_dictionary=small, write_statistics=small,
+                               write_page_checksum=True)
             result.update(file=rel, bytes=fs.get_file_info(path).size)
         return result
 
