@@ -9,6 +9,7 @@ the few pairs of the contact sheets are recomputed with the same attacks (determ
 
 from __future__ import annotations
 
+import hashlib
 import logging
 
 import numpy as np
@@ -30,11 +31,14 @@ FIG_IMAGES, FIG_TARGETS = 3, 3  # a contact sheet shows a few images x a few tar
 
 
 def _write_table(output: str, rel: str, table: pa.Table) -> dict:
+    """One summary table, whole; its manifest entry carries the sha256 that read_summary checks
+    (a small file read whole: the digest covers its footer too, which page checksums do not)."""
     buf = pa.BufferOutputStream()
     pq.write_table(table, buf)
     data = buf.getvalue().to_pybytes()
     storage.write_bytes(storage.join(output, rel), data)
-    return {"path": rel, "rows": table.num_rows, "bytes": len(data)}
+    return {"path": rel, "rows": table.num_rows, "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def write_summary(pairs: Pairs, methods, targets) -> list[dict]:

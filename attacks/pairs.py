@@ -25,6 +25,7 @@ live in the folder names, and in each file's metadata, with the image column's s
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -38,6 +39,10 @@ from common import dataset, schema, storage
 from common.errors import ConfigError
 
 ROW_GROUP_ROWS = 1024  # ~12 MB row groups with images: readers stream without loading a file
+# Every page is written with its CRC-32 and checked when read: a flipped bit is an error naming
+# the file, never a changed pair (its cost: benchmarks/verify.py)
+VERIFIED = ds.ParquetFileFormat(
+    default_fragment_scan_options=ds.ParquetFragmentScanOptions(page_checksum_verification=True))
 # The stored images are mostly noise-like to a general-purpose compressor: compressing them costs
 # CPU for little space, so only the small columns are compressed.
 COMPRESSION = {f.name: ("none" if f.name == schema.IMAGE else "zstd")
@@ -103,7 +108,7 @@ class TargetFiles:
             fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
             self.writers[t] = pq.ParquetWriter(
                 path, schema.pair_file_schema(self.method, t, self.shape), filesystem=fs,
-                compression=COMPRESSION)
+                compression=COMPRESSION, write_page_checksum=True)
         table = pa.concat_tables(self.buffers[t])
         self.writers[t].write_table(table, row_group_size=ROW_GROUP_ROWS)
         self.buffers[t] = []
@@ -125,12 +130,54 @@ class TargetFiles:
 # --- reading ------------------------------------------------------------------------------------
 
 
-def open_attack(results: str) -> dict:
-    """The manifest of a finished attack output (refused without one, or of another kind)."""
+COUNTS = ("pairs", "val_images", "noise_images", "targets")  # the manifest's counts, and methods
+
+
+def open_attack(results: str, needs: tuple[str, ...] = ()) -> dict:
+    """The manifest of a finished attack output. Refused in one line without one, of another
+    kind, without a key of ``needs``, or with a key the readers use of the wrong type: counts
+    that are not non-negative integers, files not listed as {path, rows, bytes}, classes and
+    image shape not as the ingest's, source, config, identity or timings not objects."""
     m = storage.read_manifest(results, "attack output")
     if m.get(schema.M_KIND) != "attack":
         raise ConfigError(f"{results} is not an attack output (kind: {m.get(schema.M_KIND)!r})")
+    where = storage.join(results, storage.MANIFEST)
+    missing = [k for k in needs if k not in m]
+    if missing:
+        raise ConfigError(f"{where}: no {', '.join(map(repr, missing))}: not a complete attack "
+                          "output")
+    _check_manifest(where, m)
     return m
+
+
+def _check_manifest(where: str, m: dict) -> None:
+    if schema.M_FILES in m:
+        dataset.listed_files(where, m[schema.M_FILES], required=("path", "rows", "bytes"))
+    if any(k in m for k in (schema.M_CLASSES, schema.M_CLASS_NAMES, schema.M_IMAGE_SHAPE)):
+        dataset.check_classes(where, m)
+    for key in (schema.M_SOURCE, schema.M_CONFIG, schema.M_IDENTITY, schema.M_TIMINGS):
+        if key in m and not isinstance(m[key], dict):
+            raise ConfigError(f"{where}: {key!r} must be an object, got {m[key]!r:.60}")
+    source, timings = m.get(schema.M_SOURCE), m.get(schema.M_TIMINGS, {})
+    if source is not None and not all(isinstance(source.get(k), str)
+                                      for k in ("data", "model", "model_sha256")):
+        raise ConfigError(f"{where}: the source's data, model and model_sha256 must be strings")
+    total = timings.get("total_s") if schema.M_TIMINGS in m else 0
+    if not isinstance(total, int | float) or isinstance(total, bool) or total < 0:
+        raise ConfigError(f"{where}: timings' total_s must be seconds, got {total!r:.60}")
+    if schema.M_COUNTS in m:
+        c = m[schema.M_COUNTS]
+        if not (isinstance(c, dict) and all(dataset.is_count(c.get(k)) for k in COUNTS)
+                and isinstance(c.get("methods"), list) and c["methods"]
+                and all(method in schema.METHODS for method in c["methods"])):
+            raise ConfigError(f"{where}: 'counts' must hold {', '.join(COUNTS)} (integers >= 0) "
+                              f"and the methods run, got {c!r:.100}")
+        pairs = [f["rows"] for f in m.get(schema.M_FILES, [])
+                 if f["path"].startswith(schema.PAIRS_DIR + "/")]
+        every = (c["val_images"] + c["noise_images"]) * c["targets"] * len(c["methods"])
+        if c["pairs"] != every or (schema.M_FILES in m and sum(pairs) != every):
+            raise ConfigError(f"{where}: counts {c['pairs']} pairs of {every} (images x targets "
+                              f"x methods), its files hold {sum(pairs)}")
 
 
 @dataclass(frozen=True)
@@ -144,8 +191,11 @@ class PairFile:
     @property
     def partition(self) -> tuple[str, int]:
         """(method, target), from the path's Hive folders."""
-        _, m, t, _ = self.path.split("/")
-        return m.split("=", 1)[1], int(t.split("=", 1)[1])
+        found = re.fullmatch(rf"{schema.PAIRS_DIR}/{schema.METHOD}=([^/]+)/{schema.TARGET}="
+                             r"(\d+)/[^/]+\.parquet", self.path)
+        if found is None:
+            raise ValueError(f"{self.path} is not a {pair_file('<m>', '<t>', '<chunk>')} file")
+        return found[1], int(found[2])
 
 
 class Pairs:
@@ -158,15 +208,23 @@ class Pairs:
         for f in files:
             if f["path"].startswith(schema.PAIRS_DIR + "/"):
                 pf = PairFile(f["path"], int(f["rows"]), int(f["bytes"]))
-                self.files.setdefault(pf.partition, []).append(pf)
+                try:
+                    key = pf.partition
+                except ValueError as e:
+                    raise ConfigError(f"{results} lists {e}") from None
+                self.files.setdefault(key, []).append(pf)
         for listed in self.files.values():
             listed.sort(key=lambda f: f.path)
 
     @classmethod
     def open(cls, results: str, manifest: dict | None = None) -> Pairs:
-        """A finished output's pairs, its files checked against its manifest."""
-        m = manifest if manifest is not None else open_attack(results)
-        pairs = cls(results, m.get(schema.M_FILES) or [])
+        """A finished output's pairs (``manifest``: its manifest, from ``open_attack``), its files
+        checked against the manifest."""
+        m = manifest if manifest is not None else open_attack(results, needs=(schema.M_FILES,))
+        if schema.M_FILES not in m:
+            raise ConfigError(f"{storage.join(results, storage.MANIFEST)}: no 'files': not a "
+                              "complete attack output")
+        pairs = cls(results, m[schema.M_FILES])
         pairs.check()
         return pairs
 
@@ -201,49 +259,71 @@ class Pairs:
             raise ConfigError(f"{storage.join(self.results, extra[0])} is not listed in the "
                               f"manifest ({len(extra)} such files): another run wrote here")
 
-    def _dataset(self, uris: list[str], partitioned: bool = False) -> ds.Dataset:
+    def _dataset(self, uri: str) -> ds.Dataset:
+        """One listed file, its partition columns typed, each page checked against its CRC when
+        read; its columns are the contract's (a damaged footer can say otherwise)."""
         fs, root = storage.filesystem(storage.join(self.results, schema.PAIRS_DIR))
-        paths = [storage.filesystem(u)[1] for u in uris]
-        if not partitioned:
-            return ds.dataset(paths, filesystem=fs, format="parquet")
-        return ds.dataset(paths, filesystem=fs, format="parquet",
-                          partitioning=schema.pairs_partitioning(), partition_base_dir=root)
+        pairs = self._read(lambda: ds.dataset(
+            [storage.filesystem(uri)[1]], filesystem=fs, format=VERIFIED,
+            partitioning=schema.pairs_partitioning(), partition_base_dir=root), uri)
+        got = pairs.schema
+        wrong = [c.name for c in schema.PAIRS_FILE_SCHEMA
+                 if got.get_field_index(c.name) < 0 or not got.field(c.name).type.equals(c.type)]
+        if wrong:
+            raise ConfigError(f"{uri}: damaged, or not a pairs file (its {', '.join(wrong)} "
+                              "missing or of another type)")
+        return pairs
+
+    def _listed(self, method: str, target: int) -> list[tuple[str, PairFile]]:
+        """(URI, listing) of the files of one partition, in name order."""
+        return [(storage.join(self.results, f.path), f)
+                for f in self.files.get((method, target), [])]
+
+    @staticmethod
+    def _counted(uri: str, f: PairFile, rows: int) -> None:
+        if rows != f.rows:  # a damaged footer can drop rows that its pages still hold
+            raise ConfigError(f"{uri}: damaged: it reads as {rows} rows, its listing says "
+                              f"{f.rows}")
 
     def read(self, method: str, target: int, columns: list[str]) -> pa.Table:
         """The ``columns`` of one (method, target) partition, its files in name order."""
-        uris = self.uris(method, target)
-        if not uris:
+        listed = self._listed(method, target)
+        if not listed:
             raise ConfigError(f"{self.results} holds no pairs of method {method!r} and target "
                               f"{target}")
-        return self._read(lambda: self._dataset(uris).to_table(columns=columns), uris)
+        tables = []
+        for uri, f in listed:
+            table = self._read(lambda u=uri: self._dataset(u).to_table(columns=columns), uri)
+            self._counted(uri, f, table.num_rows)
+            tables.append(table)
+        return pa.concat_tables(tables)
 
     def take(self, method: str, target: int, ids: list[str],
              columns: list[str] | None = None) -> dict[str, dict]:
         """The rows of these image ids in one partition (image_id -> row; absent: not there),
         reading only the row groups that hold them."""
-        uris = self.uris(method, target)
-        cols = columns or schema.PAIRS_FILE_SCHEMA.names
-        return self._read(lambda: dataset.rows_by_id(uris, ids, cols), uris)
+        listed = self._listed(method, target)
+        return dataset.rows_by_id([u for u, _ in listed], ids,
+                                  columns or schema.PAIRS_FILE_SCHEMA.names,
+                                  counts=[f.rows for _, f in listed])
 
     def batches(self, columns: list[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
         """Every pair, ``columns`` of them (``method`` and ``target`` from the folders, typed),
-        ``batch_rows`` at a time, one file read ahead."""
-        uris = [storage.join(self.results, f.path) for k in sorted(self.files)
-                for f in self.files[k]]
-        pairs = self._dataset(uris, partitioned=True)
-        try:
-            yield from pairs.to_batches(columns=columns, batch_size=batch_rows,
-                                        batch_readahead=1, fragment_readahead=1)
-        except (OSError, pa.ArrowInvalid) as e:
-            raise self._damaged(e) from None
+        ``batch_rows`` at a time, file by file (a file whose rows are not its listing's stops
+        the reader at its end)."""
+        for uri, f in (pair for key in sorted(self.files) for pair in self._listed(*key)):
+            batches = self._read(lambda u=uri: self._dataset(u).to_batches(
+                columns=columns, batch_size=batch_rows, batch_readahead=1), uri)
+            rows = 0
+            while (batch := self._read(lambda b=batches: next(b, None), uri)) is not None:
+                rows += batch.num_rows
+                yield batch
+            self._counted(uri, f, rows)
 
-    def _read(self, read, uris: list[str]):
-        """``read()``, a damaged file one ConfigError."""
+    @staticmethod
+    def _read(read, uri: str):
+        """``read()`` of one file; a damaged file is one ConfigError naming it."""
         try:
             return read()
-        except (OSError, pa.ArrowInvalid) as e:
-            raise self._damaged(e) from None
-
-    def _damaged(self, e: Exception) -> ConfigError:
-        # pyarrow's first line names the file it failed on
-        return ConfigError(f"cannot read the pairs of {self.results}: {str(e).splitlines()[0]}")
+        except (OSError, pa.ArrowException, UnicodeDecodeError) as e:
+            raise dataset.damaged(uri, e) from None

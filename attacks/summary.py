@@ -24,6 +24,7 @@ Partitions are read one (method, target) folder at a time, so memory does not gr
 
 from __future__ import annotations
 
+import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -189,23 +190,25 @@ class Settings:
     RENAMED = {"output": "results"}  # the old name, refused in one line
 
 
-def read_summary(results: str) -> dict[str, pa.Table]:
-    """The summary tables of a finished attack output, each checked for the columns its
-    readers use, and its pairs' files against its manifest (attacks/pairs.py); a missing or
-    incomplete table or file is one ConfigError naming it."""
-    Pairs.open(results)
+def read_summary(results: str, manifest: dict | None = None) -> dict[str, pa.Table]:
+    """The summary tables of a finished attack output (``manifest``: its manifest, from
+    ``open_attack``), each checked against the size and sha256 its manifest records and for the
+    columns its readers use, and its pairs' files against the manifest (attacks/pairs.py); a
+    missing, damaged or incomplete table or file is one ConfigError naming it."""
+    m = manifest if manifest is not None else open_attack(results, needs=(schema.M_FILES,))
+    Pairs.open(results, m)
+    listed = {f["path"]: f for f in m[schema.M_FILES]}
     out = {}
     for name, file in schema.SUMMARY_TABLES.items():
-        uri = storage.join(results, schema.SUMMARY_DIR, file)
-        # pyarrow's own file, never a Python file object such as io.BytesIO: pyarrow's I/O
+        rel = f"{schema.SUMMARY_DIR}/{file}"
+        uri = storage.join(results, rel)
+        raw = _verified(uri, listed.get(rel))
+        # pyarrow's own buffer, never a Python file object such as io.BytesIO: pyarrow's I/O
         # threads touch such an object, and one doing so while the interpreter exits is ended
         # mid-C++ ("terminate called without an active exception", exit status 134)
-        fs, path = storage.filesystem(uri)
         try:
-            table = pq.read_table(path, filesystem=fs)
-        except FileNotFoundError:
-            raise ConfigError(f"{uri} is missing: the attack output is incomplete") from None
-        except (OSError, pa.ArrowInvalid) as e:
+            table = pq.read_table(pa.BufferReader(raw))
+        except (OSError, pa.ArrowException) as e:
             raise ConfigError(f"cannot read {uri}: {str(e).splitlines()[0]}") from None
         missing = [c for c in schema.SUMMARY_COLUMNS[name] if c not in table.column_names]
         if missing:
@@ -214,10 +217,29 @@ def read_summary(results: str) -> dict[str, pa.Table]:
     return out
 
 
+def _verified(uri: str, entry: dict | None) -> bytes:
+    """The bytes of a listed summary table, after checking them against its manifest entry."""
+    if entry is None or not isinstance(entry.get("sha256"), str):
+        raise ConfigError(f"{uri}: the manifest records no sha256 of it: not this attack's "
+                          "table, or written before tables had one (rerun the attack)")
+    try:
+        raw = storage.read_bytes(uri)
+    except FileNotFoundError:
+        raise ConfigError(f"{uri} is missing: the attack output is incomplete") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read {uri}: {str(e).splitlines()[0]}") from None
+    if len(raw) != entry["bytes"]:
+        raise ConfigError(f"{uri} has {len(raw)} bytes, its manifest says {entry['bytes']}: "
+                          "the file is damaged")
+    if hashlib.sha256(raw).hexdigest() != entry["sha256"]:
+        raise ConfigError(f"{uri}: damaged: its sha256 is not the one its manifest records")
+    return raw
+
+
 def describe(output: str) -> str:
     """A few lines on a finished attack output: per method, success and perturbation sizes."""
-    methods = read_summary(output)["methods"]
-    m = open_attack(output)
+    m = open_attack(output, needs=(schema.M_COUNTS, schema.M_TIMINGS, schema.M_FILES))
+    methods = read_summary(output, m)["methods"]
     c = m[schema.M_COUNTS]
     lines = [f"{output}: {c['pairs']} pairs = ({c['val_images']} validation + {c['noise_images']} "
              f"noise images) x {c['targets']} targets x {len(c['methods'])} methods, "

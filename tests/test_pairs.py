@@ -4,9 +4,11 @@ pyarrow reads the files alone, and every listed file checked before a finished o
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 import pytest
 
 from attacks.pairs import Pairs, TargetFiles, pair_file, pair_tables
@@ -15,6 +17,7 @@ from common.errors import ConfigError
 
 SHAPE = (2, 2, 3)
 D = int(np.prod(SHAPE))
+CLASSES = ["n01440764", "n01443537", "n01484850", "n01491361"]
 
 
 def columns(ids: list[str], targets: list[int], seed: int) -> dict[str, np.ndarray]:
@@ -65,6 +68,31 @@ def test_reads_agree_with_pyarrow_alone(written):
         schema.TARGET).type
 
 
+def write_attack(out: str) -> dict:
+    """A small attack output: pairs by TargetFiles, the summary tables by the job's writer, and a
+    manifest as attacks.fool writes it."""
+    listing, targets = [], [1, 3]
+    for chunk, ids, seed in (("val-00000", ["a", "b", "c"], 0), ("val-00001", ["d", "e"], 1)):
+        files = TargetFiles(out, "sign", targets, chunk, SHAPE)
+        files.add(pair_tables(columns(ids, targets, seed), targets, keep_images=True))
+        listing += files.close()
+    from attacks import outputs  # torch: only for the tests that need a whole output
+
+    listing += outputs.write_summary(Pairs(out, listing), ["sign"], targets)
+    manifest = {
+        schema.M_KIND: "attack",
+        schema.M_SOURCE: {"data": "/data", "model": "/model", "model_sha256": "ab" * 32},
+        schema.M_CLASSES: CLASSES, schema.M_CLASS_NAMES: None, schema.M_IMAGE_SHAPE: list(SHAPE),
+        schema.M_COUNTS: {"pairs": 10, "val_images": 5, "noise_images": 0, "targets": 2,
+                          "methods": ["sign"]},
+        "layout": "pairs/method=<method>/target=<target>/<chunk>.parquet",
+        schema.M_FILES: listing, **schema.stamp({"seed": 0, "keep_images": "all"},
+                                                {"total_s": 2.5}),
+        schema.M_IDENTITY: {"kind": "attack", "settings": {"seed": 0}, "owns": ["pairs"]}}
+    storage.write_manifest(out, manifest)
+    return manifest
+
+
 def finished(out: str, listing: list[dict]) -> None:
     storage.write_manifest(out, {schema.M_KIND: "attack", schema.M_FILES: listing})
 
@@ -107,11 +135,105 @@ def test_a_damaged_file_of_the_right_size_is_one_error(written):
     data = bytearray(open(path, "rb").read())
     data[-8:-4] = b"\xff\xff\xff\x7f"  # the footer's length
     open(path, "wb").write(bytes(data))
-    with pytest.raises(ConfigError, match="cannot read the pairs of"):
+    with pytest.raises(ConfigError, match=r"target=1/val-00000.parquet: damaged, or not Parquet "
+                                          r"\(Parquet file size is \d+ bytes, smaller"):
         Pairs.open(out).read("sign", 1, [schema.LINF])
+
+
+def flip_in_value(path: str, value: bytes) -> None:
+    """Flip one bit in the middle of the first copy of ``value`` in the file: inside a page's
+    values, past its header (the file keeps its size)."""
+    data = bytearray(open(path, "rb").read())
+    at = data.find(value) + len(value) // 2
+    assert at > len(value) // 2
+    data[at] ^= 0x10
+    open(path, "wb").write(bytes(data))
+
+
+def test_a_flipped_bit_in_a_page_is_named_by_every_read(written):
+    """Each page carries its CRC-32: read, take and batches each refuse the file in one line,
+    where without the check the image would come back with one pixel changed."""
+    out, listing, cols = written
+    finished(out, listing)
+    path = os.path.join(out, pair_file("sign", 3, "val-00000"))
+    before = pq.read_table(path).column(schema.IMAGE).to_pylist()
+    flip_in_value(path, before[1])
+    after = pq.read_table(path).column(schema.IMAGE).to_pylist()  # unchecked: no error
+    assert sum(a != b for a, b in zip(after, before)) == 1
+    pairs = Pairs.open(out)  # the size is the manifest's: only the checksum can tell
+    message = rf"^{path}: damaged, or not Parquet \(could not verify page integrity"
+    for read in (lambda: pairs.read("sign", 3, [schema.IMAGE]),
+                 lambda: pairs.take("sign", 3, ["a"]),
+                 lambda: list(pairs.batches([schema.IMAGE, schema.TARGET], 4))):
+        with pytest.raises(ConfigError, match=message) as e:
+            read()
+        assert "\n" not in str(e.value)
+    assert pairs.read("sign", 1, [schema.IMAGE]).num_rows == 5  # the other files read as before
 
 
 def test_another_kind_of_output_is_refused(tmp_path):
     storage.write_manifest(str(tmp_path), {schema.M_KIND: "ingest"})
     with pytest.raises(ConfigError, match="is not an attack output"):
         Pairs.open(str(tmp_path))
+
+
+# --- a whole attack output: its manifest and its summary tables ---------------------------------
+
+
+@pytest.fixture()
+def attack_output(tmp_path) -> str:
+    out = str(tmp_path / "attack")
+    write_attack(out)
+    return out
+
+
+def _counts(**change):
+    return lambda m: {**m, schema.M_COUNTS: {**m[schema.M_COUNTS], **change}}
+
+
+@pytest.mark.parametrize("change, message", [
+    (_counts(pairs="10"), r"'counts' must hold pairs, val_images, noise_images, targets"),
+    (_counts(pairs=11), r"counts 11 pairs of 10 \(images x targets x methods\), its files hold 10"),
+    (_counts(methods=["sgin"]), "'counts' must hold"),
+    (lambda m: {**m, schema.M_FILES: [{k: v for k, v in f.items() if k != "bytes"}
+                                      for f in m[schema.M_FILES]]},
+     r"a file entry is not \{path, rows, bytes\} of a file inside the output"),
+    (lambda m: {**m, schema.M_FILES: [{**f, "path": f["path"].replace("target=", "t=")}
+                                      for f in m[schema.M_FILES]]},
+     r"lists pairs/method=sign/t=1/val-00000.parquet is not a pairs/method=<m>/target=<t>/"),
+    (lambda m: {**m, schema.M_SOURCE: "/data"}, "'source' must be an object"),
+    (lambda m: {**m, schema.M_SOURCE: {"data": "/data"}}, "the source's data, model and"),
+    (lambda m: {**m, schema.M_TIMINGS: {"total_s": "2.5"}}, "timings' total_s must be seconds"),
+    (lambda m: {**m, schema.M_IMAGE_SHAPE: [2, 2]}, r"image_shape must be \[H, W, 3\]"),
+])
+def test_an_attack_manifest_of_the_wrong_shape_is_one_line(attack_output, change, message):
+    from attacks.summary import describe
+
+    storage.write_manifest(attack_output, change(storage.read_manifest(attack_output)))
+    with pytest.raises(ConfigError) as e:
+        describe(attack_output)
+    assert "\n" not in str(e.value) and re.search(message, str(e.value)), str(e.value)
+    assert str(e.value).startswith(f"{attack_output}")
+
+
+def test_a_damaged_summary_table_is_named(attack_output):
+    from attacks.summary import read_summary
+
+    path = os.path.join(attack_output, schema.SUMMARY_DIR, schema.SUMMARY_METHODS)
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:-1])
+    with pytest.raises(ConfigError, match=rf"^{path} has {len(data) - 1} bytes, its manifest "
+                                          rf"says {len(data)}: the file is damaged$"):
+        read_summary(attack_output)
+    open(path, "wb").write(data[:40] + bytes([data[40] ^ 1]) + data[41:])
+    with pytest.raises(ConfigError, match=rf"^{path}: damaged: its sha256 is not the one its "
+                                          "manifest records$"):
+        read_summary(attack_output)
+    open(path, "wb").write(data)
+    m = storage.read_manifest(attack_output)
+    m[schema.M_FILES] = [{k: v for k, v in f.items() if k != "sha256"}
+                         for f in m[schema.M_FILES]]
+    storage.write_manifest(attack_output, m)
+    with pytest.raises(ConfigError, match=rf"{schema.SUMMARY_TARGETS}: the manifest records no "
+                                          "sha256 of it"):
+        read_summary(attack_output)
