@@ -1,4 +1,5 @@
-"""A job's small result table: ``<out>/<name>.parquet`` beside ``<name>.md``, read back checked.
+"""A job's small result table: ``<out>/<name>.parquet`` beside ``<name>.md``, read back checked:
+each page against the CRC-32 written with it, each column against the row's field.
 
 A table is a frozen dataclass of one row: its fields, in order and with their types, are the
 Parquet columns (float -> double, int -> int64, str -> string, bool -> bool; only a field typed
@@ -53,7 +54,7 @@ def write_table(out: str, name: str, row_type: type, rows: Sequence, md: str) ->
     if nulls:
         raise ValueError(f"{name}: None in the columns {', '.join(nulls)}")
     fs, path = storage.filesystem(storage.join(out, f"{name}.parquet"))
-    pq.write_table(table, path, filesystem=fs)
+    pq.write_table(table, path, filesystem=fs, write_page_checksum=True)  # read_table checks it
     storage.write_bytes(storage.join(out, f"{name}.md"), md.encode())
     return [{"path": f"{name}.parquet", "rows": len(rows)}, {"path": f"{name}.md"}]
 
@@ -67,11 +68,12 @@ def read_table(out: str, kind: str, name: str, row_type: type) -> list:
     uri = storage.join(out, f"{name}.parquet")
     fs, path = storage.filesystem(uri)
     try:
-        table = pq.read_table(path, filesystem=fs)
+        table = pq.read_table(path, filesystem=fs, page_checksum_verification=True)
     except FileNotFoundError:
         raise ConfigError(f"{uri} is missing: the {kind} output is incomplete") from None
-    except pa.ArrowInvalid as e:
-        raise ConfigError(f"{uri}: not a readable Parquet file ({e})") from None
+    except (OSError, pa.ArrowException, UnicodeDecodeError) as e:  # cut short, damaged, not Parquet
+        reason = str(e).splitlines()[0].rsplit("': ", 1)[-1]  # the part after the path
+        raise ConfigError(f"{uri}: not a readable Parquet file ({reason})") from None
     return rows_of(table, row_type, uri)
 
 
