@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import hashlib
 import io
+import struct
+import zipfile
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
 
-from common import schema, storage
+from common import dataset, schema, storage
 from common.errors import ConfigError
 
 
@@ -69,22 +72,30 @@ def _check(W: np.ndarray, b: np.ndarray, classes: list[str], what: str) -> None:
 
 def read_model(uri: str, D: int | None = None) -> Model:
     """The finished model at ``uri``, or one ConfigError: no manifest, not a model, no or
-    unreadable weights.npz (pickled arrays are refused), shapes that disagree with each other
-    or with ``D`` features, or values that are not finite."""
+    unreadable weights.npz (pickled arrays are refused; a damaged one fails its zip CRC, or the
+    sha256 its manifest records), shapes that disagree with each other or with ``D`` features,
+    or values that are not finite."""
     manifest = storage.read_manifest(uri, "model output")
     if manifest.get(schema.M_KIND) != "train":
         raise ConfigError(f"{uri} is not a model output (its manifest says "
                           f"{manifest.get(schema.M_KIND)!r})")
     where = storage.join(uri, schema.WEIGHTS_FILE)
+    listed = dataset.listed_files(storage.join(uri, storage.MANIFEST),
+                                  manifest.get(schema.M_FILES, []))
+    digest = next((f.get("sha256") for f in listed if f["path"] == schema.WEIGHTS_FILE), None)
     try:
         raw = storage.read_bytes(where)
     except FileNotFoundError:
         raise ConfigError(f"{uri} has no {schema.WEIGHTS_FILE}") from None
-    try:
+    sha256 = hashlib.sha256(raw).hexdigest()
+    if digest is not None and sha256 != digest:
+        raise ConfigError(f"{where}: damaged: its sha256 is not the one its manifest records")
+    try:  # a zip: each array's bytes carry a CRC-32, checked as np.load reads them
         with np.load(io.BytesIO(raw), allow_pickle=False) as z:
             W, b = z[schema.W_KEY], z[schema.B_KEY]
             classes = [str(c) for c in z[schema.CLASSES_KEY]]
-    except (KeyError, ValueError, OSError, EOFError) as e:
+    except (zipfile.BadZipFile, zlib.error, struct.error, KeyError, ValueError, OSError,
+            EOFError, NotImplementedError, SyntaxError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ConfigError(f"{where} is not a weights file of W, b and classes without pickled "
                           f"objects: {reason}") from None
@@ -92,5 +103,4 @@ def read_model(uri: str, D: int | None = None) -> Model:
     if D is not None and W.shape[1] != D:
         raise ConfigError(f"{where}: W has {W.shape[1]} features per class, the data's images "
                           f"have {D}")
-    return Model(uri, W.astype(np.float32), b.astype(np.float32), classes,
-                 hashlib.sha256(raw).hexdigest(), manifest)
+    return Model(uri, W.astype(np.float32), b.astype(np.float32), classes, sha256, manifest)
