@@ -203,11 +203,14 @@ def read_summary(results: str, manifest: dict | None = None) -> dict[str, pa.Tab
         rel = f"{schema.SUMMARY_DIR}/{file}"
         uri = storage.join(results, rel)
         raw = _verified(uri, listed.get(rel))
-        # pyarrow's own buffer, never a Python file object such as io.BytesIO: pyarrow's I/O
-        # threads touch such an object, and one doing so while the interpreter exits is ended
-        # mid-C++ ("terminate called without an active exception", exit status 134)
+        # parsed from a copy that Arrow owns, never from a Python object (io.BytesIO, or bytes
+        # wrapped by pa.py_buffer): pyarrow's I/O threads touch such an object, and one doing
+        # so while the interpreter exits is ended mid-C++ ("terminate called without an active
+        # exception", exit status 134)
+        copy = pa.BufferOutputStream()
+        copy.write(raw)
         try:
-            table = pq.read_table(pa.BufferReader(raw))
+            table = pq.read_table(pa.BufferReader(copy.getvalue()))
         except (OSError, pa.ArrowException) as e:
             raise ConfigError(f"cannot read {uri}: {str(e).splitlines()[0]}") from None
         missing = [c for c in schema.SUMMARY_COLUMNS[name] if c not in table.column_names]
