@@ -157,13 +157,26 @@ def setup_logging(verbose: bool = False) -> None:
     """
     global _verbose
     _verbose = verbose
-    logging.basicConfig(level=logging.INFO, force=True)
+    logging.basicConfig(level=logging.INFO, force=True, handlers=[_Stderr()])
     for handler in logging.getLogger().handlers:
         handler.setFormatter(_Lines(terminal=sys.stderr.isatty()))
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     if spec is not None:
         for handler in logging.getLogger().handlers:
             handler.addFilter(_MainName(spec.name))
+
+
+class _Stderr(logging.StreamHandler):
+    """A handler on whatever ``sys.stderr`` is when a line is written, not the stream it was
+    when logging was set up (a tool or a test may have replaced or closed that one since)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ sets it; the property decides
+        pass
 
 
 class _Lines(logging.Formatter):

@@ -380,6 +380,7 @@ def test_damage_stops_the_attack_in_one_line(outputs_dir, capsys, command_loggin
     with open(path, "wb") as f:
         f.write(damage(raw))
     out = data + "-fooling"
+    capsys.readouterr()  # what writing the inputs logged
     with pytest.raises(SystemExit) as e:
         fool.main(["--data", data, "--model", model_dir, "--output", out])
     err = capsys.readouterr().err.strip()
@@ -396,6 +397,7 @@ def test_pairs_nan_in_the_manifest_is_refused_by_the_summary(outputs_dir, capsys
 
     out = os.path.join(outputs_dir, "nan-pairs")
     write_attack(out)
+    capsys.readouterr()  # what writing it logged
     path = os.path.join(out, storage.MANIFEST)
     m = storage.read_manifest(out)
     for value, message in ((float("nan"), r"not JSON \(NaN is not a JSON number\)$"),
