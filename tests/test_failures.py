@@ -64,6 +64,7 @@ def _broken(case: str, server) -> tuple[dict, str]:
     return env, missing if case == "no such bucket" else "test-bucket"
 
 
+@pytest.mark.slow  # four jobs started as processes per case: 3 to 22 s
 @pytest.mark.parametrize("case", list(SAYS))
 def test_each_job_says_an_s3_failure_in_one_line_naming_the_uri(s3_server, case):
     env, bucket = _broken(case, s3_server)

@@ -134,6 +134,7 @@ def test_two_writers_started_at_once_one_proceeds_the_other_is_refused(where, tm
     assert pairs_files(where) == [f"{won}-{procs[won].pid}.txt"]
 
 
+@pytest.mark.slow  # waits out a lease: seconds
 def test_a_killed_holder_blocks_the_output_until_its_claim_lapses_then_the_rerun_resumes(where):
     holder = start(where, "--hold-s", "60", env={lease.LEASE_ENV: "4"})
     assert holder.stdout.readline() == "fresh\n"
@@ -152,6 +153,7 @@ def test_a_killed_holder_blocks_the_output_until_its_claim_lapses_then_the_rerun
     assert claim_of(where) is None  # released by finish
 
 
+@pytest.mark.slow  # outlives a lease: seconds
 def test_renewal_keeps_a_long_runs_claim_past_its_first_expiry(where):
     holder = start(where, "--hold-s", "3", env={lease.LEASE_ENV: "1"})
     assert holder.stdout.readline() == "fresh\n"

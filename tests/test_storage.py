@@ -121,7 +121,15 @@ EXPECTED = {  # what each case says; the S3 hints name the variables, never thei
 }
 
 
-@pytest.mark.parametrize("case", list(EXPECTED))
+# an endpoint that does not answer costs its bounded retries: seconds each
+UNREACHABLE = ("closed port", "unresolvable host")
+
+
+def cases(names):
+    return [pytest.param(c, marks=pytest.mark.slow) if c in UNREACHABLE else c for c in names]
+
+
+@pytest.mark.parametrize("case", cases(EXPECTED))
 def test_each_s3_failure_is_one_line_naming_the_uri(broken_s3, s3_server, case):
     uri = f"s3://{broken_s3(case)}/failures/out"
     for check, verb in ((storage.check_writable, "write to"), (storage.check_readable, "read")):
@@ -138,7 +146,7 @@ def test_each_s3_failure_is_one_line_naming_the_uri(broken_s3, s3_server, case):
             break  # the other check waits the same retries again
 
 
-@pytest.mark.parametrize("case", ["wrong secret key", "closed port", "unresolvable host"])
+@pytest.mark.parametrize("case", cases(["wrong secret key", "closed port", "unresolvable host"]))
 def test_errors_escaping_a_read_are_described_with_their_key(broken_s3, case):
     uri = f"s3://{broken_s3(case)}/failures/manifest.json"
     with pytest.raises(OSError) as e:
