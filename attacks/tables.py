@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from common import schema
-from common.tables import read_table, write_table
+from common.tables import markdown, read_table, write_table
 
 FRONTIER = schema.FRONTIER_TABLE
 TRANSFER = schema.TRANSFER_TABLE
@@ -54,23 +54,20 @@ class TransferRow:
 
 
 def frontier_markdown(rows: list[FrontierRow]) -> str:
-    lines = ["| reg | robust eps | val top-1 | median L-inf to fool | method | fooled |",
-             "|---:|---:|---:|---:|---|---:|"]
-    for r in rows:
-        median = "none fooled" if r.median_linf is None else f"{r.median_linf:g}"
-        lines.append(f"| {r.reg:g} | {r.robust_eps:g} | {r.val_top1:.1%} | "
-                     f"{median} | {r.method} | {r.success_rate:.1%} |")
-    return "\n".join(lines) + "\n"
+    return markdown(
+        ["reg", "robust eps", "val top-1", "median L-inf to fool", "method", "fooled"], "rrrrlr",
+        ([f"{r.reg:g}", f"{r.robust_eps:g}", f"{r.val_top1:.1%}",
+          "none fooled" if r.median_linf is None else f"{r.median_linf:g}", r.method,
+          f"{r.success_rate:.1%}"] for r in rows))
 
 
 def transfer_markdown(rows: list[TransferRow]) -> str:
-    lines = ["| scoring model | same | method | origin | pairs | to target | moved | "
-             "median p_target |", "|---|---|---|---|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r.scoring_model} | {'yes' if r.same_model else ''} | "
-                     f"{r.method} | {r.origin} | {r.pairs} | {r.target_rate:.1%} | "
-                     f"{r.moved_rate:.1%} | {r.median_p_target:.3g} |")
-    return "\n".join(lines) + "\n"
+    return markdown(
+        ["scoring model", "same", "method", "origin", "pairs", "to target", "moved",
+         "median p_target"], "llllrrrr",
+        ([r.scoring_model, "yes" if r.same_model else "", r.method, r.origin, str(r.pairs),
+          f"{r.target_rate:.1%}", f"{r.moved_rate:.1%}", f"{r.median_p_target:.3g}"]
+         for r in rows))
 
 
 def write_frontier(out: str, rows: list[FrontierRow]) -> list[dict]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common import schema
+from common import schema, tables
 from common.tables import read_table, write_table
 
 TABLE = schema.SWEEP_TABLE
@@ -39,14 +39,12 @@ class SweepRow:
 def markdown(rows: list[SweepRow]) -> str:
     """The table as Markdown: reg and robust radius vs accuracy, weight norms and the strength
     that fools."""
-    lines = ["| reg | robust eps | val top-1 | val top-5 | val loss | train loss | ‖W‖ | "
-             "‖W‖ (pixels) | median sign eps |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r.reg:g} | {r.robust_eps:g} | {r.val_top1:.1%} | "
-                     f"{r.val_top5:.1%} | {r.val_loss:.3f} | {r.train_loss:.3f} | "
-                     f"{r.w_norm:.4g} | "
-                     f"{r.w_pixels_norm:.4g} | {r.median_sign_eps:g} |")
-    return "\n".join(lines) + "\n"
+    return tables.markdown(
+        ["reg", "robust eps", "val top-1", "val top-5", "val loss", "train loss", "‖W‖",
+         "‖W‖ (pixels)", "median sign eps"], "r" * 9,
+        ([f"{r.reg:g}", f"{r.robust_eps:g}", f"{r.val_top1:.1%}", f"{r.val_top5:.1%}",
+          f"{r.val_loss:.3f}", f"{r.train_loss:.3f}", f"{r.w_norm:.4g}", f"{r.w_pixels_norm:.4g}",
+          f"{r.median_sign_eps:g}"] for r in rows))
 
 
 def write_sweep(out: str, rows: list[SweepRow]) -> list[dict]:

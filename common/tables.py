@@ -42,6 +42,13 @@ def arrow_schema(row_type: type) -> pa.Schema:
     return pa.schema([(name, t) for name, t, _ in columns(row_type)])
 
 
+def markdown(head: Sequence[str], align: str, cells) -> str:
+    """A Markdown table: the header, each column's alignment (``l`` or ``r``), the rows' cells."""
+    rule = "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"
+    rows = ["| " + " | ".join(row) + " |" for row in cells]
+    return "\n".join(["| " + " | ".join(head) + " |", rule, *rows]) + "\n"
+
+
 def write_table(out: str, name: str, row_type: type, rows: Sequence, md: str) -> list[dict]:
     """Write the rows (instances of ``row_type``) and their Markdown; returns the manifest's file
     entries."""
