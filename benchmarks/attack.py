@@ -66,7 +66,8 @@ LIB_BATCH = 256  # pairs per torchattacks call
 def build_inputs(tmp: str, classes: int) -> tuple[str, str]:
     """The sample data ingested, and the class-mean model written as training would."""
     src, data, model = (os.path.join(tmp, d) for d in ("src", "data", "model"))
-    sample.generate(sample.Settings(output=src, classes=classes, train_per_class=2,
+    sample.generate(sample.Settings(output=src, kind="shapes", classes=classes,
+                                    train_per_class=2,
                                     val_per_class=1, oddities=False))
     ingest.run(ingest.Settings(source=src, output=data))
     X, y = load(data, "train")[:2]

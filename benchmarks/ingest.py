@@ -150,7 +150,8 @@ def make_source(args, tmp: str) -> str:
         return src
     per_class = args.images // CLASSES
     if args.sample:
-        sample.generate(sample.Settings(output=src, classes=CLASSES, train_per_class=per_class,
+        sample.generate(sample.Settings(output=src, kind="shapes", classes=CLASSES,
+                                        train_per_class=per_class,
                                         val_per_class=0, oddities=False))
     else:
         photos.tree(src, CLASSES, per_class, workers=os.cpu_count() or 1)

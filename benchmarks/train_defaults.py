@@ -80,7 +80,8 @@ def main() -> None:
         "photos": lambda out: photo_regions(out, 2, 2, 300, 60),
         "photo-grid": lambda out: photo_regions(out, 5, 10, 100, 20, seed=1),
         "digits": digits,
-        "sample": lambda out: sample.generate(sample.Settings(output=out, oddities=False)),
+        "sample": lambda out: sample.generate(sample.Settings(output=out, kind="shapes",
+                                                                    oddities=False)),
     }
     with tempfile.TemporaryDirectory() as tmp:
         root = args.keep or tmp

@@ -1,6 +1,7 @@
 """Generate a small ImageNet look-alike in the real ILSVRC2012 layout, deterministically.
 
     python -m pipelines.sample --output data/sample       # or --output s3://bucket/sample
+    python -m pipelines.sample --output data/shapes --kind shapes --classes 100
 
 writes
     train/<wnid>/<wnid>_<n>.JPEG          class folders, ImageNet-sized JPEGs (quality ~90)
@@ -9,11 +10,15 @@ writes
     LOC_synset_mapping.txt                "<wnid> <names>" per line
     sample.json                           what was planted where, for tests and the curious
 
-Each class has a background colour, a shape, a colour and a position of its own, with per-image
-jitter and noise, so that a linear classifier learns visible templates. The oddities of real
-ImageNet are planted too (CMYK and grayscale JPEGs, a PNG named .JPEG, plus an RGBA PNG), and
-hostile files that the ingest job must quarantine: an empty file, a truncated JPEG, random bytes,
-a text file, an image declaring an enormous size, and a validation image without a label.
+--kind photos (the default): up to ten classes, each a real photograph that scikit-image,
+scikit-learn or matplotlib ships (a cat, an espresso, a rocket, Grace Hopper in uniform, ...), each
+image a random crop of it, flipped at random, at an ImageNet size (pipelines/photos.py).
+--kind shapes: any number of classes, each a background colour, a shape, a colour and a position
+of its own, with per-image jitter and noise.
+Either way the oddities of real ImageNet are planted too (CMYK and grayscale JPEGs, a PNG named
+.JPEG, plus an RGBA PNG), and hostile files that the ingest job must quarantine: an empty file, a
+truncated JPEG, random bytes, a text file, an image declaring an enormous size, and a validation
+image without a label.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import os
 import struct
 import tempfile
 import zlib
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
@@ -34,6 +40,8 @@ import pyarrow.fs as pafs
 from PIL import Image, ImageDraw
 
 from common import cli, storage
+from common.errors import ConfigError
+from pipelines import photos
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +68,10 @@ PLANTED = {(0, 0): "cmyk", (0, 1): "cmyk", (1, 0): "gray", (1, 1): "gray", (2, 0
 @dataclass(frozen=True)
 class Settings:
     output: str = field(metadata={"help": "folder to write the sample into: local path or s3://"})
-    classes: int = field(default=10, metadata={"help": "number of classes"})
+    kind: str = field(default="photos", metadata={
+        "help": "photos: crops of ten real photographs, one a class; shapes: a coloured shape a "
+                "class, any number of classes", "choices": ("photos", "shapes")})
+    classes: int = field(default=10, metadata={"help": "number of classes (photos: at most 10)"})
     train_per_class: int = field(default=300, metadata={"help": "training images per class"})
     val_per_class: int = field(default=50, metadata={"help": "validation images per class"})
     seed: int = field(default=0, metadata={"help": "seed: the same seed gives the same bytes"})
@@ -71,7 +82,9 @@ class Settings:
     RENAMED = {"out": "output", "workers": "num_workers"}  # the old names, refused in one line
 
 
-def class_list(n: int) -> list[tuple[str, str]]:
+def class_list(n: int, kind: str = "shapes") -> list[tuple[str, str]]:
+    if kind == "photos":
+        return [(p.wnid, p.name) for p in photos.PHOTOS[:n]]
     extra = [(f"n9{k:08d}", f"synthetic class {k}") for k in range(len(CLASSES), n)]
     return (CLASSES + extra)[:n]
 
@@ -146,6 +159,15 @@ def bomb_png(width: int = 200_000, height: int = 200_000) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
 
 
+def painter(cfg: Settings, k: int) -> Callable[[np.random.Generator], tuple[Image.Image, tuple]]:
+    """Class k's image maker: a random generator in, (image, its object's box) out."""
+    if cfg.kind == "photos":
+        photo = photos.load(k)
+        return lambda rng: photos.crop(photo, rng, SIZES)
+    style = _style(cfg.seed, k)
+    return lambda rng: draw(style, rng)
+
+
 def _odd_kind(k: int, i: int, oddities: bool) -> str:
     """Which format image i of class k is stored in (a fixed handful are odd)."""
     return PLANTED.get((k, i), "jpeg") if oddities else "jpeg"
@@ -160,16 +182,16 @@ def _write(path: str, data: bytes) -> None:
 def _make_class(args: tuple) -> list[dict]:
     """Draw and write the train and val images of one class; returns the val records."""
     cfg, k, wnid, val_ids = args
-    style = _style(cfg.seed, k)
+    paint = painter(cfg, k)
     for i in range(cfg.train_per_class):
         rng = np.random.default_rng([cfg.seed, 0, k, i])
-        img, _ = draw(style, rng)
+        img, _ = paint(rng)
         kind = _odd_kind(k, i, cfg.oddities)
         _write(os.path.join(cfg.output, "train", wnid, f"{wnid}_{i}.JPEG"), encode(img, kind, rng))
     records = []
     for i, image_id in enumerate(val_ids):
         rng = np.random.default_rng([cfg.seed, 1, k, i])
-        img, box = draw(style, rng)
+        img, box = paint(rng)
         kind = "gray" if cfg.oddities and k == 0 and i == 0 else "jpeg"
         _write(os.path.join(cfg.output, "val", f"{image_id}.JPEG"), encode(img, kind, rng))
         records.append({"image_id": image_id, "wnid": wnid, "box": box})
@@ -180,7 +202,7 @@ def _plant_hostile(cfg: Settings, classes: list[tuple[str, str]], n_val: int) ->
     """Files the ingest must quarantine; returns their records (path, why)."""
     rng = np.random.default_rng([cfg.seed, 2])
     wnid = classes[0][0]
-    jpeg = encode(draw(_style(cfg.seed, 0), rng)[0], "jpeg", rng)
+    jpeg = encode(painter(cfg, 0)(rng)[0], "jpeg", rng)
     files = {
         f"train/{wnid}/{wnid}_empty.JPEG": (b"", "empty"),
         f"train/{wnid}/{wnid}_truncated.JPEG": (jpeg[: len(jpeg) * 2 // 5], "truncated"),
@@ -199,8 +221,11 @@ def _plant_hostile(cfg: Settings, classes: list[tuple[str, str]], n_val: int) ->
 def generate(cfg: Settings) -> dict:
     """Write the sample into ``cfg.output``; returns the description also saved as sample.json."""
     if cfg.classes < 1 or cfg.train_per_class < 0 or cfg.val_per_class < 0:
-        raise ValueError("classes must be >= 1 and image counts >= 0")
-    classes = class_list(cfg.classes)
+        raise ConfigError("--classes must be at least 1 and the image counts at least 0")
+    if cfg.kind == "photos" and cfg.classes > len(photos.PHOTOS):
+        raise ConfigError(f"--kind photos has {len(photos.PHOTOS)} classes, not {cfg.classes}: "
+                          "use --kind shapes for more")
+    classes = class_list(cfg.classes, cfg.kind)
     n_val = cfg.classes * cfg.val_per_class
     order = np.random.default_rng([cfg.seed, 3]).permutation(n_val)  # val ids interleave classes
     ids = [f"ILSVRC2012_val_{j + 1:08d}" for j in order]
@@ -228,6 +253,7 @@ def generate(cfg: Settings) -> dict:
     if cfg.oddities and cfg.val_per_class:
         odd.append({"path": f"val/{ids[0]}.JPEG", "kind": "gray"})
     info = {
+        "kind": cfg.kind,
         "classes": [w for w, _ in classes],
         "train_images": cfg.classes * cfg.train_per_class,
         "val_images": n_val,
@@ -235,6 +261,10 @@ def generate(cfg: Settings) -> dict:
         "hostile": hostile,
         "seed": cfg.seed,
     }
+    if cfg.kind == "photos":  # what each class was cut from
+        info["photos"] = [{"wnid": p.wnid, "package": p.package, "file": p.file,
+                           "sha256": photos.sha256(k)}
+                          for k, p in enumerate(photos.PHOTOS[:cfg.classes])]
     _write(os.path.join(cfg.output, "sample.json"), json.dumps(info, indent=2).encode())
     return info
 
@@ -249,9 +279,9 @@ def run(cfg: Settings) -> None:
     else:
         info = generate(cfg)
     log.info(
-        "wrote %d training and %d validation images of %d classes to %s "
+        "wrote %d training and %d validation images of %d classes (%s) to %s "
         "(%d odd formats, %d hostile files)",
-        info["train_images"], info["val_images"], len(info["classes"]), cfg.output,
+        info["train_images"], info["val_images"], len(info["classes"]), cfg.kind, cfg.output,
         len(info["odd"]), len(info["hostile"]),
     )
 

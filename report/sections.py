@@ -94,27 +94,31 @@ def full_templates(uri: str, W: np.ndarray, shape, names: list[str]) -> bytes:
         return render_templates(W, shape, names)
 
 
-def _data(f: Facts) -> tuple[dict | None, bool]:
-    """The ingest manifest the attack read, and whether it is pipelines.sample's output."""
+def _data(f: Facts) -> tuple[dict | None, str | None]:
+    """The ingest manifest the attack read, and the kind of pipelines.sample's output it is
+    ("photos", "shapes"; None when it is not the sample)."""
     uri = f.manifest[schema.M_SOURCE]["data"]
     try:
         ingest = storage.read_manifest(uri, "ingest output")
     except (ConfigError, OSError):
-        return None, False
+        return None, None
     source = str(ingest.get(schema.M_SOURCE) or "")
+    if not source:
+        return ingest, None
     try:
-        return ingest, bool(source) and storage.exists(storage.join(source, SAMPLE_MARK))
-    except OSError:
-        return ingest, False
+        info = json.loads(storage.read_bytes(storage.join(source, SAMPLE_MARK)))
+    except (OSError, ValueError):
+        return ingest, None
+    return ingest, info.get("kind", "shapes")  # samples before --kind were all shapes
 
 
 def about(f: Facts) -> list[page.Section]:
-    ingest, is_sample = _data(f)
+    ingest, sample_kind = _data(f)
     full = f"{schema.FIGURES_DIR}/{schema.TEMPLATES_FILE}"
     f.files[schema.TEMPLATES_FILE] = full_templates(f.model.uri, f.model.W, f.shape, f.names)
     C = f.model.C
     shown = "all" if C <= TEMPLATES_SHOWN else f"{TEMPLATES_SHOWN} of the {page.number(C)}"
-    body = (story.data_text(ingest, is_sample, f.manifest[schema.M_SOURCE]["data"])
+    body = (story.data_text(ingest, sample_kind, f.manifest[schema.M_SOURCE]["data"])
             + story.model_text(f.model.manifest, C, f.model.D)
             + f"<p>The templates: each class's weights W[c] drawn as an image, stretched to "
               f"0..255 ({shown} classes; <a href=\"{full}\">all, full size</a>).</p>"

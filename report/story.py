@@ -106,8 +106,9 @@ def headline(budget: pd.DataFrame, method: str, pairs: int) -> str:
             f"{esc(method_name(method))}.{more}</span></p>")
 
 
-def data_text(ingest: dict | None, is_sample: bool, data_uri: str) -> str:
-    """What the model was trained and attacked on, saying plainly when it is the sample."""
+def data_text(ingest: dict | None, sample_kind: str | None, data_uri: str) -> str:
+    """What the model was trained and attacked on, saying plainly when it is the sample
+    (``sample_kind``: pipelines.sample's --kind, None for other data)."""
     if ingest is None:
         return f"<p>The data ({esc(data_uri)}) could not be read; its manifest is needed.</p>"
     counts = ingest.get(schema.M_COUNTS, {})
@@ -117,11 +118,14 @@ def data_text(ingest: dict | None, is_sample: bool, data_uri: str) -> str:
     h, w, _ = ingest[schema.M_IMAGE_SHAPE]
     what = (f"{images or 'the'} images of {number(len(ingest[schema.M_CLASSES]))} classes, "
             f"resized to {h}×{w} pixels")
-    if is_sample:
-        return (f"<p><b>The data is the generated sample, not ImageNet</b> "
-                f"(<code>pipelines.sample</code>: each class a coloured shape on a background of "
-                f"its own, with noise): {what}. The numbers show the method at work; the blog's "
-                f"are measured on ImageNet's 1.28 million images.</p>")
+    looks = {"photos": "each class random crops of one real photograph that scikit-image, "
+                       "scikit-learn or matplotlib ships",
+             "shapes": "each class a coloured shape on a background of its own, with noise"}
+    if sample_kind:
+        return (f"<p><b>The data is the built-in sample, not ImageNet</b> "
+                f"(<code>pipelines.sample</code>: {looks.get(sample_kind, sample_kind)}): "
+                f"{what}. The numbers show the method at work; the blog's are measured on "
+                f"ImageNet's 1.28 million images.</p>")
     source = ingest.get(schema.M_SOURCE)
     where = f", read from <code>{esc(str(source))}</code>" if source else ""
     return f"<p>The data: {what}{where}.</p>"

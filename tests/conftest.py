@@ -60,8 +60,8 @@ def ray_local(s3_server):
 def sample_dir(tmp_path_factory) -> Path:
     """A small ImageNet look-alike with every planted oddity and hostile file."""
     out = tmp_path_factory.mktemp("sample")
-    sample.generate(sample.Settings(output=str(out), classes=4, train_per_class=12, val_per_class=4,
-                                    num_workers=2))
+    sample.generate(sample.Settings(output=str(out), kind="shapes", classes=4, train_per_class=12,
+                                    val_per_class=4, num_workers=2))
     return out
 
 

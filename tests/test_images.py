@@ -71,7 +71,8 @@ def test_output_is_row_major_hwc():
 
 def test_full_decode_matches_pillow_reference(tmp_path):
     """Without draft, the result is exactly Pillow's own full decode + box resize."""
-    info = sample.generate(sample.Settings(output=str(tmp_path), classes=2, train_per_class=3,
+    info = sample.generate(sample.Settings(output=str(tmp_path), kind="shapes", classes=2,
+                                           train_per_class=3,
                                            val_per_class=0, oddities=False, num_workers=1))
     for path in glob.glob(str(tmp_path / "train" / "*" / "*.JPEG")):
         data = open(path, "rb").read()
@@ -82,7 +83,8 @@ def test_full_decode_matches_pillow_reference(tmp_path):
 
 
 def test_draft_decoding_stays_close_to_full_decode(tmp_path):
-    sample.generate(sample.Settings(output=str(tmp_path), classes=4, train_per_class=10,
+    sample.generate(sample.Settings(output=str(tmp_path), kind="shapes", classes=4,
+                                    train_per_class=10,
                                     val_per_class=0, oddities=False, num_workers=1))
     diffs = []
     for path in glob.glob(str(tmp_path / "train" / "*" / "*.JPEG")):

@@ -153,7 +153,8 @@ def test_an_output_overlapping_the_source_is_refused_and_the_source_untouched(
 def test_file_size_option_splits_files(sample_dir, ray_local, tmp_path):
     """At 16x16 (768 bytes a row) and 1 MiB files the split needs several files."""
     big = tmp_path / "big"
-    sample.generate(sample.Settings(output=str(big), classes=2, train_per_class=1500,
+    sample.generate(sample.Settings(output=str(big), kind="shapes", classes=2,
+                                    train_per_class=1500,
                                     val_per_class=0, oddities=False, num_workers=2))
     out = str(tmp_path / "out")
     m = ingest.run(ingest.Settings(source=str(big), output=out, splits=("train",), size=16,

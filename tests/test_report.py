@@ -89,7 +89,7 @@ def test_the_page_tells_the_story_with_class_names(built, run_dirs):
     out, _ = built
     page = open(os.path.join(out, "index.html")).read()
     text = re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", page.split("<details>")[0])))
-    assert "The data is the generated sample, not ImageNet" in text  # the sample's mark is seen
+    assert "The data is the built-in sample, not ImageNet" in text  # the sample's mark is seen
     # the headline's median is the methods table's, over the same pairs (those that had to move)
     half = re.search(r"becomes any class you choose with a change of ([\d.]+) levels out of 255 "
                      r".*? ([\d,]+) \(validation image, target\) pairs that had to move", text)

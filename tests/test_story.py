@@ -72,6 +72,7 @@ def test_the_easiest_and_hardest_lists_never_share_a_class():
 def test_the_sample_is_named_plainly():
     ingest = {schema.M_CLASSES: ["a", "b"], schema.M_IMAGE_SHAPE: [64, 64, 3],
               schema.M_COUNTS: {"train": {"written": 3000}, "val": {"written": 500}}}
-    assert "generated sample, not ImageNet" in story.data_text(ingest, True, "d")
-    text = story.data_text(ingest, False, "d")
+    assert "built-in sample, not ImageNet" in story.data_text(ingest, "shapes", "d")
+    assert "real photograph" in story.data_text(ingest, "photos", "d")
+    text = story.data_text(ingest, None, "d")
     assert "sample" not in text and "3,000 training and 500 validation images of 2" in text
