@@ -245,8 +245,8 @@ def run(cfg: Settings, *, kill_worker_once: str | None = None) -> dict:
               val_files=tuple(dataset.split_files(cfg.data, m, "val")),
               val_counts=tuple(dataset.split_counts(m, "val")),
               n_val=inputs.n_val, image_shape=tuple(m[schema.M_IMAGE_SHAPE]),
-              keep_images=cfg.keep_images == "all", confidence=cfg.confidence,
-              noise_seed=cfg.seed, batch_size=cfg.pairs_per_batch,
+              class_names=tuple(schema.class_names(m)), keep_images=cfg.keep_images == "all",
+              confidence=cfg.confidence, noise_seed=cfg.seed, batch_size=cfg.pairs_per_batch,
               device="cuda" if cfg.use_gpu else "cpu", kill_once=kill_worker_once)
     chunks = parts.val_chunks(inputs.n_val, settings["rows_per_chunk"]) + parts.noise_chunk(
         cfg.noise_images)
@@ -265,7 +265,7 @@ def run(cfg: Settings, *, kill_worker_once: str | None = None) -> dict:
     files = _check_rows(all_parts, markers)
     t = time.perf_counter()
     pairs = Pairs(job.output, files)  # what the summary and the figures read back
-    files += outputs.write_summary(pairs, cfg.methods, inputs.targets)
+    files += outputs.write_summary(pairs, cfg.methods, inputs.targets, job.class_names)
     model = LinearModel(inputs.model.W, inputs.model.b, facts=facts)
     files += outputs.write_figures(job, pairs, model, list(inputs.targets), m, cfg.methods,
                                    cfg.noise_images)

@@ -1,6 +1,6 @@
 """Beside the pairs: the summary tables and the contact sheets, written after every part is done.
 
-    >>> files = write_summary(pairs, ["sign"], targets)            # summary/*.parquet
+    >>> files = write_summary(pairs, ["sign"], targets, names)     # summary/*.parquet
     >>> files += write_figures(job, pairs, model, targets, manifest, ["sign"], noise=4)
 
 Both read the stored pairs back, so they show what analysts will read. Where images were not kept,
@@ -41,9 +41,10 @@ def _write_table(output: str, rel: str, table: pa.Table) -> dict:
             "sha256": hashlib.sha256(data).hexdigest()}
 
 
-def write_summary(pairs: Pairs, methods, targets) -> list[dict]:
-    """Write summary/*.parquet; log each method's success rate."""
-    tables = summary.summarize(pairs, methods, targets)
+def write_summary(pairs: Pairs, methods, targets, names) -> list[dict]:
+    """Write summary/*.parquet (``names``: a name per class, schema.class_names); log each
+    method's success rate."""
+    tables = summary.summarize(pairs, methods, targets, names)
     q50 = schema.quantile_column(schema.LINF, 0.5)
     for r in tables["methods"].to_pylist():
         log.info("%-5s %-9s fooled %d of %d pairs (%.1f%%), median linf %.1f", r[schema.ORIGIN],
@@ -100,8 +101,7 @@ def write_figures(job: Job, pairs: Pairs, model: LinearModel, run_targets: list[
                   manifest: dict, methods, noise: int) -> list[dict]:
     """figures/<origin>-<method>.png for the validation images and, if any, the noise starts."""
     output = job.output
-    names = manifest.get(schema.M_CLASS_NAMES) or manifest[schema.M_CLASSES]
-    names = [n or w for n, w in zip(names, manifest[schema.M_CLASSES])]
+    names = schema.class_names(manifest)
     files = []
     for origin in ("val", "noise") if noise else ("val",):
         ids, _, X = _originals(job, model.D, origin, noise)

@@ -6,7 +6,7 @@ readers, and its files checked against the listing that names them.
 Written by the attack's workers, one file per (method, target, chunk), row group by row group:
 
     >>> files = TargetFiles(out, "sign", [3, 7], "val-00000", (64, 64, 3))
-    >>> files.add(pair_tables(columns, [3, 7], keep_images=True))   # buffered into row groups
+    >>> files.add(pair_tables(columns, [3, 7], names, keep_images=True))  # buffered, row groups
     >>> listing = files.close()              # [{path, rows, bytes}] for the part's marker
 
 Read through ``Pairs``, which knows the files from a listing, never from a folder's contents: a
@@ -20,13 +20,16 @@ markers. A missing, damaged or extra file is one ConfigError naming it.
     >>> for batch in pairs.batches([schema.IMAGE, schema.TARGET], 4096): ...
 
 Columns and types come from common/schema.py (``PAIRS_FILE_SCHEMA``: the method and the target
-live in the folder names, and in each file's metadata, with the image column's shape).
+live in the folder names, and in each file's metadata, with the image column's shape). Besides
+the measurements, the writer adds the target's and the source's class names and whether the pair
+had to move (``schema.PAIRS_NAMED``). Files written before those columns read as before; a read
+that asks them of such a file is one ConfigError naming it.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,14 +68,33 @@ def binary_column(images: np.ndarray) -> pa.Array:
     return pa.Array.from_buffers(pa.binary(), P, [None, pa.py_buffer(offsets), pa.py_buffer(data)])
 
 
-def pair_tables(cols: dict[str, np.ndarray], targets: list[int], keep_images: bool) -> dict:
-    """Split image-major pair columns (each (N*T,)) into one Arrow table per target."""
+def names_column(index: np.ndarray, names: Sequence[str]) -> pa.DictionaryArray:
+    """Class indices (-1: none) -> their ``names`` as a ``schema.CLASS_NAME`` array (null for -1)
+    whose dictionary holds only the classes that occur."""
+    index = np.asarray(index)
+    used = np.unique(index[index >= 0])
+    codes = pa.array(np.searchsorted(used, index).astype(np.int16), mask=index < 0)
+    return pa.DictionaryArray.from_arrays(codes, pa.array([names[k] for k in used], pa.string()))
+
+
+def pair_tables(cols: dict[str, np.ndarray], targets: list[int], names: Sequence[str],
+                keep_images: bool) -> dict:
+    """Split image-major pair columns (each (N*T,)) into one Arrow table per target, with the
+    target's and the source's class names (``names``: one per class, ``schema.class_names``)
+    and whether each pair had to move (``schema.had_to_move``)."""
     T = len(targets)
     out = {}
     for j, target in enumerate(targets):
+        label = cols[schema.LABEL][j::T]
+        named = {schema.TARGET_NAME: names_column(np.full(len(label), target), names),
+                 schema.SOURCE_NAME: names_column(label, names),
+                 schema.HAD_TO_MOVE: pa.array(schema.had_to_move(cols[schema.PRED][j::T],
+                                                                 target), pa.bool_())}
         arrays = []
         for f in schema.PAIRS_FILE_SCHEMA:
-            if f.name == schema.IMAGE:
+            if f.name in named:
+                arr = named[f.name]
+            elif f.name == schema.IMAGE:
                 arr = (binary_column(cols[f.name][j::T]) if keep_images
                        else pa.nulls(len(cols[schema.LABEL][j::T]), pa.binary()))
             else:
@@ -109,7 +131,8 @@ class TargetFiles:
             self.writers[t] = pq.ParquetWriter(
                 path, schema.pair_file_schema(self.method, t, self.shape), filesystem=fs,
                 compression=COMPRESSION, write_page_checksum=True)
-        table = pa.concat_tables(self.buffers[t])
+        # one dictionary per column of a row group: the names are written once in it
+        table = pa.concat_tables(self.buffers[t]).unify_dictionaries()
         self.writers[t].write_table(table, row_group_size=ROW_GROUP_ROWS)
         self.buffers[t] = []
 
@@ -259,9 +282,10 @@ class Pairs:
             raise ConfigError(f"{storage.join(self.results, extra[0])} is not listed in the "
                               f"manifest ({len(extra)} such files): another run wrote here")
 
-    def _dataset(self, uri: str) -> ds.Dataset:
+    def _dataset(self, uri: str, columns: list[str]) -> ds.Dataset:
         """One listed file, its partition columns typed, each page checked against its CRC when
-        read; its columns are the contract's (a damaged footer can say otherwise)."""
+        read; its columns are the contract's (a damaged footer can say otherwise), or those of a
+        file written before the names when ``columns`` asks none of them."""
         fs, root = storage.filesystem(storage.join(self.results, schema.PAIRS_DIR))
         pairs = self._read(lambda: ds.dataset(
             [storage.filesystem(uri)[1]], filesystem=fs, format=VERIFIED,
@@ -269,7 +293,9 @@ class Pairs:
         got = pairs.schema
         wrong = [c.name for c in schema.PAIRS_FILE_SCHEMA
                  if got.get_field_index(c.name) < 0 or not got.field(c.name).type.equals(c.type)]
-        if wrong:
+        if set(wrong) == set(schema.PAIRS_NAMED) and not any(c in got.names for c in wrong):
+            _unnamed(uri, columns)  # written before the names
+        elif wrong:
             raise ConfigError(f"{uri}: damaged, or not a pairs file (its {', '.join(wrong)} "
                               "missing or of another type)")
         return pairs
@@ -293,7 +319,8 @@ class Pairs:
                               f"{target}")
         tables = []
         for uri, f in listed:
-            table = self._read(lambda u=uri: self._dataset(u).to_table(columns=columns), uri)
+            table = self._read(lambda u=uri: self._dataset(u, columns).to_table(columns=columns),
+                               uri)
             self._counted(uri, f, table.num_rows)
             tables.append(table)
         return pa.concat_tables(tables)
@@ -301,8 +328,12 @@ class Pairs:
     def take(self, method: str, target: int, ids: list[str],
              columns: list[str] | None = None) -> dict[str, dict]:
         """The rows of these image ids in one partition (image_id -> row; absent: not there),
-        reading only the row groups that hold them."""
+        reading only the row groups that hold them; ``columns`` None: every column of its file
+        (a file written before the names has none)."""
         listed = self._listed(method, target)
+        if columns and any(c in schema.PAIRS_NAMED for c in columns):
+            for uri, _ in listed:
+                self._dataset(uri, columns)
         return dataset.rows_by_id([u for u, _ in listed], ids,
                                   columns or schema.PAIRS_FILE_SCHEMA.names,
                                   counts=[f.rows for _, f in listed])
@@ -312,7 +343,7 @@ class Pairs:
         ``batch_rows`` at a time, file by file (a file whose rows are not its listing's stops
         the reader at its end)."""
         for uri, f in (pair for key in sorted(self.files) for pair in self._listed(*key)):
-            batches = self._read(lambda u=uri: self._dataset(u).to_batches(
+            batches = self._read(lambda u=uri: self._dataset(u, columns).to_batches(
                 columns=columns, batch_size=batch_rows, batch_readahead=1), uri)
             rows = 0
             while (batch := self._read(lambda b=batches: next(b, None), uri)) is not None:
@@ -327,3 +358,12 @@ class Pairs:
             return read()
         except (OSError, pa.ArrowException, UnicodeDecodeError) as e:
             raise dataset.damaged(uri, e) from None
+
+
+def _unnamed(uri: str, columns: list[str]) -> None:
+    """A file written before pairs carried their names reads, unless ``columns`` asks them."""
+    asked = [c for c in columns if c in schema.PAIRS_NAMED]
+    if asked:
+        raise ConfigError(f"{uri} was written before pairs files carried {', '.join(asked)}: "
+                          "rerun the attack with --overwrite, or join the manifest's class_names "
+                          "by index (had to move: pred != target)")

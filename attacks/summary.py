@@ -2,21 +2,24 @@
 
     python -m attacks.summary --results out/fooling       # print a finished output's summary
 
-    >>> tables = summarize(Pairs.open("s3://bucket/fooling"), ["sign"], range(1000))
+    >>> m = open_attack("s3://bucket/fooling")
+    >>> tables = summarize(Pairs.open("s3://bucket/fooling", m), ["sign"], range(1000),
+    ...                    schema.class_names(m))
     >>> tables["targets"].to_pandas()       # one row per (origin, method, target)
 
 Five tables, written by the job under ``summary/`` (file names in common/schema.py):
-- ``targets``: per origin, method and target: pairs, fooled, success rate, and over the fooled
-  pairs that had to move (the model did not already say the target) the mean and quantiles of
-  strength, linf and l2, the median certified L-inf bound and the median ratio linf / bound (how
-  far the attack is from the provable minimum).
+- ``targets``: per origin, method and target (``target_name`` beside it): pairs, fooled, success
+  rate, and over the fooled pairs that had to move (``schema.had_to_move``: the model did not
+  already say the target) the mean and quantiles of strength, linf and l2, the median certified
+  L-inf bound and the median ratio linf / bound (how far the attack is from the provable minimum).
 - ``methods``: per origin and method: the same counts, the quantiles of strength and linf (exact:
   both live on a grid) and the mean l2 over the pairs that had to move.
 - ``budget``: per origin and method, for each L-inf budget 0..255 the fraction of all pairs fooled
   within it: the "success vs budget" curve; and the fraction whose certified bound is within it,
   which no attack can exceed.
-- ``sources``: per method and source class of the validation images: pairs, success rate, mean
-  linf of the pairs that had to move (which classes resist).
+- ``sources``: per method and source class of the validation images (``label``, and
+  ``source_name`` beside it): pairs, success rate, mean linf of the pairs that had to move (which
+  classes resist).
 - ``strength``: per origin and method, the histogram of the strength the fooled pairs needed.
 
 Partitions are read one (method, target) folder at a time, so memory does not grow with the run.
@@ -32,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from attacks.pairs import Pairs, open_attack
+from attacks.pairs import Pairs, names_column, open_attack
 from common import cli, schema, storage
 from common.errors import ConfigError
 from common.schema import TEMPLATE_RES
@@ -59,7 +62,7 @@ def target_stats(table: pa.Table, method: str, target: int) -> list[dict]:
         if not rows.any():
             continue
         fooled = rows & cols[schema.SUCCESS]
-        ok = fooled & (cols[schema.PRED] != target)  # pairs that had to move
+        ok = fooled & schema.had_to_move(cols[schema.PRED], target)
         s, linf, l2 = (cols[c][ok].astype(np.float64)
                        for c in (schema.STRENGTH, schema.LINF, schema.L2))
         bound = cols[schema.BOUND_LINF][ok].astype(np.float64)
@@ -172,15 +175,23 @@ def _source_rows(method: str, rs: list[dict]) -> list[dict]:
             for label in range(len(pairs_)) if pairs_[label]]
 
 
-def summarize(pairs: Pairs, methods, targets) -> dict[str, pa.Table]:
-    """Read every (method, target) partition's statistics (no images) and build the tables."""
+def summarize(pairs: Pairs, methods, targets, names) -> dict[str, pa.Table]:
+    """Read every (method, target) partition's statistics (no images) and build the tables;
+    ``names``: a name per class (``schema.class_names``), beside the targets and source classes."""
     jobs = [(m, int(t)) for m in methods for t in targets]
     with ThreadPoolExecutor(READ_THREADS) as pool:
         parts = pool.map(lambda mt: target_stats(pairs.read(*mt, STATS), *mt), jobs)
         rows = [r for part in parts for r in part]
     per_target = pa.Table.from_pylist([{k: v for k, v in r.items() if not k.startswith("_")}
                                        for r in rows])
-    return {"targets": per_target, **method_tables(rows)}
+    tables = {"targets": per_target, **method_tables(rows)}
+    for table, index, name in (("targets", schema.TARGET, schema.TARGET_NAME),
+                               ("sources", schema.LABEL, schema.SOURCE_NAME)):
+        t = tables[table]
+        tables[table] = t.add_column(t.schema.get_field_index(index) + 1,
+                                     pa.field(name, schema.CLASS_NAME, nullable=False),
+                                     names_column(t.column(index).to_numpy(), names))
+    return tables
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,7 @@ class Job:
     val_counts: tuple[int, ...]  # rows of each
     n_val: int  # validation images attacked: the first n_val rows
     image_shape: tuple[int, int, int]
+    class_names: tuple[str, ...]  # a name per class (schema.class_names), for the pairs' columns
     keep_images: bool
     confidence: float | None  # None: the first image classified as the target
     noise_seed: int
@@ -110,7 +111,7 @@ class FoolWorker:
         per_batch = max(1, self.batch // len(targets))
         for ids, labels, X in self.images(chunk, per_batch):
             cols = self.attack_batch(attack, chunk.origin, ids, labels, X, targets)
-            files.add(pair_tables(cols, targets, self.job.keep_images))
+            files.add(pair_tables(cols, targets, self.job.class_names, self.job.keep_images))
             if self.counter is not None:
                 self.counter.add.remote(len(ids) * len(targets))
         listing = files.close()

@@ -108,7 +108,28 @@ SUCCESS = "success"  # fooled_pred == target
 P_TARGET = "p_target"  # softmax probability of the target on the stored image
 BOUND_LINF = "bound_linf"  # certified lower bounds on the distance to the target's region
 BOUND_L2 = "bound_l2"
+# The classes by name (class_names below), beside their indices: dictionary-encoded strings, so
+# that a file holds each name once per row group, not once per row
+TARGET_NAME = "target_name"  # the name of TARGET
+SOURCE_NAME = "source_name"  # the name of LABEL, the image's class in the data; null for noise
+HAD_TO_MOVE = "had_to_move"  # had_to_move(pred, target), below
+CLASS_NAME = pa.dictionary(pa.int16(), pa.string())
 PAIRS_DIR, SUMMARY_DIR, FIGURES_DIR = "pairs", "summary", "figures"
+
+
+def class_names(manifest: dict) -> list[str]:
+    """A name per class of an ingest, model or attack manifest: the data's names
+    (``LOC_synset_mapping.txt``'s, e.g. ``tench, Tinca tinca``), the WNID where it has none."""
+    names = manifest.get(M_CLASS_NAMES) or manifest[M_CLASSES]
+    return [n or w for n, w in zip(names, manifest[M_CLASSES])]
+
+
+def had_to_move(pred, target):
+    """Whether a pair had to move: the model did not already predict the target for the original
+    image (``pred != target``; numpy or pandas values, or ints). The others are fooled unchanged,
+    at L-inf 0; the summaries' L-inf, L2 and strength statistics are over the pairs that had to
+    move."""
+    return pred != target
 
 PAIRS_SCHEMA = pa.schema(
     [
@@ -126,9 +147,14 @@ PAIRS_SCHEMA = pa.schema(
         pa.field(P_TARGET, pa.float32(), nullable=False),
         pa.field(BOUND_LINF, pa.float32(), nullable=False),
         pa.field(BOUND_L2, pa.float32(), nullable=False),
+        pa.field(TARGET_NAME, CLASS_NAME, nullable=False),
+        pa.field(SOURCE_NAME, CLASS_NAME, nullable=True),  # null for noise
+        pa.field(HAD_TO_MOVE, pa.bool_(), nullable=False),
         pa.field(IMAGE, pa.binary(), nullable=True),  # null when images are not kept
     ]
 )
+# Pairs files written before the names: readable, without these columns (attacks/pairs.py)
+PAIRS_NAMED = (TARGET_NAME, SOURCE_NAME, HAD_TO_MOVE)
 # The folders pairs/method=<m>/target=<t>/ carry METHOD and TARGET; the files hold the other
 # columns (a column in both places makes pyarrow's and pandas' Hive readers refuse the dataset).
 # Read them back typed with pairs_partitioning() (below).
@@ -184,7 +210,8 @@ SUMMARY_STRENGTH = "strength.parquet"  # per (origin, method) histogram of the s
 SUMMARY_TABLES = {"targets": SUMMARY_TARGETS, "methods": SUMMARY_METHODS,
                   "budget": SUMMARY_BUDGET, "sources": SUMMARY_SOURCES,
                   "strength": SUMMARY_STRENGTH}
-# Their columns, besides ORIGIN, METHOD, TARGET and LABEL:
+# Their columns, besides ORIGIN, METHOD, TARGET with TARGET_NAME (targets table) and LABEL with
+# SOURCE_NAME (sources table):
 S_PAIRS, S_FOOLED, S_MOVED = "pairs", "fooled", "moved"  # all pairs; fooled; fooled and had to move
 S_SUCCESS_RATE = "success_rate"  # fooled / pairs
 S_BUDGET = "budget"  # an L-inf budget 0..255 (budget table)
@@ -200,7 +227,8 @@ def quantile_column(name: str, q: float) -> str:
     return f"{name}_q{round(q * 100):02d}"
 
 
-# What each table must hold for its readers (the report, attacks.summary).
+# What each table must hold for its readers (the report, attacks.summary); the names are not
+# required, so that tables written before them still read.
 SUMMARY_COLUMNS = {
     "targets": [ORIGIN, METHOD, TARGET, S_PAIRS, S_FOOLED, S_SUCCESS_RATE,
                 quantile_column(LINF, 0.5)],

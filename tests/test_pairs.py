@@ -7,6 +7,8 @@ import os
 import re
 
 import numpy as np
+import pandas as pd
+import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
@@ -18,6 +20,7 @@ from common.errors import ConfigError
 SHAPE = (2, 2, 3)
 D = int(np.prod(SHAPE))
 CLASSES = ["n01440764", "n01443537", "n01484850", "n01491361"]
+NAMES = ["tench, Tinca tinca", "goldfish, Carassius auratus", "great white shark", "tiger shark"]
 
 
 def columns(ids: list[str], targets: list[int], seed: int) -> dict[str, np.ndarray]:
@@ -42,7 +45,7 @@ def written(tmp_path):
     for chunk, ids, seed in (("val-00000", ["a", "b", "c"], 0), ("val-00001", ["d", "e"], 1)):
         cols[chunk] = columns(ids, [1, 3], seed)
         files = TargetFiles(out, "sign", [1, 3], chunk, SHAPE)
-        files.add(pair_tables(cols[chunk], [1, 3], keep_images=True))
+        files.add(pair_tables(cols[chunk], [1, 3], NAMES, keep_images=True))
         listing += files.close()
     return out, listing, cols
 
@@ -68,21 +71,78 @@ def test_reads_agree_with_pyarrow_alone(written):
         schema.TARGET).type
 
 
+def test_names_in_every_row_are_the_manifests_joined_by_index(tmp_path):
+    """Read with pyarrow and pandas alone, every row's target_name and source_name are the names
+    of its target and label (null for noise's -1), joined from the names list by index, and
+    had_to_move is pred != target; the columns are dictionary-encoded strings."""
+    out = str(tmp_path / "fooling")
+    cols = columns(["a", "b", "c", "noise-000000"], [0, 2, 3], seed=2)
+    noise = cols[schema.IMAGE_ID] == "noise-000000"
+    cols[schema.ORIGIN][noise], cols[schema.LABEL][noise] = "noise", -1
+    files = TargetFiles(out, "exact", [0, 2, 3], "val-00000", SHAPE)
+    files.add(pair_tables(cols, [0, 2, 3], NAMES, keep_images=False))
+    files.close()
+    table = ds.dataset(os.path.join(out, "pairs"), format="parquet",
+                       partitioning=schema.pairs_partitioning()).to_table()
+    for name in (schema.TARGET_NAME, schema.SOURCE_NAME):
+        assert table.schema.field(name).type == pa.dictionary(pa.int16(), pa.string())
+    df = table.to_pandas()
+    by_index = pd.DataFrame({"index": range(len(NAMES)), "name": NAMES})
+    for index, name in ((schema.TARGET, schema.TARGET_NAME), (schema.LABEL, schema.SOURCE_NAME)):
+        joined = df[[index, name]].astype({index: int, name: object}).merge(
+            by_index, how="left", left_on=index, right_on="index")  # no name: -1, noise
+        assert len(joined) == len(df) == 12
+        assert joined[name].fillna("-").tolist() == joined["name"].fillna("-").tolist()
+    assert df[schema.SOURCE_NAME].isna().tolist() == (df[schema.LABEL] == -1).tolist()
+    assert df[schema.HAD_TO_MOVE].tolist() == (df[schema.PRED] != df[schema.TARGET]).tolist()
+
+
+def test_a_file_written_before_the_names_reads_without_them(written):
+    """A pairs file of an older output (no target_name, source_name, had_to_move) reads as
+    before; a read that asks for them is one line naming it; one lacking a part of them is
+    damaged."""
+    out, listing, _ = written
+    path = os.path.join(out, pair_file("sign", 3, "val-00000"))
+    full = pq.read_table(path)
+
+    def rewrite(table):
+        pq.write_table(table, path, write_page_checksum=True)
+        finished(out, [{**f, "bytes": os.path.getsize(os.path.join(out, f["path"]))}
+                       for f in listing])
+        return Pairs.open(out)
+
+    pairs = rewrite(full.drop_columns(list(schema.PAIRS_NAMED)))
+    assert pairs.read("sign", 3, [schema.IMAGE_ID, schema.LINF]).num_rows == 5
+    assert pairs.take("sign", 3, ["b"])["b"].keys() == {
+        *schema.PAIRS_FILE_SCHEMA.names} - {*schema.PAIRS_NAMED}
+    assert sum(b.num_rows for b in pairs.batches([schema.IMAGE_ID, schema.TARGET], 2)) == 10
+    message = rf"^{path} was written before pairs files carried target_name: rerun the attack"
+    for read in (lambda: pairs.read("sign", 3, [schema.TARGET_NAME]),
+                 lambda: pairs.take("sign", 3, ["a"], [schema.IMAGE_ID, schema.TARGET_NAME]),
+                 lambda: list(pairs.batches([schema.TARGET_NAME], 2))):
+        with pytest.raises(ConfigError, match=message) as e:
+            read()
+        assert "\n" not in str(e.value)
+    pairs = rewrite(full.drop_columns([schema.HAD_TO_MOVE]))
+    with pytest.raises(ConfigError, match=r"damaged, or not a pairs file \(its had_to_move "):
+        pairs.read("sign", 3, [schema.LINF])
+
+
 def write_attack(out: str) -> dict:
     """A small attack output: pairs by TargetFiles, the summary tables by the job's writer, and a
     manifest as attacks.fool writes it."""
     listing, targets = [], [1, 3]
     for chunk, ids, seed in (("val-00000", ["a", "b", "c"], 0), ("val-00001", ["d", "e"], 1)):
         files = TargetFiles(out, "sign", targets, chunk, SHAPE)
-        files.add(pair_tables(columns(ids, targets, seed), targets, keep_images=True))
+        files.add(pair_tables(columns(ids, targets, seed), targets, NAMES, keep_images=True))
         listing += files.close()
     from attacks import outputs  # torch: only for the tests that need a whole output
 
-    listing += outputs.write_summary(Pairs(out, listing), ["sign"], targets)
+    listing += outputs.write_summary(Pairs(out, listing), ["sign"], targets, NAMES)
     manifest = {
         schema.M_KIND: "attack",
         schema.M_SOURCE: {"data": "/data", "model": "/model", "model_sha256": "ab" * 32},
-        schema.M_CLASSES: CLASSES, schema.M_CLASS_NAMES: None, schema.M_IMAGE_SHAPE: list(SHAPE),
+        schema.M_CLASSES: CLASSES, schema.M_CLASS_NAMES: NAMES, schema.M_IMAGE_SHAPE: list(SHAPE),
         schema.M_COUNTS: {"pairs": 10, "val_images": 5, "noise_images": 0, "targets": 2,
                           "methods": ["sign"]},
         "layout": "pairs/method=<method>/target=<target>/<chunk>.parquet",
@@ -237,3 +297,16 @@ def test_a_damaged_summary_table_is_named(attack_output):
     with pytest.raises(ConfigError, match=rf"{schema.SUMMARY_TARGETS}: the manifest records no "
                                           "sha256 of it"):
         read_summary(attack_output)
+
+
+def test_the_summary_tables_name_their_classes(attack_output):
+    from attacks.summary import read_summary
+
+    tables = read_summary(attack_output)
+    names = schema.class_names(storage.read_manifest(attack_output))
+    for table, index, name in (("targets", schema.TARGET, schema.TARGET_NAME),
+                               ("sources", schema.LABEL, schema.SOURCE_NAME)):
+        t = tables[table]
+        assert t.schema.field(name).type == schema.CLASS_NAME and t.num_rows > 0
+        assert t.column(name).to_pylist() == [names[k] for k in t.column(index).to_pylist()]
+        assert t.column_names.index(name) == t.column_names.index(index) + 1
