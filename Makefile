@@ -35,7 +35,10 @@ chromium: ## install Debian's Chromium for the report's browser test, when missi
 lint: $(STAMP) ## ruff
 	$(VENV)/bin/ruff check .
 
-# The main job end to end on built-in sample data, local Ray, output under demo-out/.
+# The main job end to end on built-in sample, local Ray, output under demo-out/: the photographs,
+# the model and every fooling image; the blog's 99% fooling images (the same model pushed on, on
+# the first 30 images); the regularization trade-off (three strengths, each model attacked on 30
+# images); the summary and the report of all of it.
 demo: $(STAMP) ## every job and the report on the built-in sample, into demo-out/
 	$(PY) -m pipelines.sample --output $(DEMO)/sample
 	$(PY) -m pipelines.ingest --source $(DEMO)/sample --output $(DEMO)/imagenet64 --overwrite
@@ -43,8 +46,15 @@ demo: $(STAMP) ## every job and the report on the built-in sample, into demo-out
 	$(PY) -m training.train --data $(DEMO)/imagenet64 --output $(DEMO)/model --overwrite
 	$(PY) -m attacks.fool --data $(DEMO)/imagenet64 --model $(DEMO)/model \
 		--output $(DEMO)/fooling --noise-images 4 --overwrite
+	$(PY) -m attacks.fool --data $(DEMO)/imagenet64 --model $(DEMO)/model \
+		--output $(DEMO)/confident --methods iterative --confidence 0.99 --limit-images 30 --overwrite
+	$(PY) -m training.sweep --data $(DEMO)/imagenet64 --output $(DEMO)/sweep --reg 0.1,10,100 \
+		--epochs 5 --overwrite
+	$(PY) -m attacks.frontier --sweeps $(DEMO)/sweep --output $(DEMO)/frontier --limit-images 30 \
+		--overwrite
 	$(PY) -m attacks.summary --results $(DEMO)/fooling
-	$(PY) -m report --results $(DEMO)/fooling --output $(DEMO)/report --overwrite
+	$(PY) -m report --results $(DEMO)/fooling --sweep $(DEMO)/sweep --frontier $(DEMO)/frontier \
+		--confident $(DEMO)/confident --output $(DEMO)/report --overwrite
 
 bench-ingest: $(STAMP) ## ingest benchmark: the job against Ray's stock reader
 	$(PY) -m benchmarks.ingest --images 10000 --repeat 2

@@ -2,15 +2,17 @@
 
     python -m report --results out/fooling --output out/report \\
         [--model out/model] [--sweep out/sweep] [--frontier out/frontier] \\
-        [--transfer out/transfer]
+        [--confident out/confident] [--transfer out/transfer]
 
 Reads the attack job's output (local or s3://; refused without its manifest): its summary tables,
 a few dozen of its stored pairs (the galleries) with the images they started from, the model's
-weights and manifest, the data's manifest, and a regularization sweep when given. Writes
-``index.html`` (every picture it shows embedded: it opens offline, from anywhere; under BUDGET_MB
-also at 1,000 classes), the full-size figures it links beside it under ``figures/``, and
-``manifest.json``. It reads summary tables and a bounded number of partitions, never every pair,
-so it takes about as long on 50M pairs as on a thousand. The sections are in report/sections.py.
+weights and manifest, the data's manifest; and, when given, a regularization sweep, a frontier
+(the same pairs under each of its models), an attack of the same model run with --confidence
+(a gallery of confident fooling images) and transfer tables. Writes ``index.html`` (every
+picture it shows embedded, so it opens offline, from anywhere; a few MB, also at 1,000 classes),
+the full-size figures it links beside it under ``figures/``, and ``manifest.json``. It reads
+summary tables and a bounded number of partitions, never every pair, so it takes about as long
+on 50M pairs as on a thousand.
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ class Settings:
         "help": "an attacks.frontier output: accuracy against fooling strength"})
     transfer: tuple[str, ...] = field(default=(), metadata={
         "help": "attacks.transfer outputs, shown as one matrix"})
+    confident: str | None = field(default=None, metadata={
+        "help": "an attack output of the same model run with --confidence (e.g. 0.99): a "
+                "gallery of fooling images the model is that sure of"})
     top: int = field(default=8, metadata={"help": "classes shown as easiest and hardest"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing report"})
 
@@ -51,8 +56,8 @@ def build(cfg: Settings) -> tuple[str, dict[str, bytes]]:
     frames = {k: t.to_pandas() for k, t in summary.read_summary(cfg.results).items()}
     m = open_attack(cfg.results)
     model = examples.attack_model(cfg.results, m, cfg.model)
-    f = sections.Facts(cfg.results, m, frames, model, examples.class_names(m), cfg.top, cfg.sweep,
-                       cfg.frontier, cfg.transfer)
+    f = sections.Facts(cfg.results, m, frames, model, schema.class_names(m), cfg.top, cfg.sweep,
+                       cfg.frontier, cfg.transfer, cfg.confident)
     parts = [s for builder in sections.SECTIONS for s in builder(f)]
     counts = m[schema.M_COUNTS]
     lead = story.LEAD + story.headline(frames["budget"], f.method,
@@ -63,7 +68,8 @@ def build(cfg: Settings) -> tuple[str, dict[str, bytes]]:
 def output(cfg: Settings) -> lifecycle.Output:
     """The report's lifecycle: it owns its page and figures, and reads the outputs it shows."""
     inputs = {"results": cfg.results, "model": cfg.model, "sweep": cfg.sweep,
-              "frontier": cfg.frontier, **{f"transfer {i}": t for i, t in enumerate(cfg.transfer)}}
+              "frontier": cfg.frontier, "confident": cfg.confident,
+              **{f"transfer {i}": t for i, t in enumerate(cfg.transfer)}}
     return lifecycle.Output(
         cfg.output, "report", owns=(INDEX, schema.FIGURES_DIR), inputs=inputs,
         identity={"inputs": {k: v and lifecycle.absolute(v) for k, v in inputs.items()},

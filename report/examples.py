@@ -27,12 +27,6 @@ SCAN = [schema.IMAGE_ID, schema.ORIGIN, schema.PRED, schema.SUCCESS, schema.LINF
 SCAN_TARGETS = 24  # partitions read to choose a method's extremes: cost does not grow with C
 
 
-def class_names(manifest: dict) -> list[str]:
-    """A name per class: the data's names, the WNID where it has none."""
-    names = manifest.get(schema.M_CLASS_NAMES) or manifest[schema.M_CLASSES]
-    return [n or w for n, w in zip(names, manifest[schema.M_CLASSES])]
-
-
 def attack_model(results: str, manifest: dict, uri: str | None = None) -> Model:
     """The model the attack used (``uri`` must be that one: the weights' sha256 is checked)."""
     uri = uri or manifest[schema.M_SOURCE]["model"]
@@ -129,7 +123,7 @@ def extremes(pairs: Pairs, method: str, targets, count: int, origin: str = "val"
         return {"smallest": [], "confident": []}
     pairs = pd.concat(frames)
     pairs = pairs[(pairs[schema.ORIGIN] == origin) & pairs[schema.SUCCESS]
-                  & (pairs[schema.PRED] != pairs["target"])]
+                  & schema.had_to_move(pairs[schema.PRED], pairs["target"])]
 
     def best(order: list[str], ascending: list[bool]) -> list[tuple[str, int, str]]:
         rows = pairs.sort_values(order, ascending=ascending).drop_duplicates(schema.IMAGE_ID)

@@ -2,6 +2,7 @@
 
     >>> sections, figures = model_sections(frontier_uri, transfer_uris, page.img)
     >>> html = transfer_matrix(rows)             # <table>: source model x scoring model
+    >>> html = same_pairs(frontier_rows, names, shape)   # a few pairs under each model ("": none)
 
 ``rows`` are the transfer table's rows (attacks/tables.py, ``TransferRow``); the frontier's figure
 is the one its job draws (attacks/frontier.py).
@@ -9,11 +10,19 @@ is the one its job draws (attacks/frontier.py).
 
 from __future__ import annotations
 
+import functools
 import html
+
+import pandas as pd
 
 from attacks import frontier, tables
 from attacks.figures import to_png
-from attacks.tables import TransferRow
+from attacks.pairs import Pairs, open_attack
+from attacks.tables import FrontierRow, TransferRow
+from common import schema
+from report import examples, page
+
+SAME_PAIRS = 3  # pairs shown under every model of the L2 curve
 
 
 def model_sections(frontier_uri: str | None, transfers: tuple[str, ...], img
@@ -65,3 +74,54 @@ def transfer_matrix(rows: list[TransferRow], origin: str = "val") -> str:
 def _short(uri: str) -> str:
     """The last part of a model's URI (``reg=0.1_eps=8``), what tells the sweep's models apart."""
     return uri.rstrip("/").rsplit("/", 1)[-1]
+
+
+def same_pairs(rows: list[FrontierRow], names: list[str], shape, count: int = SAME_PAIRS) -> str:
+    """A few validation pairs fooled under every model of the frontier's L2 curve, side by side:
+    each model's own minimal fooling image of the same (image, target), least regularized first;
+    "" when the curve has one model or its attacks kept no images."""
+    l2 = frontier.curves(rows).get("L2", [])
+    manifests = [open_attack(r.attack, (schema.M_FILES, schema.M_IDENTITY)) for r in l2]
+    if len(l2) < 2 or any(m[schema.M_IDENTITY]["settings"].get("keep_images") != "all"
+                          for m in manifests):
+        return ""
+    attacks = [Pairs(r.attack, m[schema.M_FILES]) for r, m in zip(l2, manifests)]
+    targets = manifests[0][schema.M_IDENTITY]["settings"]["targets"]
+    picks = common_picks(attacks, l2[0].method, targets, count)
+    columns = []
+    for r, m, pairs in zip(l2, manifests, attacks):
+        model = examples.attack_model(r.attack, m, r.model)
+        exs = examples.examples_of(examples.stored_rows(pairs, picks), m, model)
+        label = f"reg={r.reg:g} ({page.percent(r.val_top1)} top-1)"
+        columns.append([{**ex, "method": label} for ex in exs])
+    return page.compare([list(pair) for pair in zip(*columns)], names, shape)
+
+
+def common_picks(attacks: list[Pairs], method: str, targets, count: int
+                 ) -> list[tuple[str, int, str]]:
+    """(image_id, target, method) of up to ``count`` validation pairs that had to move and were
+    fooled under every attack: those nearest the median L-inf of the first, each of its own
+    target and image."""
+    frames = [_moved(p, method, examples.spread(targets)).rename(columns={schema.LINF: i})
+              for i, p in enumerate(attacks)]
+    both = functools.reduce(lambda a, b: a.merge(b, on=[schema.IMAGE_ID, "target"]), frames)
+    both = both.iloc[(both[0] - both[0].median()).abs().argsort()]
+    picks, images, seen = [], set(), set()
+    for r in both.itertuples():
+        if r.target not in seen and r.image_id not in images and len(picks) < count:
+            picks.append((r.image_id, int(r.target), method))
+            images.add(r.image_id)
+            seen.add(r.target)
+    return picks
+
+
+def _moved(pairs: Pairs, method: str, targets: list[int]) -> pd.DataFrame:
+    """(image_id, target, linf) of the fooled validation pairs that had to move, these targets."""
+    frames = [pairs.read(method, t, examples.SCAN).to_pandas().assign(target=t)
+              for t in targets if pairs.uris(method, t)]
+    if not frames:
+        return pd.DataFrame(columns=[schema.IMAGE_ID, "target", schema.LINF])
+    f = pd.concat(frames)
+    f = f[(f[schema.ORIGIN] == "val") & f[schema.SUCCESS]
+          & schema.had_to_move(f[schema.PRED], f["target"])]
+    return f[[schema.IMAGE_ID, "target", schema.LINF]]

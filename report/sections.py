@@ -19,6 +19,7 @@ import pandas as pd
 
 from attacks import figures
 from attacks.pairs import Pairs
+from attacks.tables import read_frontier
 from common import schema, storage
 from common.errors import ConfigError
 from common.model import Model, read_model
@@ -26,6 +27,7 @@ from common.sweep import read_sweep
 from common.templates import render as render_templates
 from common.templates import short_name, to_images
 from report import charts, examples, models, page, story
+from report.confident import gallery as confident_gallery
 
 SAMPLE_MARK = "sample.json"  # pipelines.sample writes it beside the images it makes
 TEMPLATES_SHOWN = 48  # templates drawn inline; all of them are in figures/templates.png
@@ -48,6 +50,7 @@ class Facts:
     sweep: str | None = None  # a training.sweep output
     frontier: str | None = None  # an attacks.frontier output
     transfer: tuple[str, ...] = ()  # attacks.transfer outputs
+    confident: str | None = None  # an attack output run with --confidence, same model
     files: dict[str, bytes] = field(default_factory=dict)  # figures/<name> -> PNG
 
     @functools.cached_property
@@ -288,10 +291,26 @@ def sweep(f: Facts) -> list[page.Section]:
 
 
 def tradeoff(f: Facts) -> list[page.Section]:
-    """The frontier (accuracy against fooling strength) and the transfer matrix, when given."""
+    """The frontier (accuracy against fooling strength), the same pairs under each of its
+    models, and the transfer matrix, when given."""
     parts, files = models.model_sections(f.frontier, f.transfer, page.img)
     f.files.update(files)
-    return [page.Section(title, body) for title, body in parts]
+    out = [page.Section(title, body) for title, body in parts]
+    grid = models.same_pairs(read_frontier(f.frontier), f.names, f.shape) if f.frontier else ""
+    if grid:
+        out.insert(1, page.Section("The same pairs under each model", (
+            "<p>Each model's own smallest fooling image of the same pairs (the original as the "
+            "first model sees it): the stronger the regularization, the larger the change it "
+            "takes, and the smoother it looks.</p>") + grid, "same-pairs"))
+    return out
+
+
+def confident(f: Facts) -> list[page.Section]:
+    """Fooling images at the confidence of an attack run with --confidence, when given."""
+    if not f.confident:
+        return []
+    title, body = confident_gallery(f.confident, f.manifest, f.names, GALLERY)
+    return [page.Section(title, body, "confident-99")]
 
 
 def the_run(f: Facts) -> list[page.Section]:
@@ -313,7 +332,7 @@ def the_run(f: Facts) -> list[page.Section]:
 
 # The page, in order: each builder returns its sections (none when it has nothing to show).
 SECTIONS: list[Callable[[Facts], list[page.Section]]] = [
-    about, methods, budget, galleries, strength, classes, sweep, tradeoff, the_run]
+    about, methods, budget, galleries, confident, strength, classes, sweep, tradeoff, the_run]
 
 
 def _sheet_files(results: str, manifest: dict) -> dict[str, bytes]:

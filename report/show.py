@@ -66,7 +66,7 @@ def run(cfg: Settings) -> bytes:
                           "fooling images to show")
     model = examples.attack_model(cfg.results, m)
     ex = examples.example(Pairs.open(cfg.results, m), m, model, cfg.image_id, target, method)
-    names = examples.class_names(m)
+    names = schema.class_names(m)
     title = f"{method}: {cfg.image_id} → {names[target]}"
     png = figures.strip(ex, names, tuple(m[schema.M_IMAGE_SHAPE]), title)
     storage.write_bytes(cfg.output, png)

@@ -82,3 +82,32 @@ def test_model_sections_read_the_frontier_and_transfer_tables(tmp_path):
     assert Image.open(io.BytesIO(figures[frontier.FIGURE])).size[0] > 500
     assert tables.frontier_markdown(rows) in sections[0][1]
     assert "<b>50.0% (75.0%)</b>" in sections[1][1]
+
+
+def test_the_same_pairs_under_each_model_are_each_models_stored_images(attacked_sweep):
+    """The grid shows, for the same (image, target) pairs, each model's own stored fooling image,
+    each classified as the target by its model (numpy scores), the pairs those that had to move
+    and were fooled under both; with one model on the L2 curve there is no grid."""
+    from attacks.figures import png
+    from attacks.pairs import Pairs, open_attack
+    from common.model import read_model
+
+    rows = tables.read_frontier(attacked_sweep["frontier"])
+    assert models.same_pairs(rows, ["c"] * 4, (64, 64, 3)) == ""  # one L2 model, one robust
+    l2 = [dataclasses.replace(r, robust_eps=0.0, reg=10.0 ** i) for i, r in enumerate(rows)]
+    m = [open_attack(r.attack) for r in l2]
+    attacks = [Pairs(r.attack, mi[schema.M_FILES]) for r, mi in zip(l2, m)]
+    picks = models.common_picks(attacks, "sign", m[0][schema.M_IDENTITY]["settings"]["targets"],
+                                models.SAME_PAIRS)
+    assert picks and len({t for _, t, _ in picks}) == len(picks)
+    shape = tuple(m[0][schema.M_IMAGE_SHAPE])
+    grid = models.same_pairs(l2, [f"class {k}" for k in range(4)], shape)
+    for r, pairs in zip(l2, attacks):
+        model = read_model(r.model)
+        for image_id, t, method in picks:
+            row = pairs.take(method, t, [image_id])[image_id]
+            assert row[schema.SUCCESS] and row[schema.PRED] != t
+            x = np.frombuffer(row[schema.IMAGE], np.uint8)
+            assert int((x @ model.W.T.astype(np.float64) + model.b).argmax()) == t
+            assert page.data_uri(png(x, shape)) in grid
+    assert grid.count("<tr>") == len(picks) + 1
