@@ -156,7 +156,7 @@ def frontier_figure(rows: list[FrontierRow], templates: dict[str, bytes] | None 
     shown = [p for points in series.values() for p in points
              if (templates or {}).get(p.model) is not None]
     shown = list({p.model: p for p in shown}.values())  # a plain model starts two curves
-    fig = Figure(figsize=(max(9.0, 1.4 * len(shown)), 8.5 if shown else 6))
+    fig = Figure(figsize=(max(9.0, 1.4 * len(shown)), 8.5 if shown else 6), layout="constrained")
     grid = fig.add_gridspec(2 if shown else 1, max(1, len(shown)),
                             height_ratios=[3, 1.1] if shown else [1])
     ax = fig.add_subplot(grid[0, :])
