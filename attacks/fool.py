@@ -7,24 +7,28 @@
         --model s3://b/model --output s3://b/fooling --use-gpu
 
 Writes, under the output (layout in docs/design.md, "Fooling results"):
-- ``pairs/method=<m>/target=<t>/<chunk>.parquet``: one row per (image, target, method), columns
-  in common/schema.py (method and target are the folder names); ``<chunk>`` is ``val-NNNNN``
+- ``pairs/method=<m>/target=<t>/<chunk>.parquet``: one row per (image, target, method): the
+  image's id, label and predicted class, the change's strength, L-inf and L2, the class the
+  fooling image gets and the target's probability, the certified bounds and the fooling image
+  (method and target are the folder names); ``<chunk>`` is ``val-NNNNN``
   (a run of validation images sized so the file is about --file-size-mb) or ``noise-00000``.
   One method or one target is one folder: read it without the rest. The trade-off: one folder
   per (method, target) keeps those reads cheap (3 x 1,000 folders for the full run), and the
   50,000 images of a folder split into files of ~128 MB (~10,900 rows, 5 per folder: 15,000
   files in all, 614 GB per method). Without images a folder holds 50,000 x ~80 bytes, so its
   one file is ~4 MB: the partitioning, not the size, sets the file count then.
-- ``summary/``: per target, per method, and success vs L-inf budget (attacks/summary.py).
+- ``summary/``: per target, per method, and success vs L-inf budget (what attacks.summary prints).
 - ``figures/``: contact sheets, original | amplified perturbation | fooling image.
 - ``manifest.json`` last.
 
-The work is split into parts (chunk x method x --targets-per-part targets, attacks/parts.py),
-each a row of a small Ray Data dataset; an actor pool of workers (attacks/worker.py; CPU, or one
-GPU each with --use-gpu) reads its chunk's images, attacks them in batches of --pairs-per-batch
-pairs and writes its files itself, then a marker. The pairs never pass through the object store,
-and a rerun after a crash skips the parts with markers.
+The work is split into parts (chunk x method x --targets-per-part targets), each a row of a
+small Ray Data dataset; an actor pool of --num-workers workers (CPU, or one GPU each with
+--use-gpu) reads its chunk's images, attacks them in batches of --pairs-per-batch pairs and
+writes its files itself, then a marker. The pairs never pass through the object store, and a
+rerun after a crash skips the parts with markers.
 """
+# The code: attacks/parts.py plans the parts, attacks/worker.py is the actor, columns in
+# common/schema.py.
 
 from __future__ import annotations
 

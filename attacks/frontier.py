@@ -8,13 +8,14 @@ For every model of the sweeps (training.sweep outputs on the same data) this run
 (attacks.fool; by default exact, the images kept for attacks.transfer) on its first
 --limit-images validation images and every target, into ``<output>/attacks/<sweep
 index>_<trial>/``; an attack already finished there is kept, an unfinished one resumes. Then it
-writes ``frontier.parquet`` and ``frontier.md`` (attacks/tables.py, ``FrontierRow``): per model,
-its setting (reg, robust_eps), validation top-1 and top-5 (from the sweep), and the median minimal
-L-inf strength that fools it over the fooled pairs that had to move (``exact`` when it is among
---methods: the true minimum; else ``sign``), with the success rate; ``frontier.png``: top-1
-against that median, one curve for L2 regularization and one per robust series, each point's
-templates beside it (report/models.py); and last ``manifest.json``.
+writes ``frontier.parquet`` and ``frontier.md``: per model, its setting (reg, robust_eps),
+validation top-1 and top-5 (from the sweep), and the median minimal L-inf strength that fools it
+over the fooled pairs that had to move (``exact`` when it is among --methods: the true minimum;
+else ``sign``), with the success rate; ``frontier.png``: top-1 against that median, one curve for
+L2 regularization and one per robust series, each point's templates beside it; and last
+``manifest.json``.
 """
+# The code: the table's rows in attacks/tables.py (FrontierRow), the figure in report/models.py.
 
 from __future__ import annotations
 
@@ -54,7 +55,8 @@ class Settings:
         "help": "store the fooling images (all: what attacks.transfer scores); none saves space",
         "choices": ("all", "none")})
     use_gpu: bool = field(default=False, metadata={"help": "attack on GPUs (attacks.fool)"})
-    num_workers: int | None = field(default=None, metadata={"help": "attack actors per model"})
+    num_workers: int | None = field(default=None, metadata={
+        "help": "attack actors per model (default: one per CPU, or per GPU with --use-gpu)"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing frontier"})
 
     RENAMED = {"workers": "num_workers"}  # the old name, refused in one line

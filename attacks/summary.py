@@ -2,15 +2,11 @@
 
     python -m attacks.summary --results out/fooling       # print a finished output's summary
 
-    >>> m = open_attack("s3://bucket/fooling")
-    >>> tables = summarize(Pairs.open("s3://bucket/fooling", m), ["sign"], range(1000),
-    ...                    schema.class_names(m))
-    >>> tables["targets"].to_pandas()       # one row per (origin, method, target)
-
-Five tables, written by the job under ``summary/`` (file names in common/schema.py):
+Five tables, written by the attack job under ``summary/``, one Parquet file each
+(``targets.parquet``, ...):
 - ``targets``: per origin, method and target (``target_name`` beside it): pairs, fooled, success
-  rate, and over the fooled pairs that had to move (``schema.had_to_move``: the model did not
-  already say the target) the mean and quantiles of strength, linf and l2, the median certified
+  rate, and over the fooled pairs that had to move (``had_to_move``: the model did not already
+  say the target) the mean and quantiles of strength, linf and l2, the median certified
   L-inf bound and the median ratio linf / bound (how far the attack is from the provable minimum).
 - ``methods``: per origin and method: the same counts, the quantiles of strength and linf (exact:
   both live on a grid) and the mean l2 over the pairs that had to move.
@@ -177,7 +173,13 @@ def _source_rows(method: str, rs: list[dict]) -> list[dict]:
 
 def summarize(pairs: Pairs, methods, targets, names) -> dict[str, pa.Table]:
     """Read every (method, target) partition's statistics (no images) and build the tables;
-    ``names``: a name per class (``schema.class_names``), beside the targets and source classes."""
+    ``names``: a name per class (``schema.class_names``), beside the targets and source classes.
+
+        >>> m = open_attack("s3://bucket/fooling")
+        >>> tables = summarize(Pairs.open("s3://bucket/fooling", m), ["sign"], range(1000),
+        ...                    schema.class_names(m))
+        >>> tables["targets"].to_pandas()       # one row per (origin, method, target)
+    """
     jobs = [(m, int(t)) for m in methods for t in targets]
     with ThreadPoolExecutor(READ_THREADS) as pool:
         parts = pool.map(lambda mt: target_stats(pairs.read(*mt, STATS), *mt), jobs)

@@ -10,15 +10,15 @@ says, per (source model, scoring model, method, origin):
 - ``moved_rate``: the fraction it classifies differently from the original image (its own
   prediction of the original: the validation image of the attack's data, or the seeded noise);
 - ``median_p_target``: the median softmax probability of the target (from a histogram of
-  log10 p in steps of ``LOG_STEP`` decades, so within a factor 10 ** LOG_STEP = 1.023).
+  log10 p in bins of 0.01 decades, so within a factor 10 ** 0.01 = 1.023).
 ``same_model`` marks the row whose scoring model is the attack's own (its weights' sha256): its
 target_rate is the attack's success rate. The pairs are read in batches of --pairs-per-batch, one
 Parquet fragment at a time, local or s3://: memory does not grow with the run. Plain Python (no
 Ray): scoring is one matrix product per model and batch.
 
-Writes ``transfer.parquet``, ``transfer.md`` (attacks/tables.py, ``TransferRow``) and, last,
-``manifest.json`` under --output.
+Writes ``transfer.parquet``, ``transfer.md`` and, last, ``manifest.json`` under --output.
 """
+# The code: the table's rows in attacks/tables.py (TransferRow).
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ from common.model import Model, read_model
 log = logging.getLogger(__name__)
 
 TABLE = schema.TRANSFER_TABLE
-LOG_STEP = 0.01  # decades per bin of the p_target histogram
+LOG_STEP = 0.01  # decades per bin of the p_target histogram (the module docstring says 0.01)
 LOG_MIN = -45.0  # log10 p below this (float32 underflows near 1e-45) counts in the first bin
 BINS = int(-LOG_MIN / LOG_STEP) + 1
 

@@ -4,16 +4,18 @@
     ray job submit --working-dir . -- python -m pipelines.ingest \\
         --source s3://bucket/imagenet --output s3://bucket/imagenet64
 
-Writes ``<output>/train/``, ``<output>/val/`` (Parquet files of about --file-size-mb each; columns
-in common/schema.py), ``<output>/quarantine/`` (one row per unusable input, with its reason) and,
-last, ``<output>/manifest.json``. Every file listed is accounted for: seen = written + quarantined.
+Writes ``<output>/train/``, ``<output>/val/`` (Parquet files of about --file-size-mb each, one
+row per image: image_id, label, wnid, image (the pixels: --size x --size x 3 bytes, RGB, row by
+row), source, orig_width, orig_height), ``<output>/quarantine/`` (one row per unusable input:
+source, split and its reason) and, last, ``<output>/manifest.json``. Every file listed is
+accounted for: seen = written + quarantined.
 
 The work: the driver lists the files, or the images inside ImageNet's tarballs with their byte
-ranges (pipelines/sources.py, tars.py); Ray Data tasks fetch them in batches (a batch of tar
-members with one ranged read) and decode them (pipelines/images.py); write tasks (ImagesDatasink)
-gather about a file's worth of rows, write it, and send back only small things: counts, pixel
-sums, and the quarantine rows.
+ranges; Ray Data tasks fetch them --images-per-task at a time (a batch of tar members with one
+ranged read) and decode them; write tasks gather about a file's worth of rows, write it, and send
+back only small things: counts, pixel sums, and the quarantine rows.
 """
+# The code: pipelines/sources.py and tars.py list, images.py decodes, sink.py writes the files.
 
 from __future__ import annotations
 

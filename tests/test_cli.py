@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 import pytest
 
@@ -251,3 +252,53 @@ def test_log_lines_are_short_on_a_terminal_and_full_in_a_file():
     assert re.fullmatch(r"\d\d:\d\d:\d\d WARNING training\.train: slow", term.format(warn))
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO training\.train: epoch 3",
                         file.format(info))
+
+
+# --- help in the users' words ---------------------------------------------------------------------
+
+CONSTANT = re.compile(r"\b[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+\b")  # BUDGET_MB, LOG_STEP
+SOURCE = re.compile(r"[\w./-]*\w\.py\b")  # attacks/worker.py, sources.py
+PACKAGES = ("common", "pipelines", "training", "attacks", "report", "infra", "benchmarks")
+MODULE = re.compile(rf"\b(?:{'|'.join(PACKAGES)})(?:\.\w+)+")  # common.progress
+_STEMS = {p.stem for pkg in PACKAGES for p in (Path(cli.__file__).parents[1] / pkg).rglob("*.py")}
+# a module's name and one of its names, schema.had_to_move (not a file: sample.json, model.pt)
+MEMBER = re.compile(rf"\b(?:{'|'.join(sorted(_STEMS - {'__init__', '__main__'}))})\."
+                    r"(?!(?:py|json|md|png|parquet|npz|pt|csv|txt|html|tar|mat)\b)[a-z_]\w*")
+
+
+def code_names(text: str) -> list[str]:
+    """The names of code in a text: constants, Python files, and modules or their members other
+    than the jobs (a job's module is a command: python -m attacks.fool)."""
+    return (CONSTANT.findall(text) + SOURCE.findall(text)
+            + [m for m in MODULE.findall(text) if m not in JOBS] + MEMBER.findall(text))
+
+
+def test_code_names_are_found():
+    text = ("under BUDGET_MB; in steps of LOG_STEP decades; columns in common/schema.py; "
+            "(pipelines/sources.py, tars.py); see common.progress, as attacks.fool does; "
+            "schema.had_to_move")
+    assert code_names(text) == ["BUDGET_MB", "LOG_STEP", "common/schema.py",
+                                "pipelines/sources.py", "tars.py", "common.progress",
+                                "schema.had_to_move"]
+    assert code_names("ILSVRC2012_val_00000001, LOC_val_solution.csv, L-inf, python -m "
+                      "attacks.fool, sample.json, model.pt, sweep.parquet, 0..255 HWC, "
+                      "ln(C), e.g. the sample.") == []
+
+
+# pipelines/sample.py is another change's: its docstring still names pipelines/photos.py. Strict, so
+# that the fix removes the mark.
+_SAMPLE = pytest.param("pipelines.sample", marks=pytest.mark.xfail(
+    strict=True, reason="pipelines.sample's description names pipelines/photos.py"))
+
+
+@pytest.mark.parametrize("module", [_SAMPLE if m == "pipelines.sample" else m for m in JOBS])
+def test_help_speaks_the_users_words(module):
+    """A job's --help (its description and every flag's help) says what a user can act on: the
+    value and what it means, not the name of a constant, a source file or an internal module."""
+    import importlib
+
+    mod = importlib.import_module(module)
+    parser = cli.build_parser(mod.Settings, mod.__doc__)
+    assert mod.__doc__ and mod.__doc__.strip() in parser.format_help()
+    texts = [mod.__doc__] + [a.help for a in parser._actions if a.help != argparse.SUPPRESS]
+    assert [name for text in texts for name in code_names(text)] == []

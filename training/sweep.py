@@ -3,7 +3,7 @@
     python -m training.sweep --data out/imagenet64 --output out/sweep --reg 1e-4,1e-2,0.1,1,100
     python -m training.sweep --data DATA --output OUT --reg 0.1 --robust-eps 0,2,8,16
 
-Ray Tune runs one training (training/train.py, the same job and flags) per (--reg, --robust-eps)
+Ray Tune runs one training (training.train, the same job and flags) per (--reg, --robust-eps)
 pair of the grid, as many at once as the cluster's CPUs or GPUs allow, each into
 ``<output>/reg=<value>/`` (``reg=<value>_eps=<E>/`` when robust) with its own checkpoints,
 weights.npz and templates.png. Then it writes ``sweep.parquet`` and ``sweep.md``: one row per
@@ -54,7 +54,8 @@ class Settings:
     num_workers: int = field(default=1, metadata={"help": "Ray Train workers per training"})
     use_gpu: bool = field(default=False, metadata={"help": "one GPU per worker"})
     cpus_per_worker: float = field(default=1.0, metadata={"help": "CPUs each worker reserves"})
-    threads: int | None = field(default=None, metadata={"help": "torch threads per worker"})
+    threads: int | None = field(default=None, metadata={
+        "help": "torch threads per worker (default: its reserved CPUs, at least 1)"})
     cache: bool | None = field(default=None, metadata={
         "help": "hold shards in memory when they fit (default: on GPU only)"})
     max_concurrent: int | None = field(default=None, metadata={

@@ -4,22 +4,24 @@
     ray job submit --working-dir . -- python -m training.train \\
         --data s3://bucket/imagenet64 --output s3://bucket/model --num-workers 4 --use-gpu
 
-One ``nn.Linear(D, C)`` on the pixels normalized with the ingest manifest's per-channel mean and
-std; loss = cross-entropy + 0.5 * reg * ||W||^2 (training/softmax.py); with --robust-eps E the
-cross-entropy is its certified worst case over every image within E pixel levels (L-inf).
-Workers are a TorchTrainer (DDP over gloo on CPU, NCCL on GPU). Rows stream from the Parquet
-files through Ray Data every epoch: Ray Data shuffles the training split with a fixed seed (ingest
-writes its files in class order; ``--shuffle local`` skips this) and each worker's buffer
-reshuffles it with a per-epoch seed. With ``--cache`` (the default on GPU) each worker instead
-reads its shard once into device memory, when it fits, and draws a fresh permutation every epoch.
+One linear layer (D pixel values in, C class scores out) on the pixels normalized with the ingest
+manifest's per-channel mean and std; loss = cross-entropy + 0.5 * reg * ||W||^2; with
+--robust-eps E the cross-entropy is its certified worst case over every image within E pixel
+levels (L-inf). Workers are Ray Train's TorchTrainer (DDP over gloo on CPU, NCCL on GPU). Rows
+stream from the Parquet files through Ray Data every epoch: Ray Data shuffles the training split
+with a fixed seed (ingest writes its files in class order; ``--shuffle local`` skips this) and
+each worker's buffer reshuffles it with a per-epoch seed. With ``--cache`` (the default on GPU)
+each worker instead reads its shard once into device memory, when it fits, and draws a fresh
+permutation every epoch.
 
-Writes, under --output: ``checkpoints/epoch-NNNN/model.pt`` (one per epoch: a Ray Train run whose
-storage_path is --output), ``weights.npz`` (normalization folded in: scores = x @ W.T + b on raw
+Writes, under --output: ``checkpoints/epoch-NNNN/model.pt`` (one per epoch, kept by Ray Train
+under --output), ``weights.npz`` (normalization folded in: scores = x @ W.T + b on raw
 0..255 HWC pixels), ``metrics.json``, ``templates.png`` and, last, ``manifest.json``. A worker that
 dies is replaced and training resumes from the latest checkpoint (--max-failures); rerunning an
 unfinished run with the same --output resumes it too. Same seed, data and number of workers give
 the same weights on CPU.
 """
+# The code: the loss in training/softmax.py, the workers' loop in training/worker.py.
 
 from __future__ import annotations
 
