@@ -127,7 +127,10 @@ def _parse(cls: type, argv: Sequence[str] | None, description: str | None,
 def _prog(cls: type) -> str:
     """How the user ran the job: its console script (fooling-attack), else python -m module."""
     script = os.path.basename(sys.argv[0]) if sys.argv else ""
-    return script if script.startswith("fooling-") else f"python -m {module_name(cls)}"
+    if script.startswith("fooling-"):
+        return script
+    main = getattr(sys.modules.get("__main__"), "__spec__", None)  # python -m <this module>
+    return f"python -m {main.name if main is not None else module_name(cls)}"
 
 
 def module_name(cls: type) -> str:

@@ -12,7 +12,7 @@ writes
 
 --kind photos (the default): up to ten classes, each a real photograph that scikit-image,
 scikit-learn or matplotlib ships (a cat, an espresso, a rocket, Grace Hopper in uniform, ...), each
-image a random crop of it, flipped at random, at an ImageNet size (pipelines/photos.py).
+image a random crop of it, flipped at random, at an ImageNet size.
 --kind shapes: any number of classes, each a background colour, a shape, a colour and a position
 of its own, with per-image jitter and noise.
 Either way the oddities of real ImageNet are planted too (CMYK and grayscale JPEGs, a PNG named

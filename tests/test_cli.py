@@ -58,14 +58,16 @@ def test_help_explains_every_flag():
                                          if f.default is not dataclasses.MISSING)
 
 
-@pytest.mark.parametrize("module", ["pipelines.ingest", "pipelines.sample", "pipelines.preview"])
+@pytest.mark.parametrize("module", ["pipelines.ingest", "pipelines.sample", "pipelines.preview",
+                                    "training.train"])
 def test_job_help_runs(module):
+    """The usage names the module the user ran (training.train, whose settings live elsewhere)."""
     out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True,
                          timeout=120, check=True).stdout
     assert out.startswith(f"usage: python -m {module} ") and "--" in out
     assert "(default: all) (default" not in out
     # --verbose brings back Ray's own lines: only the jobs that start Ray have it
-    assert ("--verbose" in out) == (module == "pipelines.ingest")
+    assert ("--verbose" in out) == (module in ("pipelines.ingest", "training.train"))
 
 
 def test_verbose_is_no_setting(capsys):
@@ -285,13 +287,7 @@ def test_code_names_are_found():
                       "ln(C), e.g. the sample.") == []
 
 
-# pipelines/sample.py is another change's: its docstring still names pipelines/photos.py. Strict, so
-# that the fix removes the mark.
-_SAMPLE = pytest.param("pipelines.sample", marks=pytest.mark.xfail(
-    strict=True, reason="pipelines.sample's description names pipelines/photos.py"))
-
-
-@pytest.mark.parametrize("module", [_SAMPLE if m == "pipelines.sample" else m for m in JOBS])
+@pytest.mark.parametrize("module", JOBS)
 def test_help_speaks_the_users_words(module):
     """A job's --help (its description and every flag's help) says what a user can act on: the
     value and what it means, not the name of a constant, a source file or an internal module."""
