@@ -10,13 +10,14 @@ Writes, under the output (layout in docs/design.md, "Fooling results"):
 - ``pairs/method=<m>/target=<t>/<chunk>.parquet``: one row per (image, target, method): the
   image's id, label and predicted class, the change's strength, L-inf and L2, the class the
   fooling image gets and the target's probability, the certified bounds and the fooling image
-  (method and target are the folder names); ``<chunk>`` is ``val-NNNNN``
-  (a run of validation images sized so the file is about --file-size-mb) or ``noise-00000``.
-  One method or one target is one folder: read it without the rest. The trade-off: one folder
-  per (method, target) keeps those reads cheap (3 x 1,000 folders for the full run), and the
-  50,000 images of a folder split into files of ~128 MB (~10,900 rows, 5 per folder: 15,000
-  files in all, 614 GB per method). Without images a folder holds 50,000 x ~80 bytes, so its
-  one file is ~4 MB: the partitioning, not the size, sets the file count then.
+  (method and target are the folder names); ``<chunk>`` is ``val-NNNNN`` (a run of validation
+  images sized so the file is about --file-size-mb) or ``noise-00000``. One method or one target
+  is one folder: read it without the rest (3 x 1,000 folders for the full run).
+  The fooling image is stored for the pairs --keep-images says: by default (sample) those of the
+  first --sample-images (100) validation images and of every noise start, null for the others,
+  so that the full run's three methods take about 10 GB (50,000 x ~40 bytes of measurements
+  and 100 x 12 KB of images per folder, one file each) where --keep-images all takes 1.8 TB
+  (files of ~128 MB, ~10,900 rows, 15,000 files in all).
 - ``summary/``: per target, per method, and success vs L-inf budget (what attacks.summary prints).
 - ``figures/``: contact sheets, original | amplified perturbation | fooling image.
 - ``manifest.json`` last.
@@ -74,8 +75,14 @@ class Settings:
         default=None, metadata={"help": "push until the target's probability is at least P "
                                         "(default: off, the first image classified as the "
                                         "target; noise starts always go to P or 0.99)"})
-    keep_images: str = field(default="all", metadata={"help": "store the fooling images or not",
-                                                      "choices": ("all", "none")})
+    keep_images: str = field(default="sample", metadata={
+        "help": "which pairs store their fooling image: all (about 12 KB a pair: 1.8 TB for all "
+                "of ImageNet's pairs of three methods), sample (those of the first "
+                "--sample-images validation images and of every noise start: what the report's "
+                "galleries and report.show draw from) or none; every pair keeps its measurements",
+        "choices": ("all", "sample", "none")})
+    sample_images: int = field(default=100, metadata={
+        "help": "with --keep-images sample: the validation images whose pairs keep their images"})
     use_gpu: bool = field(default=False, metadata={"help": "one GPU actor per GPU, torch on cuda"})
     pairs_per_batch: int | None = field(default=None, metadata={
         "help": f"(image, target) pairs per matrix batch (default {CPU_BATCH} on a CPU; with "
@@ -112,8 +119,10 @@ def _check_settings(cfg: Settings) -> None:
     if unknown or not cfg.methods:
         raise ConfigError(f"unknown method {','.join(unknown) or '(none)'}: choose from "
                           f"{','.join(schema.METHODS)}")
-    if cfg.keep_images not in ("all", "none"):
-        raise ConfigError(f"--keep-images must be all or none, got {cfg.keep_images!r}")
+    if cfg.keep_images not in ("all", "sample", "none"):
+        raise ConfigError(f"--keep-images must be all, sample or none, got {cfg.keep_images!r}")
+    if cfg.sample_images < 0:
+        raise ConfigError(f"--sample-images must not be negative, got {cfg.sample_images}")
     if cfg.confidence is not None and not 0 < cfg.confidence < 1:
         raise ConfigError(f"--confidence must be between 0 and 1, got {cfg.confidence}")
     if cfg.limit_images is not None and cfg.limit_images < 1:
@@ -150,10 +159,13 @@ def _check(cfg: Settings) -> Inputs:
 def output(cfg: Settings, inputs: Inputs) -> lifecycle.Output:
     """The attack output's lifecycle: identified by the data, the model's sha256 and the
     settings that decide the rows; a rerun with the same resumes from the parts' markers."""
-    row_bytes = ROW_OVERHEAD + (inputs.model.D if cfg.keep_images == "all" else 0)
+    kept = {"all": 1.0, "none": 0.0}.get(cfg.keep_images, min(1.0, cfg.sample_images / max(
+        1, inputs.n_val)))  # the share of the pairs that store an image
+    row_bytes = ROW_OVERHEAD + int(kept * inputs.model.D)
     settings = {"methods": list(cfg.methods), "targets": list(inputs.targets),
                 "val_images": inputs.n_val, "noise_images": cfg.noise_images, "seed": cfg.seed,
                 "confidence": cfg.confidence, "keep_images": cfg.keep_images,
+                **({"sample_images": cfg.sample_images} if cfg.keep_images == "sample" else {}),
                 "rows_per_chunk": max(1, int(cfg.file_size_mb * 2**20) // row_bytes),
                 "targets_per_part": cfg.targets_per_part}
     return lifecycle.Output(
@@ -249,7 +261,8 @@ def run(cfg: Settings, *, kill_worker_once: str | None = None) -> dict:
               val_files=tuple(dataset.split_files(cfg.data, m, "val")),
               val_counts=tuple(dataset.split_counts(m, "val")),
               n_val=inputs.n_val, image_shape=tuple(m[schema.M_IMAGE_SHAPE]),
-              class_names=tuple(schema.class_names(m)), keep_images=cfg.keep_images == "all",
+              class_names=tuple(schema.class_names(m)), keep_images=cfg.keep_images,
+              sample_images=cfg.sample_images,
               confidence=cfg.confidence, noise_seed=cfg.seed, batch_size=cfg.pairs_per_batch,
               device="cuda" if cfg.use_gpu else "cpu", kill_once=kill_worker_once)
     chunks = parts.val_chunks(inputs.n_val, settings["rows_per_chunk"]) + parts.noise_chunk(

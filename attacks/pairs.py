@@ -38,6 +38,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from attacks.methods.noise import noise_ids
 from common import dataset, schema, storage
 from common.errors import ConfigError
 
@@ -60,12 +61,20 @@ def pair_file(method: str, target: int, chunk: str) -> str:
 # --- writing ------------------------------------------------------------------------------------
 
 
-def binary_column(images: np.ndarray) -> pa.Array:
-    """(P, D) uint8 -> a binary array of P values of D bytes each, without a copy per value."""
+def binary_column(images: np.ndarray, keep: np.ndarray | None = None) -> pa.Array:
+    """(P, D) uint8 -> a binary array of P values of D bytes each, without a copy per value;
+    null where ``keep`` (P,) bool is False."""
     P, D = images.shape
-    data = np.ascontiguousarray(images)
-    offsets = np.arange(P + 1, dtype=np.int32) * D
-    return pa.Array.from_buffers(pa.binary(), P, [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+    if keep is None or keep.all():
+        data = np.ascontiguousarray(images)
+        offsets = np.arange(P + 1, dtype=np.int32) * D
+        return pa.Array.from_buffers(pa.binary(), P,
+                                     [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+    data = np.ascontiguousarray(images[keep])
+    offsets = np.concatenate([[0], np.cumsum(keep, dtype=np.int32) * D]).astype(np.int32)
+    validity = pa.array(keep, pa.bool_()).buffers()[1]  # the same bits as a validity bitmap
+    buffers = [validity, pa.py_buffer(offsets), pa.py_buffer(data)]
+    return pa.Array.from_buffers(pa.binary(), P, buffers, null_count=int(P - keep.sum()))
 
 
 def names_column(index: np.ndarray, names: Sequence[str]) -> pa.DictionaryArray:
@@ -78,10 +87,11 @@ def names_column(index: np.ndarray, names: Sequence[str]) -> pa.DictionaryArray:
 
 
 def pair_tables(cols: dict[str, np.ndarray], targets: list[int], names: Sequence[str],
-                keep_images: bool) -> dict:
+                keep_images: bool | np.ndarray) -> dict:
     """Split image-major pair columns (each (N*T,)) into one Arrow table per target, with the
     target's and the source's class names (``names``: one per class, ``schema.class_names``)
-    and whether each pair had to move (``schema.had_to_move``)."""
+    and whether each pair had to move (``schema.had_to_move``); the fooling images of the pairs
+    ``keep_images`` says (all, none, or an (N*T,) bool mask), the others null."""
     T = len(targets)
     out = {}
     for j, target in enumerate(targets):
@@ -95,8 +105,9 @@ def pair_tables(cols: dict[str, np.ndarray], targets: list[int], names: Sequence
             if f.name in named:
                 arr = named[f.name]
             elif f.name == schema.IMAGE:
-                arr = (binary_column(cols[f.name][j::T]) if keep_images
-                       else pa.nulls(len(cols[schema.LABEL][j::T]), pa.binary()))
+                keep = keep_images if isinstance(keep_images, bool) else keep_images[j::T]
+                arr = (pa.nulls(len(label), pa.binary()) if not np.any(keep)
+                       else binary_column(cols[f.name][j::T], None if keep is True else keep))
             else:
                 arr = pa.array(np.ascontiguousarray(cols[f.name][j::T]), f.type)
             arrays.append(arr)
@@ -171,6 +182,25 @@ def open_attack(results: str, needs: tuple[str, ...] = ()) -> dict:
                           "output")
     _check_manifest(where, m)
     return m
+
+
+def kept_ids(m: dict) -> set[str] | None:
+    """The image ids whose pairs hold their fooling image in an attack output written with
+    ``--keep-images sample`` (the first ``sample_images`` validation images, in the data's order,
+    and every noise start); None when it kept all of them or none."""
+    settings = m[schema.M_IDENTITY]["settings"]
+    if settings.get("keep_images") != "sample":
+        return None
+    counts, data = m[schema.M_COUNTS], m[schema.M_SOURCE]["data"]
+    n = min(settings["sample_images"], counts["val_images"])
+    ids = set(noise_ids(counts["noise_images"]))
+    if n:
+        im = dataset.open_ingest(data, splits=("val",))
+        D = dataset.num_features(im)
+        for t in dataset.read_rows(dataset.split_files(data, im, "val"),
+                                   dataset.split_counts(im, "val"), 0, n, n, D):
+            ids.update(t.column(schema.IMAGE_ID).to_pylist())
+    return ids
 
 
 def _check_manifest(where: str, m: dict) -> None:

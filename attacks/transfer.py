@@ -3,9 +3,11 @@
     python -m attacks.transfer --results out/fooling --models out/sweep/reg=0.1,out/sweep/reg=1 \\
         --output out/transfer
 
-The blog: "fooling images generalize across models". The attack run (attacks.fool, with its
-images kept) made its images for one model; every model of --models scores them, and the table
-says, per (source model, scoring model, method, origin):
+The blog: "fooling images generalize across models". The attack run (attacks.fool) made its
+images for one model; every model of --models scores the pairs that store their image (all of
+them with --keep-images all; the pairs of its first --sample-images validation images and of its
+noise starts with the default, sample), and the table says, per (source model, scoring model,
+method, origin):
 - ``target_rate``: the fraction of pairs the scoring model classifies as the intended target;
 - ``moved_rate``: the fraction it classifies differently from the original image (its own
   prediction of the original: the validation image of the attack's data, or the seeded noise);
@@ -87,7 +89,7 @@ def _check(cfg: Settings) -> tuple[dict, Pairs, list[Model]]:
     if cfg.pairs_per_batch < 1 or not cfg.models or len(set(cfg.models)) != len(cfg.models):
         raise ConfigError("--pairs-per-batch must be positive and --models list distinct models")
     m = open_attack(cfg.results)
-    if m[schema.M_CONFIG].get("keep_images") != "all":
+    if m[schema.M_CONFIG].get("keep_images") == "none":
         raise ConfigError(f"{cfg.results} kept no images (--keep-images none): nothing to score")
     D = int(np.prod(m[schema.M_IMAGE_SHAPE]))
     models = [read_model(uri, D) for uri in cfg.models]
@@ -125,13 +127,16 @@ def predictions(m: dict, linear: list[LinearModel], batch_rows: int) -> tuple[pa
 
 
 def score(pairs: Pairs, m: dict, models: list[Model], batch_rows: int) -> dict:
-    """{(model index, method, origin): Tally} over every stored pair."""
+    """{(model index, method, origin): Tally} over every pair that stores its image."""
     linear = [LinearModel(model.W, model.b) for model in models]
     ids, before = predictions(m, linear, batch_rows)
     D, tallies = models[0].D, {}
     columns = [schema.IMAGE_ID, schema.ORIGIN, schema.METHOD, schema.TARGET, schema.IMAGE]
     results = pairs.results
     for batch in pairs.batches(columns, batch_rows):
+        batch = batch.filter(pc.is_valid(batch.column(schema.IMAGE)))  # --keep-images sample
+        if not batch.num_rows:
+            continue
         X = torch.from_numpy(dataset.pixels(batch.column(schema.IMAGE), D,
                                             batch.column(schema.IMAGE_ID), results))
         row = pc.index_in(batch.column(schema.IMAGE_ID), value_set=ids)

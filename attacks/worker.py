@@ -51,11 +51,12 @@ class Job:
     n_val: int  # validation images attacked: the first n_val rows
     image_shape: tuple[int, int, int]
     class_names: tuple[str, ...]  # a name per class (schema.class_names), for the pairs' columns
-    keep_images: bool
+    keep_images: str  # "all", "sample" (the pairs of the first sample_images, noise starts), "none"
     confidence: float | None  # None: the first image classified as the target
     noise_seed: int
     batch_size: int | None  # (image, target) pairs per matrix batch; None: by the device
     device: str  # "cpu" or "cuda"
+    sample_images: int = 0  # with keep_images "sample": the validation images whose pairs keep it
     kill_once: str | None = None  # tests only: a path; the first part without it kills a worker
 
     @property
@@ -108,10 +109,12 @@ class FoolWorker:
         attack = self.attacks[(part.method, chunk.origin)]
         files = TargetFiles(self.job.output, part.method, targets, chunk.name,
                             self.job.image_shape)
-        per_batch = max(1, self.batch // len(targets))
+        per_batch, first = max(1, self.batch // len(targets)), chunk.start
         for ids, labels, X in self.images(chunk, per_batch):
             cols = self.attack_batch(attack, chunk.origin, ids, labels, X, targets)
-            files.add(pair_tables(cols, targets, self.job.class_names, self.job.keep_images))
+            keep = self.kept(chunk.origin, first, len(ids), len(targets))
+            files.add(pair_tables(cols, targets, self.job.class_names, keep))
+            first += len(ids)
             if self.counter is not None:
                 self.counter.add.remote(len(ids) * len(targets))
         listing = files.close()
@@ -120,6 +123,13 @@ class FoolWorker:
         parts.write_marker(self.job.output, marker)
         log.info("part %s: %d rows in %.1f s", part.key, marker.rows, marker.seconds)
         return marker
+
+    def kept(self, origin: str, first: int, n: int, T: int) -> bool | np.ndarray:
+        """Which pairs of a batch of images ``first..first+n`` (image-major, x T targets) keep
+        their fooling image."""
+        if self.job.keep_images != "sample" or origin == "noise":
+            return self.job.keep_images != "none"
+        return np.repeat(np.arange(first, first + n) < self.job.sample_images, T)
 
     def images(self, chunk: parts.Chunk, rows: int):
         """(image ids, labels, X (n, D) uint8 tensor) batches of a chunk."""

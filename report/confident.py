@@ -10,7 +10,7 @@ a class the model is all but certain of, with a change still too small to notice
 
 from __future__ import annotations
 
-from attacks.pairs import Pairs, open_attack
+from attacks.pairs import Pairs, kept_ids, open_attack
 from common import schema
 from common.errors import ConfigError
 from report import examples, page, story
@@ -32,7 +32,8 @@ def gallery(results: str, main: dict, names: list[str], count: int) -> tuple[str
     pairs = Pairs(results, m[schema.M_FILES])
     methods = m[schema.M_COUNTS]["methods"]
     method = next((x for x in ("iterative", "sign", "exact") if x in methods), methods[0])
-    picks = examples.extremes(pairs, method, settings["targets"], 4 * count)["smallest"]
+    picks = examples.extremes(pairs, method, settings["targets"], 4 * count,
+                              kept=kept_ids(m))["smallest"]
     mine, seen = [], set()
     for p in picks:  # one pair per target, at most one per image (extremes)
         if p[1] not in seen:

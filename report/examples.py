@@ -92,8 +92,9 @@ def stored_rows(pairs: Pairs, picks: list[tuple[str, int, str]]) -> list[dict]:
             raise ConfigError(f"{pairs.results} holds no pair of image {image_id!r}, target "
                               f"{target} and method {method!r}")
         if row[schema.IMAGE] is None:
-            raise ConfigError(f"{pairs.results} was written with --keep-images none: the fooling "
-                              f"image of {image_id!r} -> {target} ({method}) was not stored")
+            raise ConfigError(f"{pairs.results} holds no fooling image of {image_id!r} -> "
+                              f"{target} ({method}): it was written with --keep-images none, or "
+                              "sample and this image is not among the first --sample-images")
         out.append({**row, schema.METHOD: method, schema.TARGET: target})
     return out
 
@@ -111,10 +112,13 @@ def spread(targets, count: int = SCAN_TARGETS) -> list[int]:
     return [int(targets[int(i)]) for i in idx]
 
 
-def extremes(pairs: Pairs, method: str, targets, count: int, origin: str = "val") -> dict:
+def extremes(pairs: Pairs, method: str, targets, count: int, origin: str = "val",
+             kept: set[str] | None = None) -> dict:
     """(image_id, target, method) picks of the fooled pairs that had to move: the ``count`` with
     the smallest L-inf change and the ``count`` with the highest target probability, from the
-    partitions of up to SCAN_TARGETS targets. Each image appears at most once in a list."""
+    partitions of up to SCAN_TARGETS targets, among the images ``kept`` when given (those whose
+    pairs hold their fooling image, ``attacks.pairs.kept_ids``). Each image appears at most once
+    in a list."""
     frames = []
     for t in spread(targets):
         if pairs.uris(method, t):
@@ -124,6 +128,8 @@ def extremes(pairs: Pairs, method: str, targets, count: int, origin: str = "val"
     pairs = pd.concat(frames)
     pairs = pairs[(pairs[schema.ORIGIN] == origin) & pairs[schema.SUCCESS]
                   & schema.had_to_move(pairs[schema.PRED], pairs["target"])]
+    if kept is not None:
+        pairs = pairs[pairs[schema.IMAGE_ID].isin(kept)]
 
     def best(order: list[str], ascending: list[bool]) -> list[tuple[str, int, str]]:
         rows = pairs.sort_values(order, ascending=ascending).drop_duplicates(schema.IMAGE_ID)

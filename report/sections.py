@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from attacks import figures
-from attacks.pairs import Pairs
+from attacks.pairs import Pairs, kept_ids
 from attacks.tables import read_frontier
 from common import schema, storage
 from common.errors import ConfigError
@@ -70,6 +70,11 @@ class Facts:
     def kept(self) -> bool:
         return (self.manifest.get(schema.M_IDENTITY, {}).get("settings", {})
                 .get("keep_images", "all") != "none")
+
+    @functools.cached_property
+    def kept_ids(self) -> set[str] | None:
+        """The images whose pairs hold their fooling image (None: all of them)."""
+        return kept_ids(self.manifest)
 
     def figure(self, name: str, png: bytes, caption: str, narrow: bytes | None = None) -> str:
         """The chart on the page (``narrow``: drawn for a phone too) and as figures/<name>."""
@@ -162,13 +167,18 @@ def galleries(f: Facts) -> list[page.Section]:
     confident images of the headline method, and the noise starts."""
     sheets = _sheet_files(f.results, f.manifest)
     f.files.update(sheets)
-    links = "<p>Contact sheets of the attack job: " + ", ".join(
+    sampled = "" if f.kept_ids is None else (
+        f"<p>The attack stored the fooling images of the pairs of its first "
+        f"{page.number(f.manifest[schema.M_IDENTITY]['settings']['sample_images'])} validation "
+        "images and of its noise starts (<code>--keep-images sample</code>): the galleries "
+        "draw from those, the tables and curves from every pair.</p>")
+    links = sampled + "<p>Contact sheets of the attack job: " + ", ".join(
         f'<a href="{schema.FIGURES_DIR}/{page.esc(k)}">{page.esc(k)}</a>' for k in sheets) + ".</p>"
     if not f.kept:
         return [page.Section("Fooling images", "<p>This attack was run with --keep-images none: "
                              "only its own contact sheets show images.</p>" + links, "images")]
     targets = f.manifest[schema.M_IDENTITY]["settings"]["targets"]
-    picks = examples.extremes(f.pairs, f.method, targets, GALLERY)
+    picks = examples.extremes(f.pairs, f.method, targets, GALLERY, kept=f.kept_ids)
     out = _compare(f, _distinct_targets(picks["confident"], COMPARED))
     for key, title, text in (
             ("smallest", "The smallest changes", "the pairs fooled with the least L-inf change"),
@@ -178,7 +188,8 @@ def galleries(f: Facts) -> list[page.Section]:
                                 f"(from up to {examples.SCAN_TARGETS} targets).</p>"
                                 + _pairs(f, picks[key]), key))
     if f.manifest[schema.M_COUNTS].get("noise_images"):
-        noise = examples.extremes(f.pairs, f.method, targets, 4, "noise")["confident"]
+        noise = examples.extremes(f.pairs, f.method, targets, 4, "noise",
+                                  f.kept_ids)["confident"]
         out.append(page.Section("Starting from random noise", "<p>The same attack from images "
                                 "of uniform noise, pushed until the model is confident.</p>"
                                 + _pairs(f, noise), "noise"))
