@@ -13,13 +13,15 @@ reading every stored pair back) and manifest (the attack's own, written last thr
 lifecycle); the contact sheets are the slice's (its first images are the output's first).
 
 The row of image i and target t, for each method, is the slice's row of image i mod n and
-target t (every column as stored) under image i's id: the first n images' rows are the slice's
+target t under image i's id, label and source name: the first n images' rows are the slice's
 own. The fooling image is stored where the attack's --keep-images would store it (all, none, or
-the first --sample-images), with one change: in the k-th copy of a row (k >= 1) byte k of the
-image is one level off, so that no two stored images are the same (up to 12,288 copies). Copies
-alike would let Parquet's dictionary encoding store a file's few distinct images once (the
-attack's writer leaves the dictionary on; its images never repeat), and the files would be ten
-times smaller than the attack's. Prints one JSON line: the seconds of the writing and of the
+the first --sample-images). The copies are made as distinct as real rows, or Parquet's
+dictionaries would store a file's few distinct values once and the files would be far smaller
+than the attack's (the images ten times, the measurements four times): in the k-th copy of a row
+(k >= 1) byte k of the image is one level off (distinct up to 12,288 copies) and the
+measurements that are continuous (l2, p_target and the two bounds) have their lowest 8 bits
+changed (a relative 1.5e-5 at most). The rest repeats as stored (pred, strength, linf, ...), as
+it largely does in real outputs. Prints one JSON line: the seconds of the writing and of the
 summary tables, the rows, files and bytes.
 """
 
@@ -29,30 +31,45 @@ import argparse
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 
 from attacks import fool, outputs, parts
-from attacks.pairs import Pairs, TargetFiles, binary_column, open_attack
+from attacks.pairs import Pairs, TargetFiles, binary_column, names_column, open_attack
 from common import dataset, schema, storage
 from common.errors import ConfigError
 from common.model import read_model
 
 THREADS = 2  # writers at once: Arrow's copies and writes release the GIL
+# Measurements that take a different value in nearly every real pair (the others, classes,
+# levels and grid steps, repeat in real outputs too)
+CONTINUOUS = (schema.L2, schema.P_TARGET, schema.BOUND_LINF, schema.BOUND_L2)
 
 
-def val_ids(data: str, m: dict, n: int) -> list[str]:
-    """The ids of the first ``n`` validation images, in the order the attack reads them."""
-    ids: list[str] = []
+@dataclass(frozen=True)
+class Images:
+    """The first validation images of the data, in the order the attack reads them."""
+
+    ids: list[str]
+    labels: np.ndarray  # (n,) int16
+    names: tuple[str, ...]  # a name per class (schema.class_names)
+
+
+def val_images(data: str, m: dict, n: int) -> Images:
+    """The ids and labels of the first ``n`` validation images."""
+    tables = []
     for uri in dataset.split_files(data, m, "val"):
-        if len(ids) >= n:
+        if sum(t.num_rows for t in tables) >= n:
             break
         with dataset.parquet_file(uri) as pf:
-            ids += pf.read(columns=[schema.IMAGE_ID]).column(0).to_pylist()
-    if len(ids) < n:
-        raise ConfigError(f"{data} has {len(ids)} validation images, fewer than the {n} asked")
-    return ids[:n]
+            tables.append(pf.read(columns=[schema.IMAGE_ID, schema.LABEL]))
+    t = pa.concat_tables(tables)
+    if t.num_rows < n:
+        raise ConfigError(f"{data} has {t.num_rows} validation images, fewer than the {n} asked")
+    return Images(t.column(0).to_pylist()[:n], t.column(1).to_numpy()[:n],
+                  tuple(schema.class_names(m)))
 
 
 def kept(settings: dict, i: np.ndarray) -> np.ndarray:
@@ -65,18 +82,31 @@ def kept(settings: dict, i: np.ndarray) -> np.ndarray:
     return np.full(len(i), keep == "all")
 
 
-def repeated(slice_rows: pa.Table, ids: list[str], chunk: parts.Chunk, keep: np.ndarray,
+def repeated(slice_rows: pa.Table, im: Images, chunk: parts.Chunk, keep: np.ndarray,
              D: int) -> pa.Table:
-    """A chunk's rows for one (method, target): slice row i mod n under image i's id, its
-    image where ``keep`` (one per row) says, null elsewhere; in copy k = i // n >= 1 of a row,
-    byte k mod D of its image is one level off."""
+    """A chunk's rows for one (method, target): slice row i mod n as image i's (its id, label
+    and source name), its image where ``keep`` (one per row) says, null elsewhere; in copy
+    k = i // n >= 1 of a row the continuous measurements and the image differ a little."""
     n, i = slice_rows.num_rows, np.arange(chunk.start, chunk.stop)
+    copy = i // n
     table = slice_rows.take(pa.array(i % n))
-    col = table.schema.get_field_index(schema.IMAGE_ID)
-    table = table.set_column(col, table.schema.field(col), pa.array(ids[chunk.start:chunk.stop]))
-    col = table.schema.get_field_index(schema.IMAGE)
-    return table.set_column(col, table.schema.field(col), images(table.column(col), i // n,
-                                                                 keep, D))
+    labels = im.labels[chunk.start:chunk.stop]
+    new = {schema.IMAGE_ID: pa.array(im.ids[chunk.start:chunk.stop]),
+           schema.LABEL: pa.array(labels), schema.SOURCE_NAME: names_column(labels, im.names),
+           schema.IMAGE: images(table.column(schema.IMAGE), copy, keep, D),
+           **{c: nudged(table.column(c), copy) for c in CONTINUOUS}}
+    for name, values in new.items():
+        col = table.schema.get_field_index(name)
+        table = table.set_column(col, table.schema.field(col), values)
+    return table
+
+
+def nudged(values: pa.ChunkedArray, copy: np.ndarray) -> pa.Array:
+    """float32 values whose lowest 8 mantissa bits, in copy k >= 1, are XORed with a number
+    1..255 of k: at most a relative 1.5e-5 off, never another sign or power of two."""
+    bits = values.to_numpy().astype(np.float32).view(np.uint32)
+    bits ^= np.where(copy > 0, (copy - 1) % 255 + 1, 0).astype(np.uint32)
+    return pa.array(bits.view(np.float32))
 
 
 def images(stored: pa.ChunkedArray, copy: np.ndarray, keep: np.ndarray, D: int) -> pa.Array:
@@ -90,7 +120,7 @@ def images(stored: pa.ChunkedArray, copy: np.ndarray, keep: np.ndarray, D: int) 
     return binary_column(X, keep)
 
 
-def write_partition(out: str, src: Pairs, method: str, target: int, ids: list[str],
+def write_partition(out: str, src: Pairs, method: str, target: int, im: Images,
                     chunks: list[parts.Chunk], settings: dict, shape) -> list[dict]:
     """Every chunk's file of one (method, target); returns their listing."""
     rows = src.read(method, target, schema.PAIRS_FILE_SCHEMA.names).sort_by(schema.IMAGE_ID)
@@ -98,7 +128,7 @@ def write_partition(out: str, src: Pairs, method: str, target: int, ids: list[st
     for chunk in chunks:
         keep = kept(settings, np.arange(chunk.start, chunk.stop))
         files = TargetFiles(out, method, [target], chunk.name, shape)
-        files.add({target: repeated(rows, ids, chunk, keep, int(np.prod(shape)))})
+        files.add({target: repeated(rows, im, chunk, keep, int(np.prod(shape)))})
         listing += files.close()
     return listing
 
@@ -135,10 +165,10 @@ def build(slice_: str, out: str, rows: int) -> dict:
     lc = fool.output(cfg, inputs)
     lc.prepare(overwrite=True, resumable=False)
     settings, shape = lc.identity["settings"], tuple(m[schema.M_IMAGE_SHAPE])
-    ids, src = val_ids(cfg.data, inputs.manifest, n_images), Pairs.open(slice_, m)
+    im, src = val_images(cfg.data, inputs.manifest, n_images), Pairs.open(slice_, m)
     chunks = parts.val_chunks(n_images, settings["rows_per_chunk"])
     with ThreadPoolExecutor(THREADS) as pool:
-        jobs = [pool.submit(write_partition, out, src, method, t, ids, chunks, settings, shape)
+        jobs = [pool.submit(write_partition, out, src, method, t, im, chunks, settings, shape)
                 for method in methods for t in targets]
         files = [f for job in jobs for f in job.result()]
     write_s = time.perf_counter() - t0

@@ -8,6 +8,7 @@ import json
 import math
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from attacks import summary
@@ -56,9 +57,18 @@ def test_the_built_output_holds_pairs_rows_per_method_and_passes_the_readers(reh
                    for f in files) == TINY["pairs_rows"]
     assert pairs.rows == TINY["pairs_rows"] * len(methods)
     assert summary.read_summary(f"{work}/pairs", m)["methods"].num_rows == len(methods)
-    table = pairs.read("exact", 3, [schema.IMAGE_ID, schema.IMAGE])
+    table = pairs.read("exact", 3, [schema.IMAGE_ID, schema.LABEL, schema.SOURCE_NAME,
+                                    schema.P_TARGET, schema.IMAGE])
     assert table.column(schema.IMAGE_ID).to_pylist() == [
         scale_data.val_id(i) for i in range(TINY["pairs_rows"] // TINY["classes"])]
+    data = pq.read_table(f"{work}/data/val", columns=[schema.IMAGE_ID, schema.LABEL])
+    labels = dict(zip(*(data.column(c).to_pylist() for c in (schema.IMAGE_ID, schema.LABEL))))
+    assert table.column(schema.LABEL).to_pylist() == [
+        labels[i] for i in table.column(schema.IMAGE_ID).to_pylist()]  # each image's own
+    assert table.column(schema.SOURCE_NAME).to_pylist() == [
+        f"synthetic class {k}" for k in table.column(schema.LABEL).to_pylist()]
+    p = table.column(schema.P_TARGET).to_numpy()
+    assert len(set(p.tolist())) > len(p) // 2  # as distinct as real measurements
     rows = table.to_pylist()
     keep = kept_ids(m)  # the attack's own answer: which images store their fooling image
     assert [r[schema.IMAGE] is not None for r in rows] == [
