@@ -1,10 +1,11 @@
 """An ImageNet-size rehearsal on one machine, through the real jobs.
 
-    python -m benchmarks.scale                                    # ImageNet's size (~1.9 TB)
+    python -m benchmarks.scale                   # ImageNet's size: ~28 GB, ~1.2 h (projected)
     python -m benchmarks.scale --train-rows 128000 --val-rows 5000 --classes 1000 \\
-        --attack-images 20 --pairs-rows 500000 --json scale.json  # a medium rehearsal
+        --attack-images 100 --pairs-rows 5000000 --object-store-mb 600 \\
+        --json scale.json                        # a tenth of it (docs/benchmarks.md), 16 min
     python -m benchmarks.scale --train-rows 2000 --val-rows 200 --classes 10 \\
-        --attack-images 20 --pairs-rows 2000                      # tests/test_scale.py's
+        --attack-images 20 --pairs-rows 2000     # tests/test_scale.py's, about a minute
 
 In one run, in a work folder (--work, else a temporary one removed at the end unless --keep):
 1. synthetic data of ImageNet's shape written as the ingest writes it (benchmarks/scale_data.py:
