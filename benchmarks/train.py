@@ -85,7 +85,7 @@ def plain(X: torch.Tensor, y: torch.Tensor, classes: int, device: str, threads: 
     opt = epochs.make_optimizer("sgd", model.parameters(), 3e-3, 0.9)
     shift, scale = (t.to(device) for t in softmax.channel_stats([128.0] * 3, [60.0] * 3, D))
     for seed in (0, 1):  # the first pass warms up; the second is timed
-        rows = 256 * 8 if seed == 0 else len(y)
+        rows = min(256 * 8, len(y)) if seed == 0 else len(y)
         sub = batches.Cache(X[:rows], y[:rows])
         sub.n = rows
         t = time.perf_counter()
