@@ -68,8 +68,9 @@ class Meter:
         text = f"{self.what}: {self.done:,}"
         text += f"/{self.total:,} {self.unit} ({100 * self.done / self.total:.0f}%)" \
             if self.total else f" {self.unit}"
-        if rate:
-            text += f", {rate:,.0f} {self.unit}/s"
+        if rate:  # slow units (models, epochs) as seconds each: "0 models/s" says nothing
+            text += (f", {rate:,.0f} {self.unit}/s" if rate >= 1
+                     else f", {1 / rate:,.0f} s per {self.unit.rstrip('s')}")
             if self.total:
                 text += f", ETA {clock(max(self.total - self.done, 0) / rate)}"
         return text

@@ -26,6 +26,13 @@ def test_line_without_a_total_and_past_it():
     m.update(500, now=1.0)
     m.update(2_500, now=3.0)
     assert m.line(now=3.0) == "train: 2,500 samples, 1,000 samples/s"
+
+
+def test_a_slow_unit_is_shown_as_seconds_each():
+    m = Meter("sweep", total=3, unit="models", start=0.0)
+    m.update(1, now=35.0)
+    m.update(2, now=70.0)
+    assert m.line(now=70.0) == "sweep: 2/3 models (67%), 35 s per model, ETA 0:00:35"
     over = Meter("train", total=100, unit="samples", start=0.0)
     over.update(50, now=0.0)
     over.update(150, now=10.0)  # a retried epoch counts again: no negative ETA
