@@ -8,7 +8,7 @@ DEMO := demo-out
 help: ## this list
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
 
-.PHONY: help install test chromium lint demo bench-ingest bench-train bench-robust bench-attack s3-start s3-stop \
+.PHONY: help install test test-install chromium lint demo bench-ingest bench-train bench-robust bench-attack s3-start s3-stop \
 	clean cluster-demo
 
 $(STAMP): pyproject.toml
@@ -25,6 +25,10 @@ install: $(STAMP) ## create .venv and install the project
 
 test: $(STAMP) chromium ## run the test suite (local Ray, a real local S3 server)
 	$(PY) -m pytest -q
+
+# A fresh venv, a plain `pip install .` of the checkout, every job from outside it (2 minutes).
+test-install: $(STAMP) ## the plain-install test: a fresh venv, pip install ., every job
+	FOOLING_INSTALL_TEST=1 $(PY) -m pytest -q tests/test_install.py
 
 # The report's test opens the page in Debian's headless Chromium; installed here when missing.
 chromium: ## install Debian's Chromium for the report's browser test, when missing

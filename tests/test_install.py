@@ -40,17 +40,6 @@ def test_every_job_has_one_script_and_the_readme_names_it():
         assert f"`{name}`" in readme, f"the README does not name {name}"
 
 
-@pytest.mark.slow  # eleven interpreters starting: about 20 s
-@pytest.mark.parametrize("name", sorted(SCRIPTS))
-def test_each_installed_script_answers_help(name):
-    script = Path(sys.executable).parent / name
-    if not script.exists():
-        pytest.skip(f"{name} is not installed beside {sys.executable} (pip install .)")
-    r = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120,
-                       cwd=os.path.expanduser("~"))  # from any directory
-    assert r.returncode == 0 and r.stdout.startswith("usage: "), r.stderr[-500:]
-
-
 # --- a plain install into a fresh virtualenv ------------------------------------------------------
 
 # What pip prints when it cannot reach a package index at all: the one reason to skip.
@@ -133,8 +122,9 @@ def installed(tmp_path_factory) -> Iterator[tuple[dict, Path]]:
     tmp = tmp_path_factory.mktemp("install")
     try:
         yield _install(tmp)
-    finally:
-        shutil.rmtree(tmp / "venv", ignore_errors=True)
+    finally:  # removed in the background: 1.8 GB of small files take the disk tens of seconds
+        subprocess.Popen(["rm", "-rf", str(tmp / "venv")], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True)
 
 
 def _install(tmp: Path) -> tuple[dict, Path]:
@@ -157,11 +147,14 @@ def _check(out: str, job: str) -> None:
         assert word not in out, f"{job} printed {word}:\n{out[-3000:]}"
 
 
-@pytest.mark.slow  # 2 cores: venv and pip 35 s, the jobs about 90 s (two local Rays)
+@pytest.mark.slow  # 2 cores: venv and pip 35 s, the jobs about a minute (two local Rays)
+@pytest.mark.skipif(not os.environ.get("FOOLING_INSTALL_TEST"), reason=(
+    "a fresh venv and a plain install take 2 minutes of make test's 15: make test-install"))
 def test_a_plain_install_runs_every_job(installed):
-    """Every console script answers --help; sample -> ingest -> attack (its default methods, the
-    exact one included: its numba search compiles at this first use) -> summary -> report runs
-    from outside the repository, the attack on a terminal, the others to a log. The model is
+    """Every console script answers --help; sample -> ingest -> attack -> summary -> report runs
+    from outside the repository, the attack on a terminal, the others to a log. The attack runs
+    template and sign: exact's numba search would compile at this first use (25 s), as `make
+    install` has it compile once in the project's own venv. The model is
     fitted here with numpy, as the shared fixtures do: a Ray Train run costs the suite 95 s; what
     training adds to the attack's imports (Ray Train, Ray Tune) is imported in the new venv."""
     env, work = installed
@@ -189,11 +182,11 @@ def test_a_plain_install_runs_every_job(installed):
     assert "site-packages" in imports.stdout  # the installed copy, not the repository's
     shown = _on_terminal(["fooling-attack", "--data", "data", "--model", "model", "--output",
                           "fooling", "--limit-images", "2", "--targets", "0,1",
-                          "--num-workers", "1"], env, work)
+                          "--methods", "template,sign", "--num-workers", "1"], env, work)
     _check(shown, "fooling-attack")
     assert re.search(r"attack: +\d+%\|", shown), shown[-3000:]  # tqdm's bar, on the terminal
     summary = logged("fooling-summary", "--results", "fooling")
-    assert re.search(r"exact +fooled", summary), summary
+    assert re.search(r"sign +fooled", summary), summary
     logged("fooling-report", "--results", "fooling", "--output", "report")
     for out in ("data", "model", "fooling", "report"):
         assert (work / out / "manifest.json").is_file(), out

@@ -18,7 +18,7 @@ from benchmarks.scale_pairs import kept
 from common import dataset, schema
 from common.errors import ConfigError
 
-TINY = dict(train_rows=2000, val_rows=200, classes=10, attack_images=20, pairs_rows=2000)
+TINY = dict(train_rows=2000, val_rows=200, classes=10, attack_images=5, pairs_rows=2000)
 KEYS = ("train_samples_per_s", "plain_samples_per_s", "train_peak_rss_mb",
         "object_store_spilled_mb", "attack_pairs_per_s", "pairs_bytes_per_row", "summary_s",
         "summary_peak_rss_mb", "report_s", "report_peak_rss_mb", "transfer_s",
