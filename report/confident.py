@@ -34,12 +34,8 @@ def gallery(results: str, main: dict, names: list[str], count: int) -> tuple[str
     method = next((x for x in ("iterative", "sign", "exact") if x in methods), methods[0])
     picks = examples.extremes(pairs, method, settings["targets"], 4 * count,
                               kept=kept_ids(m))["smallest"]
-    mine, seen = [], set()
-    for p in picks:  # one pair per target, at most one per image (extremes)
-        if p[1] not in seen:
-            mine.append(p)
-            seen.add(p[1])
-    exs = examples.examples_of(examples.stored_rows(pairs, mine[:count]), m, model)
+    mine = examples.distinct_targets(picks, count)  # at most one per image: extremes
+    exs = examples.examples_of(examples.stored_rows(pairs, mine), m, model)
     text = (f"<p>The same model, the attack pushed on until the model gives the target at least "
             f"{page.percent(conf)} ({story.method_name(method)}, "
             f"<code>--confidence {conf:g}</code>): the smallest such changes, each to a target of "

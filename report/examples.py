@@ -112,28 +112,41 @@ def spread(targets, count: int = SCAN_TARGETS) -> list[int]:
     return [int(targets[int(i)]) for i in idx]
 
 
+def moved(pairs: Pairs, method: str, targets, origin: str = "val",
+          kept: set[str] | None = None) -> pd.DataFrame:
+    """The fooled pairs that had to move (SCAN's columns and ``target``) of one method and
+    ``origin``, from the partitions of up to SCAN_TARGETS of ``targets``, among the images
+    ``kept`` when given (those whose pairs hold their fooling image, ``attacks.pairs.kept_ids``)."""
+    frames = [pairs.read(method, t, SCAN).to_pandas().assign(target=t)
+              for t in spread(targets) if pairs.uris(method, t)]
+    if not frames:
+        return pd.DataFrame(columns=[*SCAN, "target"])
+    f = pd.concat(frames)
+    f = f[(f[schema.ORIGIN] == origin) & f[schema.SUCCESS]
+          & schema.had_to_move(f[schema.PRED], f["target"])]
+    return f if kept is None else f[f[schema.IMAGE_ID].isin(kept)]
+
+
 def extremes(pairs: Pairs, method: str, targets, count: int, origin: str = "val",
              kept: set[str] | None = None) -> dict:
-    """(image_id, target, method) picks of the fooled pairs that had to move: the ``count`` with
-    the smallest L-inf change and the ``count`` with the highest target probability, from the
-    partitions of up to SCAN_TARGETS targets, among the images ``kept`` when given (those whose
-    pairs hold their fooling image, ``attacks.pairs.kept_ids``). Each image appears at most once
-    in a list."""
-    frames = []
-    for t in spread(targets):
-        if pairs.uris(method, t):
-            frames.append(pairs.read(method, t, SCAN).to_pandas().assign(target=t))
-    if not frames:
-        return {"smallest": [], "confident": []}
-    pairs = pd.concat(frames)
-    pairs = pairs[(pairs[schema.ORIGIN] == origin) & pairs[schema.SUCCESS]
-                  & schema.had_to_move(pairs[schema.PRED], pairs["target"])]
-    if kept is not None:
-        pairs = pairs[pairs[schema.IMAGE_ID].isin(kept)]
+    """(image_id, target, method) picks of ``moved``'s pairs: the ``count`` with the smallest
+    L-inf change and the ``count`` with the highest target probability. Each image appears at
+    most once in a list."""
+    found = moved(pairs, method, targets, origin, kept)
 
     def best(order: list[str], ascending: list[bool]) -> list[tuple[str, int, str]]:
-        rows = pairs.sort_values(order, ascending=ascending).drop_duplicates(schema.IMAGE_ID)
+        rows = found.sort_values(order, ascending=ascending).drop_duplicates(schema.IMAGE_ID)
         return [(r.image_id, int(r.target), method) for r in rows.head(count).itertuples()]
 
     return {"smallest": best([schema.LINF, schema.P_TARGET], [True, False]),
             "confident": best([schema.P_TARGET, schema.LINF], [False, True])}
+
+
+def distinct_targets(picks: list[tuple], count: int) -> list[tuple]:
+    """The first ``count`` picks with targets of their own (picks repeat a target otherwise)."""
+    out, seen = [], set()
+    for p in picks:
+        if p[1] not in seen:
+            out.append(p)
+            seen.add(p[1])
+    return out[:count]

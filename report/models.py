@@ -13,8 +13,6 @@ from __future__ import annotations
 import functools
 import html
 
-import pandas as pd
-
 from attacks import frontier, tables
 from attacks.figures import to_png
 from attacks.pairs import Pairs, open_attack
@@ -102,8 +100,8 @@ def common_picks(attacks: list[Pairs], method: str, targets, count: int
     """(image_id, target, method) of up to ``count`` validation pairs that had to move and were
     fooled under every attack: those nearest the median L-inf of the first, each of its own
     target and image."""
-    frames = [_moved(p, method, examples.spread(targets)).rename(columns={schema.LINF: i})
-              for i, p in enumerate(attacks)]
+    frames = [examples.moved(p, method, targets)[[schema.IMAGE_ID, "target", schema.LINF]]
+              .rename(columns={schema.LINF: i}) for i, p in enumerate(attacks)]
     both = functools.reduce(lambda a, b: a.merge(b, on=[schema.IMAGE_ID, "target"]), frames)
     both = both.iloc[(both[0] - both[0].median()).abs().argsort()]
     picks, images, seen = [], set(), set()
@@ -114,14 +112,3 @@ def common_picks(attacks: list[Pairs], method: str, targets, count: int
             seen.add(r.target)
     return picks
 
-
-def _moved(pairs: Pairs, method: str, targets: list[int]) -> pd.DataFrame:
-    """(image_id, target, linf) of the fooled validation pairs that had to move, these targets."""
-    frames = [pairs.read(method, t, examples.SCAN).to_pandas().assign(target=t)
-              for t in targets if pairs.uris(method, t)]
-    if not frames:
-        return pd.DataFrame(columns=[schema.IMAGE_ID, "target", schema.LINF])
-    f = pd.concat(frames)
-    f = f[(f[schema.ORIGIN] == "val") & f[schema.SUCCESS]
-          & schema.had_to_move(f[schema.PRED], f["target"])]
-    return f[[schema.IMAGE_ID, "target", schema.LINF]]

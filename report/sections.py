@@ -179,7 +179,7 @@ def galleries(f: Facts) -> list[page.Section]:
                              "only its own contact sheets show images.</p>" + links, "images")]
     targets = f.manifest[schema.M_IDENTITY]["settings"]["targets"]
     picks = examples.extremes(f.pairs, f.method, targets, GALLERY, kept=f.kept_ids)
-    out = _compare(f, _distinct_targets(picks["confident"], COMPARED))
+    out = _compare(f, examples.distinct_targets(picks["confident"], COMPARED))
     for key, title, text in (
             ("smallest", "The smallest changes", "the pairs fooled with the least L-inf change"),
             ("confident", "The most confident fooling images",
@@ -214,16 +214,6 @@ def _compare(f: Facts, chosen: list[tuple]) -> list[page.Section]:
     grouped = [exs[k:k + len(run_methods)] for k in range(0, len(exs), len(run_methods))]
     return [page.Section("Every method on the same pairs",
                          page.compare(grouped, f.names, f.shape), "compare")]
-
-
-def _distinct_targets(picks: list[tuple], count: int) -> list[tuple]:
-    """The first ``count`` picks with targets of their own (picks repeat a target otherwise)."""
-    out, seen = [], set()
-    for p in picks:
-        if p[1] not in seen:
-            out.append(p)
-            seen.add(p[1])
-    return out[:count]
 
 
 def strength(f: Facts) -> list[page.Section]:
