@@ -3,6 +3,8 @@
     python -m attacks.frontier --sweeps out/sweep-l2,out/sweep-robust --output out/frontier
     python -m attacks.frontier --sweeps out/sweep --output out/frontier --methods sign,exact \\
         --limit-images 200 --use-gpu
+    python -m attacks.frontier --sweeps out/sweep-l2,out/sweep-robust --harden out/harden \\
+        --output out/frontier
 
 For every model of the sweeps (training.sweep outputs on the same data) this runs the attack job
 (attacks.fool; by default exact, the images kept for attacks.transfer) on its first
@@ -14,6 +16,12 @@ over the fooled pairs that had to move (``exact`` when it is among --methods: th
 else ``sign``), with the success rate; ``frontier.png``: top-1 against that median, one curve for
 L2 regularization and one per robust series, each point's templates beside it; and last
 ``manifest.json``.
+
+With --harden (outputs of the hardening job, which trains with a background class of fooling
+images or retrains on them, on the same data, measured with exact on the same first
+--limit-images validation images x every real target) each round joins the table as it is,
+unattacked here: its ``series`` is its mode (``plain`` for round 0), one curve per mode from
+round 0, beside L2 and the robust objective.
 """
 # The code: the table's rows in attacks/tables.py (FrontierRow), the figure in report/models.py.
 
@@ -34,7 +42,7 @@ from attacks.figures import to_png
 from attacks.tables import FrontierRow
 from common import cli, lifecycle, schema, storage
 from common.errors import ConfigError
-from common.sweep import SweepRow, read_sweep
+from common.sweep import HardenRow, SweepRow, read_harden, read_sweep
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +53,13 @@ FIGURE = f"{TABLE}.png"
 
 @dataclass(frozen=True)
 class Settings:
-    sweeps: tuple[str, ...] = field(metadata={"help": "training.sweep outputs on the same data"})
     output: str = field(metadata={"help": "where to write the attacks and the table"})
+    sweeps: tuple[str, ...] = field(default=(), metadata={
+        "help": "training.sweep outputs on the same data"})
+    harden: tuple[str, ...] = field(default=(), metadata={
+        "help": "outputs of the hardening job (a background class, adversarial retraining) on "
+                "the same data, measured with exact on as many images: their rounds join the "
+                "table as they are, one series per mode"})
     methods: tuple[str, ...] = field(default=("exact",), metadata={
         "help": "attacks to run on each model; the median is exact's when given, else sign's"})
     limit_images: int = field(default=100, metadata={
@@ -79,20 +92,33 @@ class Model:
     attack: str
 
 
-def _models(cfg: Settings) -> tuple[str, list[Model]]:
-    """The sweeps' common data and their models."""
-    if not cfg.sweeps or len(set(cfg.sweeps)) != len(cfg.sweeps) or cfg.limit_images < 1:
-        raise ConfigError("--sweeps must list distinct sweeps and --limit-images be positive")
-    data, models = set(), []
+def _models(cfg: Settings) -> tuple[str, list[Model], list[FrontierRow]]:
+    """The sweeps' and harden outputs' common data, the sweeps' models and the harden rounds'
+    rows."""
+    given = (*cfg.sweeps, *cfg.harden)
+    if not given or len(set(given)) != len(given) or cfg.limit_images < 1:
+        raise ConfigError("--sweeps and --harden must list distinct outputs, at least one, and "
+                          "--limit-images be positive")
+    data, models, rounds = set(), [], []
     for i, sweep in enumerate(cfg.sweeps):
         data.add(storage.read_manifest(sweep, "sweep output")[schema.M_DATA])
         for r in read_sweep(sweep):
             name = f"{i}_{r.model.rstrip('/').rsplit('/', 1)[-1]}"
             models.append(Model(lifecycle.absolute(sweep), r, lifecycle.absolute(
                 storage.join(cfg.output, ATTACKS_DIR, name))))
+    for h in cfg.harden:
+        m = storage.read_manifest(h, "harden output")
+        data.add(m[schema.M_DATA])
+        images = m.get(schema.M_CONFIG, {}).get("limit_images")
+        if cfg.sweeps and measured_method(cfg.methods) != "exact" or images != cfg.limit_images:
+            raise ConfigError(f"{h} measured exact on {images} validation images: the "
+                              f"frontier's --methods must include exact and --limit-images be "
+                              f"the same ({cfg.limit_images})")
+        rounds += [harden_point(lifecycle.absolute(h), r) for r in read_harden(h)]
     if len(data) != 1:
-        raise ConfigError(f"the sweeps were trained on different data: {', '.join(sorted(data))}")
-    return data.pop(), models
+        raise ConfigError(f"the sweeps and harden outputs were trained on different data: "
+                          f"{', '.join(sorted(data))}")
+    return data.pop(), models, rounds
 
 
 def _attack(cfg: Settings, data: str, model: Model) -> None:
@@ -119,6 +145,14 @@ def point(model: Model, method: str) -> FrontierRow:
                        model=r.model, attack=model.attack)
 
 
+def harden_point(harden: str, r: HardenRow) -> FrontierRow:
+    """One frontier row from a round of a harden output (exact, as harden measured it)."""
+    return FrontierRow(sweep=harden, reg=r.reg, robust_eps=0.0, val_top1=r.val_top1,
+                       val_top5=r.val_top5, method="exact", median_linf=r.median_linf,
+                       success_rate=r.success_rate, pairs=r.pairs, model=r.model, attack=harden,
+                       series=r.mode, round=r.round)
+
+
 def templates(rows: list[FrontierRow]) -> dict[str, bytes]:
     """Each row's model's templates.png, by the model's URI."""
     return {r.model: storage.read_bytes(storage.join(r.model, schema.TEMPLATES_FILE))
@@ -128,17 +162,33 @@ def templates(rows: list[FrontierRow]) -> dict[str, bytes]:
 THUMB = 240  # pixels across each point's templates thumbnail
 
 
+HARDENED = (schema.HARDEN_PLAIN, *schema.HARDEN_MODES)  # the series of harden rounds
+
+
 def curves(rows: list[FrontierRow]) -> dict[str, list[FrontierRow]]:
     """{label: points in order}: "L2" (robust_eps 0, by reg) and "robust, reg=r" (by robust_eps,
-    starting from the plain model of that reg when the sweep has it)."""
-    out = {"L2": sorted((r for r in rows if r.robust_eps == 0), key=lambda r: r.reg)}
-    for reg in sorted({r.reg for r in rows if r.robust_eps > 0}):
-        points = [r for r in rows if r.reg == reg]
+    starting from the plain model of that reg when the sweep has it), from the sweeps' rows;
+    one per mode of each harden output ("background", "adversarial"; with their output's number
+    when there are several), by round from its round 0."""
+    swept = [r for r in rows if r.series not in HARDENED]
+    out = {"L2": sorted((r for r in swept if r.robust_eps == 0), key=lambda r: r.reg)}
+    for reg in sorted({r.reg for r in swept if r.robust_eps > 0}):
+        points = [r for r in swept if r.reg == reg]
         out[f"robust, reg={reg:g}"] = sorted(points, key=lambda r: r.robust_eps)
+    hardened = list(dict.fromkeys(r.sweep for r in rows if r.series in HARDENED))
+    for i, h in enumerate(hardened):
+        mine = [r for r in rows if r.sweep == h and r.series in HARDENED]
+        for mode in schema.HARDEN_MODES:
+            points = [r for r in mine if r.series in (schema.HARDEN_PLAIN, mode)]
+            if any(r.series == mode for r in points):
+                label = mode + (f", {i}" if len(hardened) > 1 else "")
+                out[label] = sorted(points, key=lambda r: r.round)
     return {k: v for k, v in out.items() if v}
 
 
 def _label(r: FrontierRow) -> str:
+    if r.series in HARDENED:
+        return f"r={r.round}"
     return f"E={r.robust_eps:g}" if r.robust_eps else f"reg={r.reg:g}"
 
 
@@ -162,10 +212,11 @@ def frontier_figure(rows: list[FrontierRow], templates: dict[str, bytes] | None 
     grid = fig.add_gridspec(2 if shown else 1, max(1, len(shown)),
                             height_ratios=[3, 1.1] if shown else [1])
     ax = fig.add_subplot(grid[0, :])
-    styles = {"L2": ("o-", "tab:blue")}
+    styles = {"L2": ("o-", "tab:blue"), "background": ("^-", "tab:orange"),
+              "adversarial": ("v-", "tab:gray")}
     others = iter(["tab:red", "tab:green", "tab:purple", "tab:brown"])
     for name, points in series.items():
-        marker, color = styles.get(name, ("s-", next(others, "black")))
+        marker, color = styles.get(name.split(",")[0], None) or ("s-", next(others, "black"))
         x = [p.median_linf for p in points]
         y = [100 * p.val_top1 for p in points]
         ax.plot(x, y, marker, color=color, label=name)
@@ -175,24 +226,31 @@ def frontier_figure(rows: list[FrontierRow], templates: dict[str, bytes] | None 
     method = ", ".join(sorted({r.method for r in rows}))
     ax.set_xlabel(f"median minimal L-inf strength that fools ({method}, pixel levels)")
     ax.set_ylabel("validation top-1 (%)")
-    ax.set_title("harder to fool vs accurate: L2 regularization against the robust objective")
+    ax.set_title("harder to fool vs accurate: L2 regularization against the robust objective"
+                 + (", a background class and adversarial retraining"
+                    if any(r.series in HARDENED for r in rows) else ""))
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     for i, p in enumerate(shown):
         thumb = fig.add_subplot(grid[1, i])
         thumb.imshow(_thumb(templates[p.model]))
-        thumb.set_title(f"reg={p.reg:g}, E={p.robust_eps:g}\n{100 * p.val_top1:.1f}%, "
-                        f"{p.median_linf:g}", fontsize=7)
+        setting = (f"{p.series} r={p.round}" if p.series in HARDENED
+                   else f"reg={p.reg:g}, E={p.robust_eps:g}")
+        thumb.set_title(f"{setting}\n{100 * p.val_top1:.1f}%, {p.median_linf:g}", fontsize=7)
         thumb.axis("off")
     return fig
 
 
 def output(cfg: Settings) -> lifecycle.Output:
-    inputs = {f"sweep {i}": s for i, s in enumerate(cfg.sweeps)}
+    inputs = {**{f"sweep {i}": s for i, s in enumerate(cfg.sweeps)},
+              **{f"harden output {i}": h for i, h in enumerate(cfg.harden)}}
+    given = {"sweeps": [lifecycle.input_identity(s) for s in cfg.sweeps]}
+    if cfg.harden:  # a frontier of sweeps alone keeps the identity it had before --harden
+        given["harden"] = [lifecycle.input_identity(h) for h in cfg.harden]
     return lifecycle.Output(
         cfg.output, "frontier", owns=(ATTACKS_DIR, f"{TABLE}.parquet", f"{TABLE}.md", FIGURE),
         inputs=inputs,
-        identity={"inputs": {"sweeps": [lifecycle.input_identity(s) for s in cfg.sweeps]},
+        identity={"inputs": given,
                   "settings": {"methods": list(cfg.methods), "limit_images": cfg.limit_images,
                                "keep_images": cfg.keep_images}})
 
@@ -201,13 +259,14 @@ def run(cfg: Settings) -> dict:
     """Attack every model of the sweeps, then write the table and the figure."""
     t0 = time.perf_counter()
     method = measured_method(cfg.methods)
-    data, models = _models(cfg)
+    data, models, rounds = _models(cfg)
     out = output(cfg)
     out.prepare(cfg.overwrite)
     rows = []
     for model in models:
         _attack(cfg, data, model)
         rows.append(point(model, method))
+    rows += rounds
     files = tables.write_frontier(cfg.output, rows)
     storage.write_bytes(storage.join(cfg.output, FIGURE),
                         to_png(frontier_figure(rows, templates(rows))))

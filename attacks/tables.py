@@ -10,21 +10,28 @@ A row's fields are the table's columns. No torch here: the report reads these ta
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields, make_dataclass
 
-from common import schema
+import pyarrow.parquet as pq
+
+from common import schema, storage
+from common.errors import ConfigError
 from common.tables import markdown, read_table, write_table
 
 FRONTIER = schema.FRONTIER_TABLE
 TRANSFER = schema.TRANSFER_TABLE
 
 
+SERIES = ("L2", "robust", schema.HARDEN_PLAIN, *schema.HARDEN_MODES)  # the series column's values
+
+
 @dataclass(frozen=True)
 class FrontierRow:
-    """One model of the sweeps: its setting and accuracy (from its sweep) against the strength
-    that fools it (from its attack, validation images)."""
+    """One model of the sweeps, or one round of training.harden: its setting and accuracy (from
+    its sweep or its round) against the strength that fools it (from its attack, or measured by
+    harden the same way: exact, validation images)."""
 
-    sweep: str  # the sweep output the model came from (absolute URI)
+    sweep: str  # the sweep or harden output the model came from (absolute URI)
     reg: float
     robust_eps: float
     val_top1: float
@@ -34,7 +41,13 @@ class FrontierRow:
     success_rate: float
     pairs: int
     model: str
-    attack: str  # the attack output (absolute URI)
+    attack: str  # the attack output (absolute URI); for a harden round, the harden output
+    series: str = ""  # L2, robust (from robust_eps when not given), plain, background, adversarial
+    round: int = 0  # the harden round (0: the model as trained, a sweep's included)
+
+    def __post_init__(self):
+        if not self.series:  # frozen: set once, here
+            object.__setattr__(self, "series", "robust" if self.robust_eps else "L2")
 
 
 @dataclass(frozen=True)
@@ -55,8 +68,9 @@ class TransferRow:
 
 def frontier_markdown(rows: list[FrontierRow]) -> str:
     return markdown(
-        ["reg", "robust eps", "val top-1", "median L-inf to fool", "method", "fooled"], "rrrrlr",
-        ([f"{r.reg:g}", f"{r.robust_eps:g}", f"{r.val_top1:.1%}",
+        ["series", "reg", "robust eps", "round", "val top-1", "median L-inf to fool", "method",
+         "fooled"], "lrrrrrlr",
+        ([r.series, f"{r.reg:g}", f"{r.robust_eps:g}", str(r.round), f"{r.val_top1:.1%}",
           "none fooled" if r.median_linf is None else f"{r.median_linf:g}", r.method,
           f"{r.success_rate:.1%}"] for r in rows))
 
@@ -75,9 +89,27 @@ def write_frontier(out: str, rows: list[FrontierRow]) -> list[dict]:
     return write_table(out, FRONTIER, FrontierRow, rows, frontier_markdown(rows))
 
 
+# The rows of frontier tables written before the series and round columns
+_ADDED = ("series", "round")
+_FrontierBefore = make_dataclass("_FrontierBefore", [
+    (f.name, f.type) for f in fields(FrontierRow) if f.name not in _ADDED], frozen=True)
+
+
 def read_frontier(uri: str) -> list[FrontierRow]:
-    """The rows of a finished frontier output."""
-    return read_table(uri, "frontier", FRONTIER, FrontierRow)
+    """The rows of a finished frontier output (a table written before the series and round
+    columns reads as L2 and robust rows of round 0)."""
+    try:
+        return read_table(uri, "frontier", FRONTIER, FrontierRow)
+    except ConfigError:
+        fs, path = storage.filesystem(storage.join(uri, f"{FRONTIER}.parquet"))
+        try:
+            names = pq.read_schema(path, filesystem=fs).names
+        except (OSError, ValueError):
+            names = _ADDED
+        if any(c in names for c in _ADDED):
+            raise
+    return [FrontierRow(**asdict(r)) for r in read_table(uri, "frontier", FRONTIER,
+                                                         _FrontierBefore)]
 
 
 def write_transfer(out: str, rows: list[TransferRow]) -> list[dict]:

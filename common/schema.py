@@ -243,3 +243,21 @@ SUMMARY_COLUMNS = {
 # (common/sweep.py), TransferRow and FrontierRow (attacks/tables.py) ---------------------------
 TRANSFER_TABLE = "transfer"  # <out>/transfer.parquet: one row per (scoring model, method, origin)
 FRONTIER_TABLE = "frontier"  # <out>/frontier.parquet: one row per model of the sweeps it attacked
+
+# --- Hardening (training.harden): <out>/round=0/, <out>/<mode>/round=<r>/ (model outputs),
+# <out>/<mode>/fooling-<r>.parquet, harden.parquet and harden.md (common/sweep.py, HardenRow) ---
+HARDEN_TABLE = "harden"  # one row per (mode, round): accuracy, background shares, exact's L-inf
+HARDEN_MODES = ("background", "adversarial")  # fooling images as class C, or as their source's
+HARDEN_PLAIN = "plain"  # the mode of round 0: the model trained on the real classes only
+BACKGROUND = "background"  # the name of class C of a background-mode model (classes, names)
+ATTACKED_ROUND = "attacked_round"  # fooling file: the round of the model the image was made for
+HARDEN_FOOLING_SCHEMA = pa.schema(
+    [
+        pa.field(IMAGE_ID, pa.string(), nullable=False),  # the training image it was made from
+        pa.field(LABEL, pa.int16(), nullable=False),  # that image's class in the data
+        pa.field(TARGET, pa.int16(), nullable=False),  # a real class, never the background
+        pa.field(ATTACKED_ROUND, pa.int16(), nullable=False),
+        pa.field(LINF, pa.float32(), nullable=False),  # exact's minimal L-inf, pixel levels
+        pa.field(IMAGE, pa.binary(), nullable=False),  # HWC uint8 bytes, as the ingest's
+    ]
+)
