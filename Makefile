@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	# the exact attack's compiled CPU search, cached next to its source (about 25 s, once)
 	$(PY) -m attacks.methods.exact
+	$(PY) -m attacks.methods.exact_l2
 	touch $@
 
 install: $(STAMP) ## create .venv and install the project

@@ -36,12 +36,14 @@ CERT_RTOL = 1e-5  # a one-competitor proof of failure needs a margin beyond this
 @dataclass
 class Fooled:
     """The outcome for P pairs: stored images (P, D) uint8, their scores (P, C), strength (P,);
-    ``bound`` (P,): a certified lower bound on the L-inf distance, where the attack proves one."""
+    ``bound``, ``bound_l2`` (P,): certified lower bounds on the L-inf and L2 distance, where the
+    attack proves one."""
 
     images: torch.Tensor
     scores: torch.Tensor
     strength: torch.Tensor
     bound: torch.Tensor | None = None
+    bound_l2: torch.Tensor | None = None
 
 
 def pairs(n_images: int, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
