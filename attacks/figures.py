@@ -6,19 +6,23 @@
 Each row is one (image, target) pair, labelled with class names and probabilities: the model's
 class for the original and its probability, the perturbation stretched to the full grey range
 (its L-inf in the label), and the stored fooling image with the target's probability.
-Drawn on a matplotlib Figure (no pyplot, no display needed).
+Contact sheets are drawn on a matplotlib Figure (no pyplot, no display needed), imported when
+one is drawn: ``strip`` (what report.show draws) needs Pillow only.
 """
 
 from __future__ import annotations
 
 import io
+from typing import TYPE_CHECKING
 
 import numpy as np
-from matplotlib.figure import Figure  # no pyplot: no global state, no backend to pick
 from PIL import Image, ImageDraw
 
 from common.templates import fit, font
 from common.templates import short_name as short  # one shortener for every picture
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 DPI = 110  # the charts' resolution: a 9-inch figure about 1,000 pixels wide
 SCALE = 4  # strip(): each pixel drawn SCALE x SCALE, so the panels hold the pixels exactly
@@ -46,6 +50,8 @@ def contact_sheet(examples: list[dict], class_names: list[str], shape, title: st
     ``examples``: dicts with ``original`` and ``stored`` (D,) uint8, ``pred``, ``p_pred``,
     ``target``, ``p_target``, ``fooled_pred``, ``linf``, ``strength``.
     """
+    from matplotlib.figure import Figure  # no pyplot: no global state, no backend to pick
+
     rows = max(len(examples), 1)
     fig = Figure(figsize=(6.0, 2.0 * rows + 0.4))
     axes = fig.subplots(rows, 3, squeeze=False)

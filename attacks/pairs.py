@@ -28,13 +28,14 @@ that asks them of such a file is one ConfigError naming it.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -42,15 +43,28 @@ from attacks.methods.noise import noise_ids
 from common import dataset, schema, storage
 from common.errors import ConfigError
 
+if TYPE_CHECKING:
+    import pyarrow.dataset as ds
+
 ROW_GROUP_ROWS = 1024  # ~12 MB row groups with images: readers stream without loading a file
-# Every page is written with its CRC-32 and checked when read: a flipped bit is an error naming
-# the file, never a changed pair (its cost: benchmarks/verify.py)
-VERIFIED = ds.ParquetFileFormat(
-    default_fragment_scan_options=ds.ParquetFragmentScanOptions(page_checksum_verification=True))
 # The stored images are mostly noise-like to a general-purpose compressor: compressing them costs
 # CPU for little space, so only the small columns are compressed.
 COMPRESSION = {f.name: ("none" if f.name == schema.IMAGE else "zstd")
                for f in schema.PAIRS_FILE_SCHEMA}
+
+
+@functools.cache
+def _verified():
+    """Parquet as a pyarrow dataset format that checks every page's CRC when it reads it.
+
+    Every page is written with its CRC-32 and checked when read: a flipped bit is an error naming
+    the file, never a changed pair (its cost: benchmarks/verify.py). Made on first use: importing
+    pyarrow.dataset imports pandas (0.6 s), which ``report.show`` does without.
+    """
+    import pyarrow.dataset as ds
+
+    return ds.ParquetFileFormat(default_fragment_scan_options=ds.ParquetFragmentScanOptions(
+        page_checksum_verification=True))
 
 
 def pair_file(method: str, target: int, chunk: str) -> str:
@@ -316,9 +330,11 @@ class Pairs:
         """One listed file, its partition columns typed, each page checked against its CRC when
         read; its columns are the contract's (a damaged footer can say otherwise), or those of a
         file written before the names when ``columns`` asks none of them."""
+        import pyarrow.dataset as ds  # on first use, as _verified
+
         fs, root = storage.filesystem(storage.join(self.results, schema.PAIRS_DIR))
         pairs = self._read(lambda: ds.dataset(
-            [storage.filesystem(uri)[1]], filesystem=fs, format=VERIFIED,
+            [storage.filesystem(uri)[1]], filesystem=fs, format=_verified(),
             partitioning=schema.pairs_partitioning(), partition_base_dir=root), uri)
         got = pairs.schema
         wrong = [c.name for c in schema.PAIRS_FILE_SCHEMA

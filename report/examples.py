@@ -13,14 +13,18 @@ or are drawn again from the attack's seed (noise starts, attacks/methods/noise.p
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import pandas as pd
 
 from attacks.methods.noise import NOISE_PREFIX, noise_images
 from attacks.pairs import Pairs
 from common import dataset, schema
 from common.errors import ConfigError
 from common.model import Model, read_model
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 SCAN = [schema.IMAGE_ID, schema.ORIGIN, schema.PRED, schema.SUCCESS, schema.LINF,
         schema.P_TARGET, schema.STRENGTH]  # what choosing examples reads: no images
@@ -117,6 +121,8 @@ def moved(pairs: Pairs, method: str, targets, origin: str = "val",
     """The fooled pairs that had to move (SCAN's columns and ``target``) of one method and
     ``origin``, from the partitions of up to SCAN_TARGETS of ``targets``, among the images
     ``kept`` when given (those whose pairs hold their fooling image, ``attacks.pairs.kept_ids``)."""
+    import pandas as pd  # here: report.show, which imports this module, draws without it
+
     frames = [pairs.read(method, t, SCAN).to_pandas().assign(target=t)
               for t in spread(targets) if pairs.uris(method, t)]
     if not frames:

@@ -9,12 +9,15 @@ Pure functions of the summary tables (pandas) and the manifests; no I/O.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from common import schema
 from report.page import esc, levels, number, percent
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 # The pairs that the tables and the headline measure (attacks/summary.py's "moved"), in words
 HAD_TO_MOVE = "the model did not already predict the target"
@@ -28,6 +31,8 @@ METHOD_TEXT = {
                  "within a growing L-inf ball (Kurakin et al.'s basic iterative method).",
     "exact": "solves for the smallest possible L-inf change that makes the target win (a linear "
              "program per pair, certified by its dual): the true minimum, within one level.",
+    "exact-l2": "solves for the smallest possible L2 change that makes the target win (a quadratic "
+                "program per pair, certified by its dual), then rounds it to whole levels.",
 }
 
 HOW_TO_READ = (

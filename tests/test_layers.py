@@ -6,6 +6,8 @@ from __future__ import annotations
 import ast
 import functools
 import pathlib
+import subprocess
+import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGES = ("common", "pipelines", "attacks", "training", "report", "infra", "benchmarks", "tests")
@@ -126,3 +128,14 @@ def test_no_import_cycles():
         if v not in index:
             visit(v)
     assert not cycles, cycles
+
+
+def test_report_show_starts_without_the_heavy_libraries():
+    """report.show answers one pair in about a second (docs/benchmarks.md, the rehearsal): it
+    draws with Pillow and reads with pyarrow.parquet, so matplotlib, pandas (which
+    pyarrow.dataset imports), torch and Ray stay unloaded until a module really needs them."""
+    code = ("import sys, report.show; print(','.join(m for m in ('matplotlib', 'pandas', "
+            "'torch', 'ray', 'pyarrow.dataset') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout.strip()
+    assert out == "", f"report.show imports {out} on start"
