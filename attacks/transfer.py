@@ -14,9 +14,10 @@ method, origin):
 - ``median_p_target``: the median softmax probability of the target (from a histogram of
   log10 p in bins of 0.01 decades, so within a factor 10 ** 0.01 = 1.023).
 ``same_model`` marks the row whose scoring model is the attack's own (its weights' sha256): its
-target_rate is the attack's success rate. The pairs are read in batches of --pairs-per-batch, one
-Parquet fragment at a time, local or s3://: memory does not grow with the run. Plain Python (no
-Ray): scoring is one matrix product per model and batch.
+target_rate is the attack's success rate. The pairs are read one Parquet fragment at a time,
+local or s3://, and scored in batches of at least --pairs-per-batch gathered across files (under
+--keep-images sample a file holds few images): memory does not grow with the run. Plain Python
+(no Ray): scoring is one matrix product per model and batch.
 
 Writes ``transfer.parquet``, ``transfer.md`` and, last, ``manifest.json`` under --output.
 """
@@ -126,27 +127,41 @@ def predictions(m: dict, linear: list[LinearModel], batch_rows: int) -> tuple[pa
     return pa.array(ids, pa.string()), [np.concatenate(p) for p in preds]
 
 
-def score(pairs: Pairs, m: dict, models: list[Model], batch_rows: int) -> dict:
-    """{(model index, method, origin): Tally} over every pair that stores its image."""
-    linear = [LinearModel(model.W, model.b) for model in models]
-    ids, before = predictions(m, linear, batch_rows)
-    D, tallies = models[0].D, {}
+def _stored(pairs: Pairs, ids: pa.Array, D: int, batch_rows: int):
+    """(X (n, D) uint8, original's row in ``ids``, target, method, origin) of the pairs that
+    store their image, at least ``batch_rows`` at a time (the last batch excepted): files hold
+    few kept pairs under --keep-images sample, and each batch costs a pass over the weights."""
     columns = [schema.IMAGE_ID, schema.ORIGIN, schema.METHOD, schema.TARGET, schema.IMAGE]
-    results = pairs.results
+    held, count = [], 0
     for batch in pairs.batches(columns, batch_rows):
         batch = batch.filter(pc.is_valid(batch.column(schema.IMAGE)))  # --keep-images sample
         if not batch.num_rows:
             continue
-        X = torch.from_numpy(dataset.pixels(batch.column(schema.IMAGE), D,
-                                            batch.column(schema.IMAGE_ID), results))
         row = pc.index_in(batch.column(schema.IMAGE_ID), value_set=ids)
         if row.null_count:
-            raise ConfigError(f"{results} holds pairs of images that the attack's manifest does "
-                              "not list: it is not one run's output")
-        row = row.to_numpy().astype(np.int64)
-        t = batch.column(schema.TARGET).to_numpy().astype(np.int64)
-        keys = [batch.column(c).to_numpy(zero_copy_only=False).astype(str)
-                for c in (schema.METHOD, schema.ORIGIN)]
+            raise ConfigError(f"{pairs.results} holds pairs of images that the attack's manifest "
+                              "does not list: it is not one run's output")
+        held.append((dataset.pixels(batch.column(schema.IMAGE), D, batch.column(schema.IMAGE_ID),
+                                    pairs.results),
+                     row.to_numpy().astype(np.int64),
+                     batch.column(schema.TARGET).to_numpy().astype(np.int64),
+                     *(batch.column(c).to_numpy(zero_copy_only=False).astype(str)
+                       for c in (schema.METHOD, schema.ORIGIN))))
+        count += batch.num_rows
+        if count >= batch_rows:
+            yield tuple(np.concatenate(part) for part in zip(*held))
+            held, count = [], 0
+    if held:
+        yield tuple(np.concatenate(part) for part in zip(*held))
+
+
+def score(pairs: Pairs, m: dict, models: list[Model], batch_rows: int) -> dict:
+    """{(model index, method, origin): Tally} over every pair that stores its image."""
+    linear = [LinearModel(model.W, model.b) for model in models]
+    ids, before = predictions(m, linear, batch_rows)
+    tallies = {}
+    for X, row, t, *keys in _stored(pairs, ids, models[0].D, batch_rows):
+        X = torch.from_numpy(X)
         for i, lin in enumerate(linear):
             S = lin.scores(X)
             pred = S.argmax(1).numpy()
