@@ -31,9 +31,13 @@ def model_sections(frontier_uri: str | None, transfers: tuple[str, ...], img
     if frontier_uri:
         rows = tables.read_frontier(frontier_uri)
         figures[frontier.FIGURE] = to_png(frontier.frontier_figure(rows, frontier.templates(rows)))
+        hardened = [r for r in rows if r.series in frontier.HARDENED]
         caption = ("Validation top-1 against the median minimal L-inf strength that fools each "
                    "model (fooled pairs that had to move, validation images): L2 regularization "
-                   "against the robust objective, each point's templates beside it.")
+                   "against the robust objective"
+                   + (", a background class of fooling images and retraining on them (each "
+                      "round's model, from the plain one)" if hardened else "")
+                   + ", each point's templates beside it.")
         table = "<pre>" + tables.frontier_markdown(rows) + "</pre>"
         sections.append(("The frontier: regularize or change the objective",
                          img("frontier", figures[frontier.FIGURE], caption) + table))

@@ -215,6 +215,16 @@ def test_the_frontier_reads_the_rounds(hardened, tmp_path):
                                        limit_images=cfg.limit_images + 1))
 
 
+def test_classes_keeps_the_first_k_classes_of_the_data(hardened):
+    from common.dataset import open_ingest
+
+    data = hardened["data"]
+    ids, _, y = split(data, "train")
+    part = harden.read_split(data, open_ingest(data), "train", 2)
+    assert part.ids.tolist() == [i for i, k in zip(ids, y) if k < 2]
+    assert part.y.tolist() == [k for k in y if k < 2] and len(part.X) == len(part.y)
+
+
 @pytest.mark.parametrize("change, message", [
     ({"modes": ("background", "noise")}, "--modes"),
     ({"rounds": -1}, "--rounds"),
