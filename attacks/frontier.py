@@ -227,7 +227,7 @@ def frontier_figure(rows: list[FrontierRow], templates: dict[str, bytes] | None 
     ax.set_xlabel(f"median minimal L-inf strength that fools ({method}, pixel levels)")
     ax.set_ylabel("validation top-1 (%)")
     ax.set_title("harder to fool vs accurate: L2 regularization against the robust objective"
-                 + (", a background class and adversarial retraining"
+                 + (",\na background class of fooling images, and retraining on them"
                     if any(r.series in HARDENED for r in rows) else ""))
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)

@@ -225,6 +225,22 @@ def test_classes_keeps_the_first_k_classes_of_the_data(hardened):
     assert part.y.tolist() == [k for k in y if k < 2] and len(part.X) == len(part.y)
 
 
+def test_a_frontier_table_from_before_the_series_reads_as_l2_and_robust(tmp_path):
+    rows = [tables.FrontierRow(sweep="/s", reg=0.1, robust_eps=e, val_top1=0.9, val_top5=1.0,
+                               method="exact", median_linf=3.0, success_rate=1.0, pairs=4,
+                               model=f"/m{e}", attack="/a") for e in (0.0, 8.0)]
+    out = str(tmp_path)
+    storage.write_manifest(out, {schema.M_KIND: "frontier",
+                                 schema.M_FILES: tables.write_frontier(out, rows)})
+    path = os.path.join(out, f"{schema.FRONTIER_TABLE}.parquet")
+    table = pq.read_table(path)
+    pq.write_table(table.drop_columns(["series", "round"]), path)
+    assert tables.read_frontier(out) == rows and [r.series for r in rows] == ["L2", "robust"]
+    pq.write_table(table.drop_columns(["round"]), path)  # half of the new columns: damaged
+    with pytest.raises(ConfigError, match="no column round"):
+        tables.read_frontier(out)
+
+
 @pytest.mark.parametrize("change, message", [
     ({"modes": ("background", "noise")}, "--modes"),
     ({"rounds": -1}, "--rounds"),
