@@ -21,6 +21,7 @@ import torch
 from attacks import parts
 from attacks.methods.base import Attack, pairs, pairs_that_fit
 from attacks.methods.exact import Exact
+from attacks.methods.exact_l2 import ExactL2
 from attacks.methods.iterative import Iterative
 from attacks.methods.linear import LinearModel, measure
 from attacks.methods.noise import noise_ids, noise_images
@@ -33,7 +34,7 @@ from common.errors import ConfigError
 log = logging.getLogger(__name__)
 
 ATTACKS: dict[str, type[Attack]] = {"template": Template, "sign": Sign, "iterative": Iterative,
-                                    "exact": Exact}
+                                    "exact": Exact, "exact-l2": ExactL2}
 CPU_BATCH = 1024  # pairs per batch on a CPU worker
 GPU_BATCH_MAX = 65536  # on a GPU at most
 GPU_BATCH_BYTES = 48  # a batch's GPU memory per pair and pixel (sign, iterative; exact chunks)
@@ -154,8 +155,10 @@ class FoolWorker:
         fooled = attack(X, S, tt)
         n, t = pairs(len(X), tt)
         bound_linf, bound_l2 = self.model.bounds(S[n], t, attack.margin)
-        if fooled.bound is not None:  # the attack's own certificate, where it has one
+        if fooled.bound is not None:  # the attack's own certificates, where it has them
             bound_linf = torch.maximum(bound_linf, fooled.bound)
+        if fooled.bound_l2 is not None:
+            bound_l2 = torch.maximum(bound_l2, fooled.bound_l2)
         m = measure(X[n], fooled.images, fooled.scores, t)
         n_np = n.cpu().numpy()
         cpu = {k: v.cpu().numpy() for k, v in {

@@ -198,7 +198,7 @@ def pairs_partitioning():
     return ds.partitioning(PAIRS_PARTITION_SCHEMA, flavor="hive")
 
 
-METHODS = ("template", "sign", "iterative", "exact")
+METHODS = ("template", "sign", "iterative", "exact", "exact-l2")
 TEMPLATE_RES = 8  # the template method's strengths lie on a grid of 1/8 pixel level
 ORIGINS = ("val", "noise")
 # summary/ tables: per (origin, method, target); per (origin, method); success vs L-inf budget

@@ -15,7 +15,7 @@ from attacks.figures import short, to_png  # noqa: E402
 from common.schema import METHODS
 
 COLORS = {"template": "tab:blue", "sign": "tab:orange", "iterative": "tab:green",
-          "exact": "tab:red"}
+          "exact": "tab:red", "exact-l2": "tab:purple"}
 AXIS_NAMES = {"linf_q50": "median L-inf", "linf_mean": "mean L-inf"}
 LABELS = {"exact": "exact (the true minimum)"}  # legend names where the method's name is not enough
 PHONE_WIDTH = 4.2  # inches: a narrow figure's width, ~460 pixels, shown on a phone at ~3/4 size

@@ -9,6 +9,10 @@ from benchmarks.attack_models import fit_softmax, load_split, write_model
 from common import dataset, schema
 
 NOISE, TARGETS_PER_PART = 2, 2
+# The L-inf methods: with exact-l2 as a fifth, the report's per-method charts (a panel per
+# method) are wider than a laptop's page and show their phone drawings there; exact-l2 runs in
+# test_fool's test_keep_images_none instead
+METHODS = tuple(m for m in schema.METHODS if m != "exact-l2")
 # six images per chunk: the 16 validation images make three chunks of files
 FILE_MB = 6 * (64 * 64 * 3 + fool.ROW_OVERHEAD) / 2**20
 
@@ -28,6 +32,7 @@ def settings(ingested: str, model: str, output: str, /, **kw) -> fool.Settings:
 
 
 def attack(ingested: str, model: str, output: str) -> tuple[fool.Settings, dict]:
-    """Every method (the defaults, iterative and exact), images kept: (settings, manifest)."""
-    cfg = settings(ingested, model, output, methods=schema.METHODS)
+    """The L-inf methods (the defaults, iterative and exact), images kept: (settings,
+    manifest)."""
+    cfg = settings(ingested, model, output, methods=METHODS)
     return cfg, fool.run(cfg)

@@ -26,7 +26,7 @@ from benchmarks.attack_models import load_split, write_model
 from common import dataset, schema, storage
 from common.errors import ConfigError
 from common.model import read_model
-from tests.attacked import NOISE, settings
+from tests.attacked import METHODS, NOISE, settings
 from tests.trees import every_file, tree_digest
 
 pytestmark = pytest.mark.slow
@@ -46,12 +46,12 @@ def test_layout_counts_and_readers(attacked):
     cfg, manifest = attacked
     n_val = dataset.open_ingest(cfg.data)[schema.M_COUNTS]["val"]["written"]
     C = len(manifest[schema.M_CLASSES])
-    want = (n_val + NOISE) * C * len(schema.METHODS)
+    want = (n_val + NOISE) * C * len(METHODS)
     df = read_pairs(cfg.output, columns=[c for c in schema.PAIRS_SCHEMA.names if c != "image"])
     assert len(df) == want == manifest[schema.M_COUNTS]["pairs"]
     assert not df.duplicated(KEYS).any()
     assert df.groupby([schema.METHOD, schema.ORIGIN]).size().to_dict() == {
-        (m, o): n * C for m in schema.METHODS for o, n in (("val", n_val), ("noise", NOISE))}
+        (m, o): n * C for m in METHODS for o, n in (("val", n_val), ("noise", NOISE))}
     chunks = {os.path.basename(f["path"]) for f in manifest[schema.M_FILES]
               if f["path"].startswith("pairs/")}
     assert chunks == {"val-00000.parquet", "val-00001.parquet", "val-00002.parquet",
@@ -62,7 +62,7 @@ def test_layout_counts_and_readers(attacked):
     assert hive.count_rows() == want
     assert hive.count_rows(filter=ds.field("target") == 1) == want // C
     sign = pd.read_parquet(pairs_dir, filters=[("method", "=", "sign")], columns=["linf"])
-    assert len(sign) == want // len(schema.METHODS)
+    assert len(sign) == want // len(METHODS)
     for f in manifest[schema.M_FILES]:
         assert os.path.getsize(os.path.join(cfg.output, f["path"])) == f["bytes"]
 
@@ -244,9 +244,9 @@ def test_summary_printout(attacked, capsys):
     summary.main(["--results", cfg.output])
     out = capsys.readouterr().out
     for origin in schema.ORIGINS:
-        for method in schema.METHODS:
+        for method in METHODS:
             assert f"{origin:5s} {method:9s} fooled" in out
-    assert out.count(".png") == len(schema.ORIGINS) * len(schema.METHODS)
+    assert out.count(".png") == len(schema.ORIGINS) * len(METHODS)
 
 
 def test_each_workers_lines_reach_rays_log_files(attacked):
@@ -267,7 +267,7 @@ def test_contact_sheets(attacked):
     cfg, manifest = attacked
     pngs = [f["path"] for f in manifest[schema.M_FILES] if f["path"].endswith(".png")]
     assert sorted(pngs) == sorted(f"figures/{o}-{m}.png" for o in schema.ORIGINS
-                                  for m in schema.METHODS)
+                                  for m in METHODS)
     for rel in pngs:
         with Image.open(os.path.join(cfg.output, rel)) as im:
             assert im.width == 600 and im.height > 600
@@ -346,20 +346,30 @@ def test_s3_output_agrees_with_local(attacked, bucket):
 
 
 def test_keep_images_none(attacked, tmp_path):
-    """Without images: the same measurements, null image bytes, and still the contact sheets."""
+    """Without images: the same measurements, null image bytes, and still the contact sheets.
+    exact-l2 runs beside sign here: every pair fooled, its certificate below its L2 (and above
+    the Hoelder bound), its L2 never above sign's."""
     cfg, _ = attacked
-    small = dataclasses.replace(cfg, output=str(tmp_path / "lean"), methods=("sign",),
+    small = dataclasses.replace(cfg, output=str(tmp_path / "lean"), methods=("sign", "exact-l2"),
                                 targets=("0", cfg_wnid(cfg, 2)), limit_images=5, noise_images=0,
                                 keep_images="none")
     manifest = fool.run(small)
     lean = read_pairs(small.output)
-    assert len(lean) == 5 * 2 and lean[schema.IMAGE].isna().all()
+    l2 = lean[lean.method == "exact-l2"].reset_index(drop=True)
+    lean = lean[lean.method == "sign"].reset_index(drop=True)
+    assert len(lean) == len(l2) == 5 * 2 and lean[schema.IMAGE].isna().all()
+    assert l2[schema.SUCCESS].all() and (l2[schema.BOUND_L2] <= l2[schema.L2]).all()
+    assert (l2[schema.BOUND_L2] >= lean[schema.BOUND_L2]).all()  # the same pairs, in order
+    won = lean[schema.SUCCESS]
+    assert (l2[schema.L2][won] <= lean[schema.L2][won]).all()
+    assert (l2[schema.L2][won] < lean[schema.L2][won]).any()
     full = read_pairs(cfg.output)
     full = full[(full.method == "sign") & (full.origin == "val") & full.target.isin([0, 2])
                 & full.image_id.isin(lean.image_id)].reset_index(drop=True)
     cols = [schema.STRENGTH, schema.LINF, schema.FOOLED_PRED, schema.P_TARGET]
     pd.testing.assert_frame_equal(lean[cols], full[cols])
-    assert any(f["path"] == "figures/val-sign.png" for f in manifest[schema.M_FILES])
+    assert {"figures/val-sign.png", "figures/val-exact-l2.png"} <= {
+        f["path"] for f in manifest[schema.M_FILES]}
 
 
 def cfg_wnid(cfg, k: int) -> str:

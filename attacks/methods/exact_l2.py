@@ -61,7 +61,8 @@ class ExactL2(Attack):
     ``bound_l2`` is ``sqrt(2 phi(lam))``, the dual function at the weights found, in float64
     and shaved: no image of any kind (integer or not) closer than it in L2 makes t win. Where
     the search fails (a pair beyond the box, or rivals past KCAP), the L-inf exact attack's
-    image is kept instead. ``strength`` is the stored image's L2 distance.
+    image is kept instead. ``strength`` is the stored step's L-inf (the job's strength column
+    holds levels 0..255; its L2 is the ``l2`` column).
 
     With ``confidence`` P the goal is the margin form, as in Exact: t beats every rival by
     ``log(P / (1 - P))``.
@@ -106,8 +107,7 @@ class ExactL2(Attack):
         lost = idx[~self.passes(f.scores[idx], t[idx])]
         if len(lost):
             self.fall_back(f, x, s, t, lost)
-        diff = f.images.float() - x.float()
-        f.strength = torch.linalg.vector_norm(diff, 2, dim=1)
+        f.strength = (f.images.float() - x.float()).abs().amax(1)
         return f
 
     def search(self, x, s, t, f: Fooled | None = None, idx=None) -> Search:
