@@ -285,6 +285,7 @@ def _repair(W, rows, q, G, x, g, d, tau, z, rounds):
     M, need = np.empty(K), np.empty(K)
     c, ratio = np.empty(D, np.float32), np.empty(D)
     order, counts = np.empty(D, np.int64), np.zeros(BINS + 2, np.int64)
+    bins = np.empty(D, np.int64)
     way = np.zeros(D, np.float32)  # the direction a pixel moved in: never back (no cycles)
     top = W[rows[0]]
     for j in range(D):
@@ -315,13 +316,13 @@ def _repair(W, rows, q, G, x, g, d, tau, z, rounds):
                 best = max(best, ratio[j])
         counts[:] = 0
         for j in range(D):
-            counts[_bin(ratio[j], best)] += 1
+            bins[j] = _bin(ratio[j], best)
+            counts[bins[j]] += 1
         for b in range(1, BINS + 2):
             counts[b] += counts[b - 1]
         for j in range(D - 1, -1, -1):  # a stable counting sort, best bins first
-            b = _bin(ratio[j], best)
-            counts[b] -= 1
-            order[counts[b]] = j
+            counts[bins[j]] -= 1
+            order[counts[bins[j]]] = j
         gained = 0.0
         for i in range(D):
             j = order[i]
