@@ -81,7 +81,8 @@ class Settings:
         "help": "validation images x every real target that exact measures each round (the "
                 "frontier's --limit-images)"})
     epochs: int = _as_train("epochs")
-    batch_size: int = _as_train("batch_size")
+    batch_size: int = field(default=_TRAIN["batch_size"].default, metadata={
+        "help": "images per step"})
     lr: float | None = _as_train("lr")
     reg: float = _as_train("reg")
     optimizer: str = _as_train("optimizer")
@@ -215,6 +216,8 @@ class Job:
         self.files: list[dict] = []
 
     def classes(self, mode: str) -> tuple[list[str], list[str]]:
+        """The model's WNIDs and names: the data's first K, and ``background`` last in that
+        mode."""
         names = schema.class_names(self.m)[: self.K]
         wnids = self.m[schema.M_CLASSES][: self.K]
         if mode == "background":
@@ -317,8 +320,7 @@ def run(cfg: Settings) -> dict:
     out = output(cfg)
     job = Job(cfg, manifest)
     out.prepare(cfg.overwrite, resumable=False)
-    labels = rounds.training_labels("adversarial", job.train.y, job.K)
-    plain = job.fit(schema.HARDEN_PLAIN, 0, job.train.X, labels)
+    plain = job.fit(schema.HARDEN_PLAIN, 0, job.train.X, job.train.y)
     rows = [job.row(schema.HARDEN_PLAIN, 0, plain[0], plain[1], 0, 0)]
     log.info("round 0: %s", _line(rows[0]))
     for mode in cfg.modes:
