@@ -37,6 +37,7 @@ BINS = 256  # _repair's ratio bins: 16 per octave below the best pixel's ratio
 DAMP = 1e-9  # Newton's Hessian damping, relative to its mean diagonal
 ARMIJO = 1e-4  # the sufficient decrease that a Newton step must make
 HALVINGS = 40  # backtracking steps at most
+NOISE = 1e-6  # F's rounding, relative to the size of its terms (g is summed in float32)
 GROW_CHECK = 8  # rivals outside the set whose margins _grow checks exactly per round
 
 
@@ -117,17 +118,21 @@ def _drop_zeros(riv, lam, K, member):
 
 @numba.njit(cache=True, fastmath={"reassoc", "contract"}, error_model="numpy")
 def _dual(W, rows, lam, q, x, g, d):
-    """F(lam) (float64), with g = lam . A and d = clip(g, -x, 255 - x) (float32) filled in."""
+    """F(lam) (float64), with g = lam . A and d = clip(g, -x, 255 - x) (float32) filled in, and
+    the size of F's terms (g is summed in float32: F is known to about 1e-7 of that)."""
     _combine(W, rows, lam, g)
-    F = 0.0
+    F, size = 0.0, 0.0
     for j in range(g.shape[0]):
         lo, hi = -np.float32(x[j]), np.float32(255.0) - np.float32(x[j])
         dj = min(max(g[j], lo), hi)
         d[j] = dj
-        F += np.float64(g[j] * dj - np.float32(0.5) * dj * dj)
+        gd = np.float64(g[j]) * np.float64(dj)
+        F += gd - 0.5 * np.float64(dj) * np.float64(dj)
+        size += abs(gd)
+    lq = 0.0
     for k in range(lam.shape[0]):
-        F += lam[k] * q[k]
-    return F
+        lq += lam[k] * q[k]
+    return F + lq, size + abs(lq)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -209,7 +214,7 @@ def _newton(W, gram, t, q_all, x, riv, lam, K, member, steps, eps):
     for _ in range(steps):
         for i in range(K):
             rows[i + 1], qS[i] = riv[i], q_all[riv[i]]
-        F = _dual(W, rows[:K + 1], lam[:K], qS[:K], x, g, d)
+        F, size = _dual(W, rows[:K + 1], lam[:K], qS[:K], x, g, d)
         _margins(W, rows[:K + 1], d, qS[:K], M[:K])
         dn2 = 0.0
         for j in range(D):
@@ -235,8 +240,10 @@ def _newton(W, gram, t, q_all, x, riv, lam, K, member, steps, eps):
             for i in range(K):
                 trial[i] = max(lam[i] + alpha * p[i], 0.0)
                 dec += M[i] * (trial[i] - lam[i])
-            F2 = _dual(W, rows[:K + 1], trial[:K], qS[:K], x, g2, d2)
-            if F2 <= F + ARMIJO * dec and dec < 0:
+            F2 = _dual(W, rows[:K + 1], trial[:K], qS[:K], x, g2, d2)[0]
+            # a decrease below F's float32 noise cannot be seen: near the optimum, where
+            # Newton's step is good, it is taken on the model's word
+            if dec < 0 and F2 <= F + ARMIJO * dec + NOISE * size:
                 lam[:K] = trial[:K]
                 moved = True
                 break
