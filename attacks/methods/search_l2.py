@@ -333,7 +333,7 @@ def _repair(W, rows, q, G, x, g, d, tau, z, rounds):
         gained = 0.0
         for i in range(D):
             j = order[i]
-            if ratio[j] <= 0:
+            if not ratio[j] > 0:  # no move left (NaN included)
                 break
             s = np.float32(1.0) if c[j] > 0 else np.float32(-1.0)
             z[j] += s
@@ -402,9 +402,12 @@ def _bin(r, best):
     last for no move at all."""
     if r == np.inf:
         return 0
-    if r <= 0:
+    if not r > 0:
         return BINS + 1
-    return 1 + min(BINS - 1, int(16.0 * np.log2(best / r)))
+    octaves = 16.0 * np.log2(best / r)
+    if not octaves < BINS - 1:  # far below the best (an overflow to inf included)
+        return BINS
+    return 1 + max(int(octaves), 0)
 
 
 @numba.njit(cache=True, error_model="numpy")
