@@ -7,12 +7,16 @@ Five tables, written by the attack job under ``summary/``, one Parquet file each
 - ``targets``: per origin, method and target (``target_name`` beside it): pairs, fooled, success
   rate, and over the fooled pairs that had to move (``had_to_move``: the model did not already
   say the target) the mean and quantiles of strength, linf and l2, the median certified
-  L-inf bound and the median ratio linf / bound (how far the attack is from the provable minimum).
+  L-inf and L2 bounds and the median ratios linf / bound_linf and l2 / bound_l2 (how far the
+  attack is from the provable minimum).
 - ``methods``: per origin and method: the same counts, the quantiles of strength and linf (exact:
   both live on a grid) and the mean l2 over the pairs that had to move.
 - ``budget``: per origin and method, for each L-inf budget 0..255 the fraction of all pairs fooled
   within it: the "success vs budget" curve; and the fraction whose certified bound is within it,
   which no attack can exceed.
+- ``budget_l2``: the same against L2 budgets (the ``l2`` column; ``bound_l2`` certifies, and is
+  the true minimum where exact-l2 ran), on ``L2_GRID``, up to the largest value of the origin's
+  pairs. Outputs written before it lack it: read_summary then leaves it out.
 - ``sources``: per method and source class of the validation images (``label``, and
   ``source_name`` beside it): pairs, success rate, mean linf of the pairs that had to move (which
   classes resist).
@@ -41,7 +45,13 @@ LEVELS = 256  # linf of a stored uint8 image is an integer 0..255
 GRID = 255 * TEMPLATE_RES + 1  # strengths are multiples of 1 / TEMPLATE_RES in 0..255
 READ_THREADS = 16
 STATS = [schema.ORIGIN, schema.LABEL, schema.PRED, schema.SUCCESS, schema.STRENGTH, schema.LINF,
-         schema.L2, schema.BOUND_LINF]
+         schema.L2, schema.BOUND_LINF, schema.BOUND_L2]
+# L2 budgets in pixel levels: 0, then 1.00, 1.05, ..., 9.95 times each power of ten up to 10^5
+# (steps of 0.5% to 5%, round numbers). Fixed, so that the partitions' histograms add up without
+# a second pass over the pairs; every L2 of a 64x64x3 image (at most 255 * sqrt(12288) = 28,267)
+# lies within it. The table keeps the budgets up to the largest its origin's pairs reach.
+L2_GRID = np.array([0.0, *(round(m * 10.0**k / 100, 6) for k in range(5)
+                           for m in range(100, 1000, 5)), 1e5])
 
 
 def _quantiles(name: str, values: np.ndarray) -> dict:
@@ -63,6 +73,8 @@ def target_stats(table: pa.Table, method: str, target: int) -> list[dict]:
                        for c in (schema.STRENGTH, schema.LINF, schema.L2))
         bound = cols[schema.BOUND_LINF][ok].astype(np.float64)
         ratio = linf[bound > 0] / bound[bound > 0]
+        bound_l2 = cols[schema.BOUND_L2][ok].astype(np.float64)
+        ratio_l2 = l2[bound_l2 > 0] / bound_l2[bound_l2 > 0]
         row = {schema.ORIGIN: origin, schema.METHOD: method, schema.TARGET: target,
                schema.S_PAIRS: int(rows.sum()), schema.S_FOOLED: int(fooled.sum()),
                schema.S_MOVED: int(ok.sum()),
@@ -72,8 +84,10 @@ def target_stats(table: pa.Table, method: str, target: int) -> list[dict]:
                schema.S_LINF_MEAN: float(linf.mean()) if len(linf) else np.nan,
                **_quantiles("linf", linf),
                schema.S_L2_MEAN: float(l2.mean()) if len(l2) else np.nan, **_quantiles("l2", l2),
-               "bound_linf_median": float(np.median(bound)) if len(bound) else np.nan,
-               "linf_over_bound_median": float(np.median(ratio)) if len(ratio) else np.nan,
+               schema.S_BOUND_LINF_MEDIAN: _median(bound),
+               schema.S_LINF_RATIO_MEDIAN: _median(ratio),
+               schema.S_BOUND_L2_MEDIAN: _median(bound_l2),
+               schema.S_L2_RATIO_MEDIAN: _median(ratio_l2),
                "_linf_hist": np.bincount(linf.astype(np.int64), minlength=LEVELS),
                "_budget_hist": np.bincount(cols[schema.LINF][fooled].astype(np.int64),
                                            minlength=LEVELS),
@@ -83,9 +97,23 @@ def target_stats(table: pa.Table, method: str, target: int) -> list[dict]:
                # no attack fools a pair within a budget below its certified bound (rounded up)
                "_bound_hist": np.bincount(np.clip(np.ceil(cols[schema.BOUND_LINF][rows]), 0,
                                                   LEVELS).astype(np.int64), minlength=LEVELS + 1),
+               "_l2_budget_hist": _l2_hist(cols[schema.L2][fooled]),
+               "_l2_bound_hist": _l2_hist(cols[schema.BOUND_L2][rows]),
                **_by_label(cols, rows, fooled, ok)}
         out.append(row)
     return out
+
+
+def _median(values: np.ndarray) -> float:
+    return float(np.median(values)) if len(values) else np.nan
+
+
+def _l2_hist(values: np.ndarray) -> np.ndarray:
+    """Counts on L2_GRID: bin i holds the values in (L2_GRID[i-1], L2_GRID[i]], so that the
+    cumulative sum at i counts those within budget L2_GRID[i]; the last bin, those beyond the
+    grid (and NaN)."""
+    i = np.searchsorted(L2_GRID, values.astype(np.float64), "left")
+    return np.bincount(i, minlength=len(L2_GRID) + 1).astype(np.int32)
 
 
 def _by_label(cols: dict, rows, fooled, ok) -> dict:
@@ -150,8 +178,34 @@ def method_tables(rows: list[dict]) -> dict[str, pa.Table]:
         if origin == "val":
             sources += _source_rows(method, rs)
     return {"methods": pa.Table.from_pylist(methods), "budget": pa.Table.from_pylist(budget),
+            "budget_l2": pa.Table.from_pylist(_l2_budget_rows(groups), schema=BUDGET_L2_SCHEMA),
             "sources": pa.Table.from_pylist(sources, schema=SOURCES_SCHEMA),
             "strength": pa.Table.from_pylist(strength)}
+
+
+BUDGET_L2_SCHEMA = pa.schema([(schema.ORIGIN, pa.string()), (schema.METHOD, pa.string()),
+                              (schema.S_BUDGET, pa.float64()),
+                              (schema.S_FOOLED_FRACTION, pa.float64()),
+                              (schema.S_BOUND_FRACTION, pa.float64())])
+
+
+def _l2_budget_rows(groups: dict[tuple, list[dict]]) -> list[dict]:
+    """The budget_l2 table: per (origin, method), for each L2 budget on L2_GRID the fraction of
+    all pairs fooled within it and the fraction whose bound_l2 is within it; every method of an
+    origin on the same budgets, up to the first that holds all of the origin's values."""
+    sums = {key: [np.sum([r[h] for r in rs], axis=0)
+                  for h in ("_l2_budget_hist", "_l2_bound_hist")] for key, rs in groups.items()}
+    out = []
+    for (origin, method), rs in sorted(groups.items()):
+        reached = [np.flatnonzero(h[:len(L2_GRID)]) for (o, _), hs in sums.items() if o == origin
+                   for h in hs]
+        top = max([1, *(int(r[-1]) for r in reached if len(r))])
+        pairs_ = sum(r[schema.S_PAIRS] for r in rs)
+        curve, bound = (np.cumsum(h) / pairs_ for h in sums[origin, method])
+        out += [{schema.ORIGIN: origin, schema.METHOD: method,
+                 schema.S_BUDGET: float(L2_GRID[i]), schema.S_FOOLED_FRACTION: float(curve[i]),
+                 schema.S_BOUND_FRACTION: float(bound[i])} for i in range(top + 1)]
+    return out
 
 
 SOURCES_SCHEMA = pa.schema([(schema.ORIGIN, pa.string()), (schema.METHOD, pa.string()),
@@ -207,7 +261,9 @@ def read_summary(results: str, manifest: dict | None = None) -> dict[str, pa.Tab
     """The summary tables of a finished attack output (``manifest``: its manifest, from
     ``open_attack``), each checked against the size and sha256 its manifest records and for the
     columns its readers use, and its pairs' files against the manifest (attacks/pairs.py); a
-    missing, damaged or incomplete table or file is one ConfigError naming it."""
+    missing, damaged or incomplete table or file is one ConfigError naming it. A table of
+    schema.SUMMARY_OPTIONAL that the manifest does not list (an output written before it, e.g.
+    ``budget_l2``) is left out of the result."""
     m = manifest if manifest is not None else open_attack(results, needs=(schema.M_FILES,))
     Pairs.open(results, m)
     listed = {f["path"]: f for f in m[schema.M_FILES]}
@@ -215,6 +271,8 @@ def read_summary(results: str, manifest: dict | None = None) -> dict[str, pa.Tab
     for name, file in schema.SUMMARY_TABLES.items():
         rel = f"{schema.SUMMARY_DIR}/{file}"
         uri = storage.join(results, rel)
+        if name in schema.SUMMARY_OPTIONAL and rel not in listed:
+            continue  # an output written before the table: its readers show what it has
         raw = _verified(uri, listed.get(rel))
         # parsed from a copy that Arrow owns, never from a Python object (io.BytesIO, or bytes
         # wrapped by pa.py_buffer): pyarrow's I/O threads touch such an object, and one doing

@@ -205,20 +205,27 @@ ORIGINS = ("val", "noise")
 SUMMARY_TARGETS = "targets.parquet"
 SUMMARY_METHODS = "methods.parquet"
 SUMMARY_BUDGET = "budget.parquet"  # with the certified bound's curve: no attack does better
+SUMMARY_BUDGET_L2 = "budget_l2.parquet"  # the same against L2 budgets, certified by bound_l2
 SUMMARY_SOURCES = "sources.parquet"  # per (origin, method, source label) of validation images
 SUMMARY_STRENGTH = "strength.parquet"  # per (origin, method) histogram of the strength needed
 SUMMARY_TABLES = {"targets": SUMMARY_TARGETS, "methods": SUMMARY_METHODS,
-                  "budget": SUMMARY_BUDGET, "sources": SUMMARY_SOURCES,
-                  "strength": SUMMARY_STRENGTH}
+                  "budget": SUMMARY_BUDGET, "budget_l2": SUMMARY_BUDGET_L2,
+                  "sources": SUMMARY_SOURCES, "strength": SUMMARY_STRENGTH}
+# Tables that outputs written before them lack: read_summary leaves them out of what it returns
+SUMMARY_OPTIONAL = ("budget_l2",)
 # Their columns, besides ORIGIN, METHOD, TARGET with TARGET_NAME (targets table) and LABEL with
 # SOURCE_NAME (sources table):
 S_PAIRS, S_FOOLED, S_MOVED = "pairs", "fooled", "moved"  # all pairs; fooled; fooled and had to move
 S_SUCCESS_RATE = "success_rate"  # fooled / pairs
-S_BUDGET = "budget"  # an L-inf budget 0..255 (budget table)
+S_BUDGET = "budget"  # an L-inf budget 0..255 (budget table); an L2 budget (budget_l2 table)
 S_FOOLED_FRACTION = "fooled_fraction"  # of all pairs, fooled within the budget
 S_BOUND_FRACTION = "bound_fraction"  # of all pairs, certified bound within the budget
 S_COUNT = "count"  # strength table: fooled pairs that needed exactly that strength
 S_LINF_MEAN, S_L2_MEAN = "linf_mean", "l2_mean"
+# targets table, over the fooled pairs that had to move: the median certified bounds, and the
+# median of each norm over its bound (1: the attack found the minimum)
+S_BOUND_LINF_MEDIAN, S_LINF_RATIO_MEDIAN = "bound_linf_median", "linf_over_bound_median"
+S_BOUND_L2_MEDIAN, S_L2_RATIO_MEDIAN = "bound_l2_median", "l2_over_bound_median"
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 
 
@@ -235,6 +242,7 @@ SUMMARY_COLUMNS = {
     "methods": [ORIGIN, METHOD, S_PAIRS, S_FOOLED, S_MOVED, S_SUCCESS_RATE, S_L2_MEAN,
                 *(quantile_column(c, q) for c in (STRENGTH, LINF) for q in QUANTILES)],
     "budget": [ORIGIN, METHOD, S_BUDGET, S_FOOLED_FRACTION, S_BOUND_FRACTION],
+    "budget_l2": [ORIGIN, METHOD, S_BUDGET, S_FOOLED_FRACTION, S_BOUND_FRACTION],
     "sources": [ORIGIN, METHOD, LABEL, S_PAIRS, S_FOOLED, S_SUCCESS_RATE, S_LINF_MEAN],
     "strength": [ORIGIN, METHOD, STRENGTH, S_COUNT],
 }
