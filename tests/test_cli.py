@@ -77,7 +77,7 @@ def test_verbose_is_no_setting(capsys):
 
 
 JOBS = ["pipelines.ingest", "pipelines.sample", "pipelines.preview", "training.train",
-        "training.sweep", "attacks.fool", "attacks.summary", "report.build",
+        "training.sweep", "training.harden", "attacks.fool", "attacks.summary", "report.build",
         "attacks.frontier", "attacks.transfer"]
 
 
@@ -193,7 +193,7 @@ def test_a_bug_still_shows_its_traceback():
 # --- one vocabulary of flags across the jobs ------------------------------------------------------
 
 JOBS = ("pipelines.sample", "pipelines.ingest", "pipelines.preview", "training.train",
-        "training.sweep", "attacks.fool", "attacks.summary", "attacks.frontier",
+        "training.sweep", "training.harden", "attacks.fool", "attacks.summary", "attacks.frontier",
         "attacks.transfer", "report.build", "report.show")
 RAY_JOBS = {"pipelines.ingest", "training.train", "training.sweep", "attacks.fool",
             "attacks.frontier"}
@@ -218,7 +218,8 @@ def test_one_vocabulary_of_flags_across_the_jobs():
     for module, known in every.items():
         assert not RETIRED & set(known), (module, RETIRED & set(known))
         # --batch-size is training's global batch of samples only; other sizes say their unit
-        assert ("--batch-size" in known) == (module in ("training.train", "training.sweep"))
+        assert ("--batch-size" in known) == (module in ("training.train", "training.sweep",
+                                                        "training.harden"))
         assert ("--verbose" in known) == (module in RAY_JOBS), module
         assert "--output" in known or module in ("attacks.summary", "pipelines.preview")
         for flag in set(known) & {"--results", "--data", "--model"}:
