@@ -250,6 +250,23 @@ def summarize(pairs: Pairs, methods, targets, names) -> dict[str, pa.Table]:
     return tables
 
 
+def moved_median(pairs: Pairs, method: str, column: str, origin: str = "val") -> float | None:
+    """The exact median of ``column`` (e.g. l2) over a method's fooled pairs of ``origin`` that
+    had to move, read from every target's pairs (that column and three small ones); None when
+    none was fooled. For a bounded run (attacks.frontier's first images): it holds the values."""
+    def values(target: int) -> np.ndarray:
+        t = pairs.read(method, target, [schema.ORIGIN, schema.PRED, schema.SUCCESS, column])
+        c = {k: t.column(k).to_numpy(zero_copy_only=False) for k in t.column_names}
+        ok = (c[schema.ORIGIN] == origin) & c[schema.SUCCESS] & schema.had_to_move(
+            c[schema.PRED], target)
+        return c[column][ok].astype(np.float64)
+
+    targets = sorted(t for m, t in pairs.files if m == method)
+    with ThreadPoolExecutor(READ_THREADS) as pool:
+        got = np.concatenate([np.empty(0), *pool.map(values, targets)])
+    return float(np.median(got)) if len(got) else None
+
+
 @dataclass(frozen=True)
 class Settings:
     results: str = field(metadata={"help": "a finished attack output: local path or s3://"})

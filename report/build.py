@@ -60,8 +60,10 @@ def build(cfg: Settings) -> tuple[str, dict[str, bytes]]:
                        cfg.frontier, cfg.transfer, cfg.confident)
     parts = [s for builder in sections.SECTIONS for s in builder(f)]
     counts = m[schema.M_COUNTS]
-    lead = story.LEAD + story.headline(frames["budget"], f.method,
-                                       counts["val_images"] * counts["targets"])
+    pairs = counts["val_images"] * counts["targets"]
+    lead = story.LEAD + story.headline(frames["budget"], f.method, pairs)
+    if "budget_l2" in frames and "exact-l2" in counts["methods"]:
+        lead += story.headline_l2(frames["budget_l2"], pairs)
     return page.render(parts, "Fooling a linear classifier", lead), f.files
 
 

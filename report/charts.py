@@ -3,9 +3,12 @@
 Every function returns PNG bytes; drawn on matplotlib Figure objects (no pyplot, no display needed).
 
     >>> png = budget_curves(budget)    # success rate vs L-inf budget, certified bound beside it
+    >>> png = budget_curves(budget_l2, norm="L2")    # the same against the L2 budget
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
@@ -17,8 +20,15 @@ from common.schema import METHODS
 COLORS = {"template": "tab:blue", "sign": "tab:orange", "iterative": "tab:green",
           "exact": "tab:red", "exact-l2": "tab:purple"}
 AXIS_NAMES = {"linf_q50": "median L-inf", "linf_mean": "mean L-inf"}
-LABELS = {"exact": "exact (the true minimum)"}  # legend names where the method's name is not enough
+LABELS = {"exact": "exact (the true minimum)",  # legend names where the method's is not enough
+          "exact-l2": "exact-l2 (the true minimal L2)"}
 PHONE_WIDTH = 4.2  # inches: a narrow figure's width, ~460 pixels, shown on a phone at ~3/4 size
+# methods side by side in a chart with a panel per method; more wrap into balanced rows: four
+# 4.4-inch panels at 110 dpi (~1,940 pixels) still shrink into a 1280-pixel page (page.CHART_MIN)
+MAX_COLS = 4
+# per norm: the method whose curve is the true minimum, the largest budget, the x axis
+NORMS = {"L-inf": ("exact", 255, "L-inf budget (pixel levels of 255)"),
+         "L2": ("exact-l2", math.inf, "L2 budget (length of the whole change, pixel levels)")}
 
 
 def in_order(methods) -> list[str]:
@@ -40,11 +50,33 @@ def panels(rows: int, cols: int, size: tuple[float, float], narrow: bool = False
     return fig, [[flat[c * rows + r] for c in range(cols)] for r in range(rows)]
 
 
-def budget_curves(budget: pd.DataFrame, narrow: bool = False) -> bytes:
-    """Fraction of pairs fooled within each L-inf budget, per method and origin; the dashed line
-    is the tightest certified bound of the methods (exact's LP-dual certificate where it ran): no
-    attack can fool a larger fraction within that budget. The exact curve is the true minimum,
-    within one level. ``narrow``: the panels stacked, for a phone."""
+def method_panels(methods: int, rows: int, size: tuple[float, float], narrow: bool = False
+                  ) -> tuple[Figure, list[list]]:
+    """A figure of ``rows`` panels per method and its axes as [method][row]: the methods side by
+    side, in balanced rows of at most MAX_COLS (the unused places left blank); ``narrow``: one
+    column, as ``panels``."""
+    if narrow:
+        fig, axes = panels(rows, methods, size, True)
+        return fig, [[axes[r][m] for r in range(rows)] for m in range(methods)]
+    lines = math.ceil(methods / MAX_COLS)
+    cols = math.ceil(methods / lines)
+    fig, axes = panels(rows * lines, cols, size)
+    grid = [[axes[m // cols * rows + r][m % cols] for r in range(rows)]
+            for m in range(lines * cols)]
+    for unused in grid[methods:]:
+        for ax in unused:
+            ax.set_visible(False)
+    return fig, grid[:methods]
+
+
+def budget_curves(budget: pd.DataFrame, narrow: bool = False, norm: str = "L-inf") -> bytes:
+    """Fraction of pairs fooled within each budget of ``norm`` (the summary's budget table for
+    L-inf, budget_l2 for L2), per method and origin; the dashed line is the tightest certified
+    bound of the methods (exact's LP-dual certificate for L-inf, exact-l2's for L2, where they
+    ran): no attack can fool a larger fraction within that budget. The exact (exact-l2) curve is
+    the true minimum, within the rounding to whole levels. ``narrow``: the panels stacked, for a
+    phone."""
+    best, largest, xlabel = NORMS[norm]
     origins = sorted(budget["origin"].unique(), key=lambda o: o != "val")
     fig, axes = panels(1, len(origins), (6.2, 4), narrow)
     for ax, origin in zip(axes[0], origins):
@@ -53,13 +85,14 @@ def budget_curves(budget: pd.DataFrame, narrow: bool = False) -> bytes:
             curve = rows[rows["method"] == method]
             color = COLORS.get(method)
             ax.plot(curve["budget"], curve["fooled_fraction"], label=LABELS.get(method, method),
-                    color=color, lw=2 if method == "exact" else 1.5)
+                    color=color, lw=2 if method == best else 1.5)
         bound = rows.groupby("budget")["bound_fraction"].min()
         ax.plot(bound.index, bound.values, "k--", lw=1, label="certified bound (any attack)")
         top = rows.loc[rows["fooled_fraction"] < 0.999, "budget"].max()
-        ax.set_xlim(0, max(8, min(255, 1.2 * (top if np.isfinite(top) else 255))))
+        end = min(largest, rows["budget"].max())
+        ax.set_xlim(0, max(8, min(end, 1.2 * (top if np.isfinite(top) else end))))
         ax.set_ylim(0, 1.02)
-        ax.set_xlabel("L-inf budget (pixel levels of 255)")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel("fraction of pairs fooled")
         ax.set_title("validation images" if origin == "val" else "random-noise starts")
         ax.grid(alpha=0.3)
@@ -72,8 +105,8 @@ def strength_histograms(hist: pd.DataFrame, narrow: bool = False) -> bytes:
     ``narrow``: the panels stacked, for a phone."""
     hist = hist[hist["origin"] == "val"] if (hist["origin"] == "val").any() else hist
     methods = in_order(hist["method"])
-    fig, axes = panels(1, len(methods), (4.2, 3.2), narrow)
-    for ax, method in zip(axes[0], methods):
+    fig, axes = method_panels(len(methods), 1, (4.2, 3.2), narrow)
+    for (ax,), method in zip(axes, methods):
         rows = hist[hist["method"] == method]
         # one bin per pixel level (the template's strengths lie on a finer grid): one patch, not
         # thousands of bars
@@ -100,11 +133,11 @@ def ranked_bars(frame: pd.DataFrame, key: str, value: str, names: list[str], tit
     """The ``top`` easiest and hardest classes by the L-inf needed (``value``), per method
     (``ends``); ``narrow``: the panels stacked, each method's two together, for a phone."""
     methods = in_order(frame["method"])
-    fig, axes = panels(2, len(methods), (4.4, 3.2), narrow)
+    fig, axes = method_panels(len(methods), 2, (4.4, 3.2), narrow)
     for col, method in enumerate(methods):
         for row, (part, label) in enumerate(zip(ends(frame[frame["method"] == method], value,
                                                      top), ("easiest", "hardest"))):
-            ax = axes[row][col]
+            ax = axes[col][row]
             ax.barh([short(names[i]) for i in part[key]], part[value],
                     color=COLORS.get(method, "gray"))
             ax.invert_yaxis()

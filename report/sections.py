@@ -156,6 +156,19 @@ def budget(f: Facts) -> list[page.Section]:
         + story.HOW_TO_READ, "budget")]
 
 
+def budget_l2(f: Facts) -> list[page.Section]:
+    """Success against the L2 budget, when exact-l2 ran (the summary's budget_l2 table; outputs
+    written before it have none)."""
+    frame = f.frames.get("budget_l2")
+    if frame is None or "exact-l2" not in f.manifest[schema.M_COUNTS]["methods"]:
+        return []
+    png, narrow = (charts.budget_curves(frame, n, "L2") for n in (False, True))
+    return [page.Section("Success against the L2 budget", f.figure(
+        "budget_l2.png", png, "Fraction of all (image, target) pairs fooled within each L2 "
+        "budget; dashed: exact-l2's certified bound, which no attack can beat.", narrow)
+        + story.HOW_TO_READ_L2, "budget-l2")]
+
+
 HOW_TO_SEE = ("<p>Each pair: the original with the model's class and probability, the change "
               "amplified to the full grey range (mid-grey: no change; its L-inf and, in "
               "brackets, how much it is amplified), and the fooling image with the target's "
@@ -231,8 +244,8 @@ def classes(f: Facts) -> list[page.Section]:
             ("targets", schema.TARGET, Q50, "Targets: easiest and hardest to fool into",
              [("class", "target"), (schema.S_SUCCESS_RATE, "fooled", page.percent),
               (Q50, "median L-inf", page.levels), (schema.S_L2_MEAN, "mean L2", page.levels),
-              ("bound_linf_median", "median bound", page.levels),
-              ("linf_over_bound_median", "L-inf / bound", page.ratio)]),
+              (schema.S_BOUND_LINF_MEDIAN, "median bound", page.levels),
+              (schema.S_LINF_RATIO_MEDIAN, "L-inf / bound", page.ratio)]),
             ("sources", schema.LABEL, schema.S_LINF_MEAN, "Source classes that resist",
              [("class", "true class"), (schema.S_PAIRS, "pairs"),
               (schema.S_SUCCESS_RATE, "fooled", page.percent),
@@ -333,7 +346,8 @@ def the_run(f: Facts) -> list[page.Section]:
 
 # The page, in order: each builder returns its sections (none when it has nothing to show).
 SECTIONS: list[Callable[[Facts], list[page.Section]]] = [
-    about, methods, budget, galleries, confident, strength, classes, sweep, tradeoff, the_run]
+    about, methods, budget, budget_l2, galleries, confident, strength, classes, sweep, tradeoff,
+    the_run]
 
 
 def _sheet_files(results: str, manifest: dict) -> dict[str, bytes]:

@@ -2,6 +2,7 @@
 
     >>> method = headline_method(["template", "sign", "exact"])        # "exact"
     >>> headline(budget, method, pairs=15_000)       # one HTML paragraph, pairs that had to move
+    >>> headline_l2(budget_l2, pairs=15_000)         # exact-l2's median L2, when it ran
 
 Pure functions of the summary tables (pandas) and the manifests; no I/O.
 """
@@ -47,6 +48,15 @@ HOW_TO_READ = (
     "fooled with no change (the headline and the tables leave them out).</p>")
 
 
+HOW_TO_READ_L2 = (
+    "<p>The same against the L2 budget: the length of the whole change, the square root of the "
+    "sum of every pixel value's squared change, in levels. The dashed line is the certified "
+    "bound <code>bound_l2</code> of each pair (exact-l2's, from its quadratic program's dual, "
+    "where it ran): no attack can fool more pairs within a budget. Exact-l2's curve is the true "
+    "minimal L2 change, rounded to whole levels; the L-inf methods' curves show how much longer "
+    "their changes are. Budgets lie on a grid of round numbers (steps of 0.5% to 5%).</p>")
+
+
 def headline_method(methods) -> str:
     """The method whose numbers headline the page: exact (the true minimum) when it ran."""
     methods = list(methods)
@@ -56,8 +66,11 @@ def headline_method(methods) -> str:
     return methods[0]
 
 
+NAMES = {"exact": "exact, the true minimum", "exact-l2": "exact-l2, the true minimal L2 change"}
+
+
 def method_name(method: str) -> str:
-    return "exact, the true minimum" if method == "exact" else f"the {method} method"
+    return NAMES.get(method, f"the {method} method")
 
 
 def moved_within(budget: pd.DataFrame, method: str, pairs: int, origin: str = "val"
@@ -109,6 +122,19 @@ def headline(budget: pd.DataFrame, method: str, pairs: int) -> str:
             f"a change of <b>{half_text} levels out of 255</b> per pixel, or less. "
             f'<span style="font-size:70%">Median over {who}, as in the tables below {why}; '
             f"{esc(method_name(method))}.{more}</span></p>")
+
+
+def headline_l2(budget_l2: pd.DataFrame, pairs: int) -> str:
+    """The true minimal L2 change (exact-l2) of the median validation pair that had to move, from
+    the budget_l2 table: the first of its budgets (round numbers) that holds the median, so at
+    most that."""
+    half = moved_quantile(budget_l2, "exact-l2", 0.5, pairs)
+    if half is None:
+        return ""
+    budgets = moved_within(budget_l2, "exact-l2", pairs)[0]
+    half = float(budgets[np.searchsorted(budgets, half * (1 - 1e-9))])
+    return (f"<p>Measured by the length of the whole change instead (L2), the median of those "
+            f"pairs needs at most <b>{levels(half)} levels</b> ({esc(NAMES['exact-l2'])}).</p>")
 
 
 def data_text(ingest: dict | None, sample_kind: str | None, data_uri: str) -> str:

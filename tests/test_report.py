@@ -112,6 +112,34 @@ def test_the_page_tells_the_story_with_class_names(built, run_dirs):
     assert not re.search(r"\d\.\d+e[+-]\d", text)  # numbers for people: 3,000 not 3e+03
 
 
+def test_the_l2_chart_and_sentence_when_exact_l2_ran(tmp_path):
+    """On a small attack output with exact-l2 (tests/test_summary.py): the L2 section draws its
+    chart, and the lead's sentence gives the first budget that holds exact-l2's median pair (at
+    most 5% above it); an output without exact-l2, or written before budget_l2, has neither."""
+    from attacks import summary
+    from report import sections, story
+    from tests.test_summary import moved_l2, with_exact_l2
+
+    out = str(tmp_path / "attack")
+    m = with_exact_l2(out)
+    frames = {k: t.to_pandas() for k, t in summary.read_summary(out).items()}
+    f = sections.Facts(out, m, frames, None, schema.class_names(m))
+    [part] = sections.budget_l2(f)
+    assert set(f.files) == {"budget_l2.png"} and Image.open(io.BytesIO(f.files["budget_l2.png"]))
+    assert "certified bound" in html.unescape(part.body)
+    text = story.headline_l2(frames["budget_l2"], pairs=10)
+    said = re.search(r"needs at most <b>([\d.,]+) levels</b> \(exact-l2, the true minimal L2 "
+                     r"change\)", text)
+    values = np.sort(moved_l2(out, "exact-l2"))
+    assert said and np.median(values) <= float(said.group(1).replace(",", ""))
+    assert float(said.group(1).replace(",", "")) <= 1.05 * values[len(values) // 2]
+    for frames_, methods in (({k: v for k, v in frames.items() if k != "budget_l2"},
+                              m[schema.M_COUNTS]["methods"]), (frames, ["sign"])):
+        g = sections.Facts(out, {**m, schema.M_COUNTS: {**m[schema.M_COUNTS],
+                                                        "methods": methods}}, frames_, None, [])
+        assert sections.budget_l2(g) == []
+
+
 def section(page: str, key: str) -> str:
     return page.split(f'<section id="{key}">', 1)[1].split("</section>", 1)[0]
 

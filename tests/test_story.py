@@ -76,3 +76,29 @@ def test_the_sample_is_named_plainly():
     assert "real photograph" in story.data_text(ingest, "photos", "d")
     text = story.data_text(ingest, None, "d")
     assert "sample" not in text and "3,000 training and 500 validation images of 2" in text
+
+
+def test_exact_l2_is_named_the_true_minimal_l2_change_and_headlines_l2():
+    """The L2 sentence reads exact-l2's rows of a budget_l2 table (here on budgets 0..255, where
+    the grid's are round numbers): the median of the pairs that had to move."""
+    assert story.method_name("exact-l2") == "exact-l2, the true minimal L2 change"
+    assert story.headline_method(["sign", "exact", "exact-l2"]) == "exact"
+    text = story.headline_l2(budget_table({"exact-l2": [0, 30, 50, 70]}), pairs=4)
+    assert "at most <b>50 levels</b>" in text and "true minimal L2 change" in text
+    assert story.headline_l2(budget_table({"exact-l2": [9, np.inf, np.inf]}), pairs=3) == ""
+
+
+def test_five_methods_fit_a_laptops_page_and_the_l2_chart_draws():
+    """Charts with a panel per method wrap five methods into rows: each drawing shrinks into a
+    1280-pixel page without its phone drawing (report/page.py's rule)."""
+    from report.page import CHART_MIN, PAGE_MARGIN, png_width
+
+    methods = list(schema.METHODS)
+    hist = pd.DataFrame({schema.ORIGIN: "val", schema.METHOD: methods, "strength": 3.0,
+                         schema.S_COUNT: 5})
+    rows = pd.DataFrame({schema.ORIGIN: "val", schema.METHOD: np.repeat(methods, 6),
+                         schema.TARGET: np.tile(range(6), 5), "linf_q50": range(30)})
+    for png in (charts.strength_histograms(hist),
+                charts.ranked_bars(rows, schema.TARGET, "linf_q50", list("abcdef"), "t", 3),
+                charts.budget_curves(budget_table({m: [0, 3, 9] for m in methods}), norm="L2")):
+        assert CHART_MIN * png_width(png) + PAGE_MARGIN <= 1280

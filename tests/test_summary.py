@@ -11,7 +11,28 @@ import pytest
 from attacks import summary
 from common import schema, storage
 from common.errors import ConfigError
-from tests.test_pairs import write_attack
+from tests.test_pairs import NAMES, SHAPE, columns, write_attack
+
+
+def with_exact_l2(out: str) -> dict:
+    """tests/test_pairs.py's small attack output (sign, targets 1 and 3) with exact-l2's pairs
+    beside it, the summary tables of both, and its manifest saying so; returns the manifest."""
+    from attacks import outputs
+    from attacks.pairs import Pairs, TargetFiles, pair_tables
+
+    m = write_attack(out)
+    targets = [1, 3]
+    listing = [f for f in m[schema.M_FILES] if f["path"].startswith(schema.PAIRS_DIR)]
+    for chunk, ids, seed in (("val-00000", ["a", "b", "c"], 10), ("val-00001", ["d", "e"], 11)):
+        files = TargetFiles(out, "exact-l2", targets, chunk, SHAPE)
+        files.add(pair_tables(columns(ids, targets, seed), targets, NAMES, keep_images=True))
+        listing += files.close()
+    methods = ["sign", "exact-l2"]
+    listing += outputs.write_summary(Pairs(out, listing), methods, targets, NAMES)
+    m[schema.M_FILES] = listing
+    m[schema.M_COUNTS] = {**m[schema.M_COUNTS], "methods": methods, "pairs": 20}
+    storage.write_manifest(out, m)
+    return m
 
 
 def partition(seed: int, n: int = 40) -> pa.Table:
@@ -76,3 +97,28 @@ def test_an_output_written_before_the_l2_budget_reads_without_it(tmp_path):
     assert "budget_l2" not in tables
     assert set(tables) == set(schema.SUMMARY_TABLES) - {"budget_l2"}
     assert "fooled" in summary.describe(out)
+
+
+def moved_l2(out: str, method: str) -> np.ndarray:
+    """The L2 of a method's fooled validation pairs that had to move, read with pyarrow alone."""
+    import pyarrow.dataset as ds
+
+    d = ds.dataset(os.path.join(out, schema.PAIRS_DIR), format="parquet",
+                   partitioning=schema.pairs_partitioning()).to_table().to_pandas()
+    ok = ((d[schema.METHOD] == method) & (d[schema.ORIGIN] == "val") & d[schema.SUCCESS]
+          & (d[schema.PRED] != d[schema.TARGET]))
+    return d[schema.L2][ok].to_numpy(np.float64)
+
+
+def test_the_moved_median_is_numpys_over_the_fooled_pairs_that_had_to_move(tmp_path):
+    from attacks.pairs import Pairs
+
+    out = str(tmp_path / "attack")
+    with_exact_l2(out)
+    pairs = Pairs.open(out)
+    for method in ("sign", "exact-l2"):
+        want = np.median(moved_l2(out, method))
+        assert summary.moved_median(pairs, method, schema.L2) == pytest.approx(want)
+    assert summary.moved_median(pairs, "exact", schema.L2) is None  # it did not run
+    tables = summary.read_summary(out)
+    assert set(tables["budget_l2"].column(schema.METHOD).to_pylist()) == {"sign", "exact-l2"}
