@@ -13,9 +13,10 @@ index>_<trial>/``; an attack already finished there is kept, an unfinished one r
 writes ``frontier.parquet`` and ``frontier.md``: per model, its setting (reg, robust_eps),
 validation top-1 and top-5 (from the sweep), and the median minimal L-inf strength that fools it
 over the fooled pairs that had to move (``exact`` when it is among --methods: the true minimum;
-else ``sign``), with the success rate; ``frontier.png``: top-1 against that median, one curve for
-L2 regularization and one per robust series, each point's templates beside it; and last
-``manifest.json``.
+else ``sign``), with the success rate, and with exact-l2 among --methods the median minimal L2
+(``median_l2``, null without it) over the same pairs; ``frontier.png``: top-1 against that
+L-inf median, one curve for L2 regularization and one per robust series, each point's templates
+beside it; and last ``manifest.json``.
 
 With --harden (outputs of the hardening job, which trains with a background class of fooling
 images or retrains on them, on the same data, measured with exact on the same first
@@ -39,6 +40,7 @@ from PIL import Image
 
 from attacks import summary, tables
 from attacks.figures import to_png
+from attacks.pairs import Pairs
 from attacks.tables import FrontierRow
 from common import cli, lifecycle, schema, storage
 from common.errors import ConfigError
@@ -137,12 +139,15 @@ def point(model: Model, method: str) -> FrontierRow:
     table = summary.read_summary(model.attack)["methods"].to_pylist()
     s = next(t for t in table if t[schema.METHOD] == method and t[schema.ORIGIN] == "val")
     median = s[schema.quantile_column(schema.LINF, 0.5)]
+    median_l2 = None
+    if any(t[schema.METHOD] == "exact-l2" for t in table):
+        median_l2 = summary.moved_median(Pairs.open(model.attack), "exact-l2", schema.L2)
     r = model.row
     return FrontierRow(sweep=model.sweep, reg=r.reg, robust_eps=r.robust_eps,
                        val_top1=r.val_top1, val_top5=r.val_top5, method=method,
                        median_linf=median if math.isfinite(median) else None,  # None: none fooled
                        success_rate=s[schema.S_SUCCESS_RATE], pairs=s[schema.S_PAIRS],
-                       model=r.model, attack=model.attack)
+                       model=r.model, attack=model.attack, median_l2=median_l2)
 
 
 def harden_point(harden: str, r: HardenRow) -> FrontierRow:

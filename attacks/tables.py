@@ -44,6 +44,9 @@ class FrontierRow:
     attack: str  # the attack output (absolute URI); for a harden round, the harden output
     series: str = ""  # L2, robust (from robust_eps when not given), plain, background, adversarial
     round: int = 0  # the harden round (0: the model as trained, a sweep's included)
+    # exact-l2's median minimal L2 over the same pairs as median_linf; None where it did not run
+    # (or fooled none)
+    median_l2: float | None = None
 
     def __post_init__(self):
         if not self.series:  # frozen: set once, here
@@ -69,10 +72,11 @@ class TransferRow:
 def frontier_markdown(rows: list[FrontierRow]) -> str:
     return markdown(
         ["series", "reg", "robust eps", "round", "val top-1", "median L-inf to fool", "method",
-         "fooled"], "lrrrrrlr",
+         "fooled", "median L2 to fool (exact-l2)"], "lrrrrrlrr",
         ([r.series, f"{r.reg:g}", f"{r.robust_eps:g}", str(r.round), f"{r.val_top1:.1%}",
           "none fooled" if r.median_linf is None else f"{r.median_linf:g}", r.method,
-          f"{r.success_rate:.1%}"] for r in rows))
+          f"{r.success_rate:.1%}", "–" if r.median_l2 is None else f"{r.median_l2:.4g}"]
+         for r in rows))
 
 
 def transfer_markdown(rows: list[TransferRow]) -> str:
@@ -89,27 +93,41 @@ def write_frontier(out: str, rows: list[FrontierRow]) -> list[dict]:
     return write_table(out, FRONTIER, FrontierRow, rows, frontier_markdown(rows))
 
 
-# The rows of frontier tables written before the series and round columns
-_ADDED = ("series", "round")
-_FrontierBefore = make_dataclass("_FrontierBefore", [
-    (f.name, f.type) for f in fields(FrontierRow) if f.name not in _ADDED], frozen=True)
+# The columns added to frontier tables since the first ones, each with its default, in the
+# groups they came in: series and round, then median_l2
+_ADDED = (("series", "round"), ("median_l2",))
 
 
 def read_frontier(uri: str) -> list[FrontierRow]:
-    """The rows of a finished frontier output (a table written before the series and round
-    columns reads as L2 and robust rows of round 0)."""
+    """The rows of a finished frontier output; a table written before a group of the _ADDED
+    columns reads with their defaults (before series and round: L2 and robust rows of round 0;
+    before median_l2: None)."""
     try:
         return read_table(uri, "frontier", FRONTIER, FrontierRow)
     except ConfigError:
-        fs, path = storage.filesystem(storage.join(uri, f"{FRONTIER}.parquet"))
-        try:
-            names = pq.read_schema(path, filesystem=fs).names
-        except (OSError, ValueError):
-            names = _ADDED
-        if any(c in names for c in _ADDED):
+        missing = _missing_added(uri)
+        if not missing:
             raise
-    return [FrontierRow(**asdict(r)) for r in read_table(uri, "frontier", FRONTIER,
-                                                         _FrontierBefore)]
+    before = make_dataclass("_FrontierBefore", [
+        (f.name, f.type) for f in fields(FrontierRow) if f.name not in missing], frozen=True)
+    return [FrontierRow(**asdict(r)) for r in read_table(uri, "frontier", FRONTIER, before)]
+
+
+def _missing_added(uri: str) -> set[str]:
+    """The groups of _ADDED columns that the frontier table lacks whole; none when it lacks part
+    of a group (damaged) or its schema cannot be read."""
+    fs, path = storage.filesystem(storage.join(uri, f"{FRONTIER}.parquet"))
+    try:
+        names = pq.read_schema(path, filesystem=fs).names
+    except (OSError, ValueError):
+        return set()
+    missing = set()
+    for group in _ADDED:
+        absent = {c for c in group if c not in names}
+        if absent and absent != set(group):
+            return set()
+        missing |= absent
+    return missing
 
 
 def write_transfer(out: str, rows: list[TransferRow]) -> list[dict]:

@@ -14,6 +14,7 @@ from PIL import Image
 from attacks import frontier, tables
 from common import schema, storage
 from common.errors import ConfigError
+from common.sweep import SweepRow
 from report import models, page
 
 
@@ -31,7 +32,7 @@ def test_frontier_attacks_every_model_of_the_sweep(attacked_sweep):
         assert len(pairs) == 4 * 4 and (pairs[schema.METHOD] == "sign").all()
         moved = pairs[pairs[schema.SUCCESS] & (pairs[schema.PRED] != pairs[schema.TARGET])]
         assert r.median_linf == pytest.approx(np.quantile(moved[schema.LINF], 0.5), abs=1.0)
-        assert r.method == "sign" and r.pairs == 16
+        assert r.method == "sign" and r.pairs == 16 and r.median_l2 is None  # no exact-l2
     Image.open(os.path.join(out, frontier.FIGURE)).verify()
     assert len(open(os.path.join(out, f"{frontier.TABLE}.md")).read().splitlines()) == 4
 
@@ -43,6 +44,22 @@ def test_frontier_attacks_every_model_of_the_sweep(attacked_sweep):
     before = os.stat(kept).st_mtime_ns
     again = frontier.run(frontier.Settings(**attacked_sweep["settings"]))
     assert again["rows"] == manifest["rows"] and os.stat(kept).st_mtime_ns == before
+
+
+def test_a_point_with_exact_l2_carries_its_median_l2(tmp_path):
+    """On a small attack output with exact-l2 beside sign: the row's median_l2 is exact-l2's
+    median L2 over the fooled validation pairs that had to move, read back from its pairs."""
+    from tests.test_summary import moved_l2, with_exact_l2
+
+    out = str(tmp_path / "attack")
+    with_exact_l2(out)
+    row = SweepRow(reg=1e-3, robust_eps=0.0, val_top1=0.5, val_top5=0.9, val_loss=1.0,
+                   train_loss=1.0, train_top1=0.6, w_norm=1.0, w_pixels_norm=1.0, epochs=1,
+                   median_sign_eps=1.0, model="/m")
+    p = frontier.point(frontier.Model("/s", row, out), "sign")
+    assert p.method == "sign" and p.median_l2 == pytest.approx(np.median(moved_l2(out,
+                                                                                    "exact-l2")))
+    assert f"| {p.median_l2:.4g} |" in tables.frontier_markdown([p])
 
 
 def test_frontier_refuses_bad_settings(tmp_path):
