@@ -20,15 +20,18 @@ from common.schema import METHODS
 COLORS = {"template": "tab:blue", "sign": "tab:orange", "iterative": "tab:green",
           "exact": "tab:red", "exact-l2": "tab:purple"}
 AXIS_NAMES = {"linf_q50": "median L-inf", "linf_mean": "mean L-inf"}
-LABELS = {"exact": "exact (the true minimum)",  # legend names where the method's is not enough
-          "exact-l2": "exact-l2 (the true minimal L2)"}
 PHONE_WIDTH = 4.2  # inches: a narrow figure's width, ~460 pixels, shown on a phone at ~3/4 size
 # methods side by side in a chart with a panel per method; more wrap into balanced rows: four
 # 4.4-inch panels at 110 dpi (~1,940 pixels) still shrink into a 1280-pixel page (page.CHART_MIN)
 MAX_COLS = 4
-# per norm: the method whose curve is the true minimum, the largest budget, the x axis
-NORMS = {"L-inf": ("exact", 255, "L-inf budget (pixel levels of 255)"),
-         "L2": ("exact-l2", math.inf, "L2 budget (length of the whole change, pixel levels)")}
+# per norm: the method whose curve is the true minimum, the largest budget, the x axis, the
+# legend's names where the method's is not enough (each exact method is the minimum of its own
+# norm only)
+NORMS = {"L-inf": ("exact", 255, "L-inf budget (pixel levels of 255)",
+                   {"exact": "exact (the true minimum)", "exact-l2": "exact-l2 (the minimal L2)"}),
+         "L2": ("exact-l2", math.inf, "L2 budget (length of the whole change, pixel levels)",
+                {"exact": "exact (the minimal L-inf)",
+                 "exact-l2": "exact-l2 (the true minimal L2)"})}
 
 
 def in_order(methods) -> list[str]:
@@ -76,7 +79,7 @@ def budget_curves(budget: pd.DataFrame, narrow: bool = False, norm: str = "L-inf
     ran): no attack can fool a larger fraction within that budget. The exact (exact-l2) curve is
     the true minimum, within the rounding to whole levels. ``narrow``: the panels stacked, for a
     phone."""
-    best, largest, xlabel = NORMS[norm]
+    best, largest, xlabel, labels = NORMS[norm]
     origins = sorted(budget["origin"].unique(), key=lambda o: o != "val")
     fig, axes = panels(1, len(origins), (6.2, 4), narrow)
     for ax, origin in zip(axes[0], origins):
@@ -84,7 +87,7 @@ def budget_curves(budget: pd.DataFrame, narrow: bool = False, norm: str = "L-inf
         for method in in_order(rows["method"]):
             curve = rows[rows["method"] == method]
             color = COLORS.get(method)
-            ax.plot(curve["budget"], curve["fooled_fraction"], label=LABELS.get(method, method),
+            ax.plot(curve["budget"], curve["fooled_fraction"], label=labels.get(method, method),
                     color=color, lw=2 if method == best else 1.5)
         bound = rows.groupby("budget")["bound_fraction"].min()
         ax.plot(bound.index, bound.values, "k--", lw=1, label="certified bound (any attack)")
