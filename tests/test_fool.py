@@ -170,20 +170,20 @@ def test_class_names_in_every_row_are_the_manifests(attacked):
 
 def test_certified_bounds(oracle):
     """The bounds are what DESIGN.md says (recomputed here) and never exceed what was achieved."""
-    df, W, b, X0, _ = oracle
+    df, W, b, X0, Xs = oracle
     t = df[schema.TARGET].to_numpy().astype(int)
     S0 = X0 @ W.T + b
     margin = np.where(df[schema.ORIGIN] == "noise", math.log(0.99 / 0.01), 0.0)
     gap = np.maximum(S0 - S0[np.arange(len(t)), t][:, None] + margin[:, None], 0)
     gap[np.arange(len(t)), t] = 0
-    dual = (df[schema.METHOD] == "exact").to_numpy()  # exact's own, LP-dual certificate
-    for col, p in ((schema.BOUND_LINF, 1), (schema.BOUND_L2, 2)):
+    method = df[schema.METHOD].to_numpy()
+    dual = method == "exact"  # exact's own, LP-dual certificate; exact-l2's: the QP's dual
+    for col, p, own in ((schema.BOUND_LINF, 1, dual), (schema.BOUND_L2, 2, method == "exact-l2")):
         dist = np.linalg.norm(W[t][:, None, :] - W[None, :, :], ord=p, axis=2)
         want = np.where(gap > 0, gap / np.where(dist > 0, dist, 1), 0).max(1)
         got = df[col].to_numpy()
-        same = ~dual if col == schema.BOUND_LINF else np.ones_like(dual)
-        assert np.allclose(got[same], want[same], rtol=1e-4)
-        assert (got[~same] >= want[~same] * (1 - 1e-4)).all()
+        assert np.allclose(got[~own], want[~own], rtol=1e-4)
+        assert (got[own] >= want[own] * (1 - 1e-4)).all()
     ok = df[schema.SUCCESS].to_numpy()
     assert (df[schema.BOUND_LINF][ok] <= df[schema.LINF][ok]).all()
     assert (df[schema.BOUND_L2][ok] <= df[schema.L2][ok]).all()
@@ -192,6 +192,22 @@ def test_certified_bounds(oracle):
     ex = ok & dual & (df[schema.PRED] != df[schema.TARGET]).to_numpy()
     assert ex.sum() > 20
     assert ((df[schema.LINF] - df[schema.BOUND_LINF])[ex] < 1).mean() >= 0.95
+    # exact-l2: within 1% of its certificate, or of the rounding slack 0.5 sqrt(changed pixels)
+    e2 = ok & (method == "exact-l2") & (df[schema.PRED] != df[schema.TARGET]).to_numpy()
+    changed = (Xs[e2] != X0[e2]).sum(1)
+    slack = np.maximum(0.01 * df[schema.BOUND_L2][e2], 0.5 * np.sqrt(changed))
+    assert e2.sum() > 20 and ((df[schema.L2] - df[schema.BOUND_L2])[e2] <= slack).mean() >= 0.95
+
+
+def test_exact_l2_is_never_above_another_methods_l2(oracle):
+    df = oracle[0]
+    key = [schema.ORIGIN, schema.IMAGE_ID, schema.TARGET]
+    l2 = df[df.method == "exact-l2"]
+    assert len(l2) and l2[schema.SUCCESS].all()
+    for other in set(df.method) - {"exact-l2"}:
+        both = l2.merge(df[df.method == other], on=key, suffixes=("", "_o"))
+        fooled = both[schema.SUCCESS + "_o"]
+        assert (both[schema.L2][fooled] <= both[schema.L2 + "_o"][fooled] * (1 + 1e-6)).all(), other
 
 
 def test_exact_is_never_above_sign(oracle):
