@@ -15,8 +15,9 @@ Five tables, written by the attack job under ``summary/``, one Parquet file each
   within it: the "success vs budget" curve; and the fraction whose certified bound is within it,
   which no attack can exceed.
 - ``budget_l2``: the same against L2 budgets (the ``l2`` column; ``bound_l2`` certifies, and is
-  the true minimum where exact-l2 ran), on ``L2_GRID``, up to the largest value of the origin's
-  pairs. Outputs written before it lack it: read_summary then leaves it out.
+  the true minimum where exact-l2 ran), on a fixed grid of round budgets (0, then 1.00, 1.05, ...,
+  9.95 times each power of ten up to 10^5), up to the largest value of the origin's pairs.
+  Outputs written before it lack it: read_summary then leaves it out.
 - ``sources``: per method and source class of the validation images (``label``, and
   ``source_name`` beside it): pairs, success rate, mean linf of the pairs that had to move (which
   classes resist).
