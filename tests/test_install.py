@@ -27,7 +27,7 @@ from tests.attacked import fit_model
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
 JOBS = ("pipelines.sample", "pipelines.ingest", "pipelines.preview", "training.train",
-        "training.sweep", "attacks.fool", "attacks.summary", "attacks.frontier",
+        "training.sweep", "training.harden", "attacks.fool", "attacks.summary", "attacks.frontier",
         "attacks.transfer", "report.build", "report.show")
 
 
